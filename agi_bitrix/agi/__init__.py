@@ -1,0 +1,1 @@
+"""AGI transport: the session with Asterisk and the names of the channel variables we set."""

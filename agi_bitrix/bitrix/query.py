@@ -1,0 +1,32 @@
+"""PHP-style query strings, as Bitrix24 expects them inside `batch` commands."""
+from __future__ import annotations
+
+from typing import Any, Iterator, Tuple
+from urllib.parse import quote
+
+
+def _pairs(prefix: str, value: Any) -> Iterator[Tuple[str, str]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _pairs(f"{prefix}[{key}]" if prefix else str(key), item)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _pairs(f"{prefix}[{index}]", item)
+    elif isinstance(value, bool):
+        yield prefix, "Y" if value else "N"
+    elif value is None:
+        yield prefix, ""
+    else:
+        yield prefix, str(value)
+
+
+def build(params: dict) -> str:
+    """`{"FILTER": {"UF_PHONE_INNER": "101"}}` -> `FILTER%5BUF_PHONE_INNER%5D=101`.
+
+    `$result[...]` references must reach the server unencoded so batch can substitute them.
+    """
+    out = []
+    for key, value in _pairs("", params):
+        encoded = value if value.startswith("$result[") else quote(value, safe="")
+        out.append(f"{quote(key, safe='[]')}={encoded}")
+    return "&".join(out)

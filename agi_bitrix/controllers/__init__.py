@@ -1,0 +1,10 @@
+"""One module per AGI event. A controller reads the event, decides, and pushes payloads."""
+
+# event name -> module; imported lazily so an event loads only what it needs.
+EVENTS = {
+    "incoming": "agi_bitrix.controllers.incoming",
+    "outgoing": "agi_bitrix.controllers.outgoing",
+    "answer": "agi_bitrix.controllers.answer",
+    "hangup": "agi_bitrix.controllers.hangup",
+    "dial": "agi_bitrix.controllers.dial",
+}

@@ -1,0 +1,126 @@
+"""AGI mode: read the call step, route the event to its controller, always answer Asterisk.
+
+Whatever happens (bad arguments, bad settings, Bitrix24 down, a bug) the process sets
+BITRIX_STATUS, writes one log line with the call's linkedid, and exits 0 so the dialplan goes on.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import time
+import traceback
+from typing import Any, Dict, List, Optional
+
+from agi_bitrix.agi import variables as V
+from agi_bitrix.agi.session import AGISession
+from agi_bitrix.controllers import EVENTS
+
+MAX_ARGS = 8  # no event takes more; the rest is logged as ignored
+FALLBACK_LOG = "/var/log/agi-bitrix/agi-bitrix.log"
+
+
+def run(argv: List[str], early_hangups: List[bool]) -> int:
+    started = time.monotonic()
+    session = AGISession.from_stdio()
+    signal.signal(signal.SIGHUP, session.on_sighup)
+    if early_hangups:
+        session.on_sighup()
+    event = (argv[0] if argv else session.arg(1)).strip().lower()
+    args = list(argv[1:])
+    fields: Dict[str, Any] = {}
+    if len(args) > MAX_ARGS:
+        fields["ignored_args"] = len(args) - MAX_ARGS
+        args = args[:MAX_ARGS]
+    linkedid = ""
+    status, call_id, responsible, reason = V.ERROR, "", None, ""
+    logger = None
+    try:
+        linkedid = _linkedid(session)
+        fields["linkedid"] = linkedid
+        from agi_bitrix import settings as settings_mod
+
+        try:
+            settings = settings_mod.load()
+        except settings_mod.SettingsError as exc:
+            logger = _fallback_logger()
+            raise _Refusal(str(exc))
+        from agi_bitrix import log as log_mod
+
+        logger = log_mod.configure(settings.logging.file, settings.logging.level, settings.secrets())
+        if event not in EVENTS:
+            raise _Refusal(f"unknown event {event[:40]!r} (expected one of: {', '.join(EVENTS)})")
+        if not linkedid:
+            raise _Refusal("cannot read CHANNEL(linkedid) from Asterisk")
+        outcome = _dispatch(event, args, session, settings, linkedid, fields)
+        status, call_id, responsible, reason = outcome.status, outcome.call_id or "", outcome.responsible, outcome.reason
+    except _Refusal as exc:
+        reason = str(exc)
+    except Exception as exc:  # a bug must still end in a safe dialplan outcome
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        fields["traceback"] = traceback.format_exc(limit=6)
+    finally:
+        session.set_variable(V.STATUS, status)
+        session.set_variable(V.CALL_ID, call_id)
+        if responsible is not None:
+            session.set_variable(V.RESPONSIBLE, responsible)
+        fields.update(status=status, call_id=call_id or None, hung_up=session.hung_up,
+                      ms=int((time.monotonic() - started) * 1000))
+        if reason:
+            fields["reason"] = reason
+        if logger is None:
+            logger = _fallback_logger()
+        try:
+            # The log line's `event` is the AGI event itself (cut and made printable if junk).
+            name = "".join(ch for ch in event[:40] if ch.isprintable()) or "(none)"
+            (logger.info if status != V.ERROR else logger.error)(name, **fields)
+        except Exception:
+            pass
+    return 0
+
+
+class _Refusal(Exception):
+    pass
+
+
+def _linkedid(session: AGISession) -> str:
+    value = session.get_variable(V.LINKEDID) or session.env.get("agi_uniqueid", "")
+    # linkedid is `[systemname-]epoch.seq` or an Originate ChannelId: keep it plain.
+    cleaned = "".join(ch for ch in value if ch.isalnum() or ch in "._-:")[:150]
+    return cleaned
+
+
+def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, linkedid: str,
+              fields: Dict[str, Any]) -> Any:
+    from agi_bitrix.bitrix.auth import WebhookAuth
+    from agi_bitrix.bitrix.client import Bitrix24
+    from agi_bitrix.controllers.base import EventContext, Refused
+    from agi_bitrix.deadline import Deadline
+    from agi_bitrix.store import Store, StoreError
+
+    if settings.bitrix24.mode != "webhook":
+        if settings.bitrix24.mode == "oauth":
+            raise _Refusal("OAuth mode is not available yet: set [bitrix24] webhook_url")
+        raise _Refusal("no Bitrix24 connection configured: set [bitrix24] webhook_url")
+    try:
+        store = Store(settings.storage.state_dir)
+    except StoreError as exc:
+        raise _Refusal(str(exc))
+    client = Bitrix24(WebhookAuth(settings.bitrix24.webhook_url), timeout=settings.bitrix24.timeout)
+    ctx = EventContext(event=event, args=args, session=session, settings=settings, store=store,
+                       bitrix=client, deadline=Deadline(settings.bitrix24.timeout), linkedid=linkedid,
+                       log=fields)
+    controller = importlib.import_module(EVENTS[event])
+    try:
+        return controller.handle(ctx)
+    except Refused as exc:
+        raise _Refusal(str(exc))
+    finally:
+        fields["requests"] = client.requests_made
+        store.close()
+
+
+def _fallback_logger() -> Any:
+    from agi_bitrix import log as log_mod
+
+    return log_mod.configure(os.environ.get("AGI_BITRIX_LOGGING_FILE") or FALLBACK_LOG)

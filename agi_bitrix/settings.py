@@ -1,0 +1,225 @@
+"""Settings: settings.ini, a .env beside it, and AGI_BITRIX_<SECTION>_<KEY> overrides.
+
+Precedence (highest first): process environment, .env beside the settings file, settings.ini,
+defaults. One clear, one-line error for anything wrong (SettingsError).
+"""
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from pathlib import Path
+from typing import Dict, Literal, Optional
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_PATH = "/etc/agi-bitrix/settings.ini"
+ENV_PATH_VAR = "AGI_BITRIX_SETTINGS"
+ENV_PREFIX = "AGI_BITRIX_"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class SettingsError(Exception):
+    """A settings problem, phrased for the administrator in one line."""
+
+
+def _yes_no(value: object) -> object:
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in {"yes", "y", "true", "1", "on"}:
+            return True
+        if low in {"no", "n", "false", "0", "off", ""}:
+            return False
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class Bitrix24Settings(_Section):
+    webhook_url: str = ""
+    portal_url: str = ""
+    client_id: str = ""
+    client_secret: str = ""
+    oauth_url: str = "https://oauth.bitrix.info/oauth/token/"
+    timeout: float = Field(2.0, gt=0, le=60)
+
+    @field_validator("webhook_url", "portal_url", "oauth_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise ValueError("must be a full https:// address")
+        # Bitrix24 refuses plain HTTP; only a local emulator may use it.
+        if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+            raise ValueError("Bitrix24 requires https://")
+        return value if value.endswith("/") else value + "/"
+
+    @property
+    def mode(self) -> Literal["webhook", "oauth", "none"]:
+        if self.webhook_url:
+            return "webhook"
+        if self.portal_url and self.client_id and self.client_secret:
+            return "oauth"
+        return "none"
+
+
+class CallsSettings(_Section):
+    default_user: str = ""
+    crm_create: bool = True
+    route_to_responsible: bool = False
+    line_number: str = ""
+    anonymous_number: str = "0000"
+    region: str = "RU"
+
+    @field_validator("crm_create", "route_to_responsible", mode="before")
+    @classmethod
+    def _flags(cls, value: object) -> object:
+        return _yes_no(value)
+
+    @field_validator("default_user")
+    @classmethod
+    def _inner(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[0-9*#]{1,20}", value):
+            raise ValueError("must be an inner (extension) number such as 101")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z]{2}", value):
+            raise ValueError("must be a two-letter country code such as RU")
+        return value.upper()
+
+    @field_validator("anonymous_number")
+    @classmethod
+    def _anon(cls, value: str) -> str:
+        # Bitrix24 keeps only 0-9 # * + , ; of a number: it needs at least one digit.
+        if not re.search(r"[0-9]", value):
+            raise ValueError("must contain digits, e.g. 0000 (Bitrix24 rejects numbers without digits)")
+        return value
+
+
+class StorageSettings(_Section):
+    state_dir: str = "/var/lib/agi-bitrix"
+
+
+class LoggingSettings(_Section):
+    file: str = "/var/log/agi-bitrix/agi-bitrix.log"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+
+class AsteriskSettings(_Section):
+    dial_template: str = "PJSIP/{number}@provider"
+    dial_timeout: int = Field(60, ge=1, le=3600)
+    dial_options: str = ""
+    number_format: Literal["e164", "e164_digits", "national"] = "e164"
+    ami_host: str = "127.0.0.1"
+    ami_port: int = Field(5038, ge=1, le=65535)
+    ami_user: str = ""
+    ami_secret: str = ""
+
+    @field_validator("dial_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if value.count("{number}") != 1 or re.search(r"\{(?!number\})", value):
+            raise ValueError("must contain {number} exactly once, e.g. PJSIP/{number}@provider")
+        if re.search(r"[\s,&\"\\]", value):
+            raise ValueError("must not contain spaces, commas, '&', quotes or backslashes")
+        return value
+
+    @field_validator("dial_options")
+    @classmethod
+    def _options(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9()^]*", value):
+            raise ValueError("only Dial option letters are allowed, e.g. gT")
+        return value
+
+
+class Settings(_Section):
+    bitrix24: Bitrix24Settings = Bitrix24Settings()
+    calls: CallsSettings = CallsSettings()
+    storage: StorageSettings = StorageSettings()
+    logging: LoggingSettings = LoggingSettings()
+    asterisk: AsteriskSettings = AsteriskSettings()
+    path: str = ""
+
+    def secrets(self) -> list[str]:
+        """Values that must never reach a log line."""
+        found = [self.bitrix24.client_secret, self.asterisk.ami_secret]
+        if self.bitrix24.webhook_url:
+            # https://portal/rest/<user>/<code>/ : the code is the secret.
+            parts = [p for p in urlsplit(self.bitrix24.webhook_url).path.split("/") if p]
+            if len(parts) >= 3:
+                found.append(parts[2])
+        return [s for s in found if s and len(s) >= 4]
+
+
+def settings_path(explicit: Optional[str] = None) -> Path:
+    return Path(explicit or os.environ.get(ENV_PATH_VAR) or DEFAULT_PATH)
+
+
+def _read_ini(path: Path) -> Dict[str, Dict[str, str]]:
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+    try:
+        with path.open(encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except FileNotFoundError:
+        raise SettingsError(f"settings file {path} not found (run: agi-bitrix install, or set {ENV_PATH_VAR})")
+    except PermissionError:
+        raise SettingsError(f"settings file {path} is not readable by this user")
+    except UnicodeDecodeError:
+        raise SettingsError(f"settings file {path} is not UTF-8 text")
+    except configparser.Error as exc:
+        first = str(exc).splitlines()[0]
+        raise SettingsError(f"settings file {path} is broken: {first}")
+    return {name: dict(parser.items(name)) for name in parser.sections()}
+
+
+def _overrides(env: Dict[str, str]) -> Dict[str, Dict[str, str]]:
+    result: Dict[str, Dict[str, str]] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PATH_VAR or value is None:
+            continue
+        rest = key[len(ENV_PREFIX):].lower()
+        for section in Settings.model_fields:
+            if rest.startswith(section + "_"):
+                result.setdefault(section, {})[rest[len(section) + 1:]] = value
+                break
+    return result
+
+
+def load(explicit: Optional[str] = None, environ: Optional[Dict[str, str]] = None) -> Settings:
+    """Load and validate settings; raise SettingsError with one line on any problem."""
+    path = settings_path(explicit)
+    data = _read_ini(path)
+    env_sources: Dict[str, str] = {}
+    dotenv_file = path.parent / ".env"
+    if dotenv_file.is_file():
+        from dotenv import dotenv_values
+
+        env_sources.update({k: v for k, v in dotenv_values(dotenv_file).items() if v is not None})
+    env_sources.update(os.environ if environ is None else environ)
+    for section, keys in _overrides(env_sources).items():
+        data.setdefault(section, {}).update(keys)
+    unknown = sorted(set(data) - set(Settings.model_fields) - {"path"})
+    if unknown:
+        raise SettingsError(f"settings file {path}: unknown section [{unknown[0]}]")
+    try:
+        return Settings(**data, path=str(path))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise SettingsError(f"settings file {path}: [{where.replace('.', '] ', 1)} {msg}")

@@ -1,0 +1,25 @@
+"""Asterisk DIALSTATUS -> Bitrix24 STATUS_CODE (CONTRACT.md §2, reference §5.4)."""
+from __future__ import annotations
+
+DIALSTATUS_CODES = {
+    "ANSWER": "200",
+    "NOANSWER": "304",
+    "BUSY": "486",
+    "CANCEL": "603-S",
+    "CONGESTION": "503",
+    "CHANUNAVAIL": "480",
+}
+
+
+def status_code(dialstatus: str, direction: str, answered: bool = False) -> str:
+    """The finish STATUS_CODE of a call.
+
+    Empty DIALSTATUS means no Dial ran: a missed call when incoming, a cancelled one when
+    outgoing, unless agi-bitrix saw the answer itself (then the call was talked).
+    """
+    value = (dialstatus or "").strip().upper()
+    if not value:
+        if answered:
+            return "200"
+        return "304" if direction == "incoming" else "603-S"
+    return DIALSTATUS_CODES.get(value, "OTHER")
