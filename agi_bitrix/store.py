@@ -9,13 +9,14 @@ import json
 import os
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 from contextlib import contextmanager
 
 DB_NAME = "agi-bitrix.sqlite3"
 USER_CACHE_SECONDS = 3600
+KEEP_CALLS_SECONDS = 7 * 24 * 3600  # finished calls are kept a week for troubleshooting
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -34,6 +35,7 @@ CREATE TABLE IF NOT EXISTS calls (
     status_code     TEXT,
     duration        INTEGER
 );
+CREATE INDEX IF NOT EXISTS calls_started ON calls (started_at);
 CREATE TABLE IF NOT EXISTS users (
     inner       TEXT PRIMARY KEY,
     user_id     INTEGER NOT NULL,
@@ -153,9 +155,12 @@ class Store:
                        (linkedid,))
 
     def mark_finished(self, linkedid: str, status_code: str, duration: int) -> None:
+        now = time.time()
         with self._tx() as db:
             db.execute("UPDATE calls SET finished_at = ?, status_code = ?, duration = ? WHERE linkedid = ?",
-                       (time.time(), status_code, duration, linkedid))
+                       (now, status_code, duration, linkedid))
+            db.execute("DELETE FROM calls WHERE started_at < ? AND finished_at IS NOT NULL",
+                       (now - KEEP_CALLS_SECONDS,))
 
     # -- employees -----------------------------------------------------------------------------
     def user_id(self, inner: str, max_age: float = USER_CACHE_SECONDS) -> Optional[int]:

@@ -23,7 +23,7 @@ def register_call(ctx: EventContext, direction: str, user: str, phone: str, line
         return call.call_id
     payload = payloads.Register(
         USER_PHONE_INNER=user, PHONE_NUMBER=phone, TYPE=_TYPES[direction],
-        CALL_START_DATE=payloads.iso(call.started_at), CRM_CREATE=int(calls.crm_create),
+        CALL_START_DATE=payloads.iso(call.started_at), CRM_CREATE=int(calls.crm_create and phone != calls.anonymous_number),  # no lead for "nobody"
         LINE_NUMBER=line or None, EXTERNAL_CALL_ID=ctx.linkedid, SHOW=1)
     try:
         result = ctx.bitrix.call(payloads.REGISTER, payload.params(), ctx.deadline)

@@ -1,0 +1,174 @@
+"""`agi-bitrix check`: read the settings, reach Bitrix24 and Asterisk, say plainly what is wrong."""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+from urllib.parse import urlsplit
+
+from agi_bitrix import settings as settings_mod
+
+NEEDED_SCOPES = ("telephony", "crm", "user")
+
+
+class Report:
+    def __init__(self) -> None:
+        self.problems: List[str] = []
+        self.secrets: List[str] = []
+
+    def _say(self, tag: str, area: str, text: str) -> None:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        print(f"{tag:<8} {area:<10} {text}")
+
+    def ok(self, area: str, text: str) -> None:
+        self._say("OK", area, text)
+
+    def warn(self, area: str, text: str) -> None:
+        self._say("WARNING", area, text)
+
+    def problem(self, area: str, text: str) -> None:
+        self._say("PROBLEM", area, text)
+        self.problems.append(f"{area}: {text}")
+
+
+def _writable_dir(report: Report, area: str, folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".check-{os.getpid()}"
+        probe.write_text("x")
+        probe.unlink()
+        report.ok(area, f"{folder} is writable")
+    except OSError as exc:
+        report.problem(area, f"{folder} is not writable by this user ({exc.strerror}); "
+                             "it must be writable by the user Asterisk runs as")
+
+
+def _bitrix(report: Report, settings: settings_mod.Settings) -> None:
+    from agi_bitrix.bitrix.auth import WebhookAuth
+    from agi_bitrix.bitrix.client import Bitrix24
+    from agi_bitrix.bitrix.errors import AuthError, BitrixError, NetworkError
+
+    b24 = settings.bitrix24
+    if b24.mode == "none":
+        report.problem("bitrix24", "no connection configured: set [bitrix24] webhook_url")
+        return
+    if b24.mode == "oauth":
+        report.problem("bitrix24", "OAuth mode is not supported by this version: set [bitrix24] webhook_url")
+        return
+    host = urlsplit(b24.webhook_url).netloc
+    client = Bitrix24(WebhookAuth(b24.webhook_url), timeout=max(b24.timeout, 5.0))
+    started = time.monotonic()
+    try:
+        scopes = client.call("scope") or []
+    except NetworkError as exc:
+        report.problem("bitrix24", f"{host} cannot be reached: {exc.description or exc.code}")
+        return
+    except AuthError as exc:
+        report.problem("bitrix24", f"{host} refused the webhook ({exc.code}): create a new inbound webhook "
+                                   "and put its URL into [bitrix24] webhook_url")
+        return
+    except BitrixError as exc:
+        report.problem("bitrix24", f"{host}: {exc.summary()}")
+        return
+    ms = int((time.monotonic() - started) * 1000)
+    missing = [s for s in NEEDED_SCOPES if s not in scopes]
+    report.ok("bitrix24", f"{host} answered in {ms} ms (webhook mode)")
+    if missing:
+        report.problem("bitrix24", f"the webhook lacks the scope(s) {', '.join(missing)}: edit the webhook "
+                                   "in Bitrix24 and tick them")
+    else:
+        report.ok("bitrix24", f"scopes present: {', '.join(NEEDED_SCOPES)}")
+    if "user" in missing:
+        return
+    employees = _employees(client, report)
+    if employees is None:
+        return
+    if employees:
+        listed = ", ".join(f"{inner} {name}" for inner, name in sorted(employees.items())[:20])
+        more = f" and {len(employees) - 20} more" if len(employees) > 20 else ""
+        report.ok("employees", f"{len(employees)} with inner numbers: {listed}{more}")
+    else:
+        report.problem("employees", "no active employee has an inner number: fill in 'Internal phone' "
+                                    "(UF_PHONE_INNER) in the employees' profiles")
+    default = settings.calls.default_user
+    if not default:
+        report.problem("calls", "[calls] default_user is empty: set the inner number of whoever takes unclaimed calls")
+    elif default not in employees:
+        report.problem("calls", f"[calls] default_user {default} is no active employee's inner number")
+    else:
+        report.ok("calls", f"default_user {default} is {employees[default]}")
+
+
+def _employees(client: Any, report: Report) -> Optional[Dict[str, str]]:
+    from agi_bitrix.bitrix.errors import BitrixError
+
+    found: Dict[str, str] = {}
+    start = 0
+    for _ in range(20):  # 1000 employees is plenty for a check
+        try:
+            body = client.call_raw("user.get", {"FILTER": {"ACTIVE": "true", "!UF_PHONE_INNER": ""}, "start": start})
+        except BitrixError as exc:
+            report.problem("employees", f"cannot list employees: {exc.summary()}")
+            return None
+        for row in body.get("result") or []:
+            inner = str(row.get("UF_PHONE_INNER") or "").strip()
+            if inner:
+                found[inner] = " ".join(p for p in (row.get("NAME"), row.get("LAST_NAME")) if p) or f"user {row.get('ID')}"
+        if "next" not in body:
+            break
+        start = int(body["next"])
+    return found
+
+
+def _ami(report: Report, settings: settings_mod.Settings) -> None:
+    ast = settings.asterisk
+    if not ast.ami_user:
+        report.ok("asterisk", "AMI not configured (needed only for the dialer and click-to-call)")
+        return
+    try:
+        with socket.create_connection((ast.ami_host, ast.ami_port), timeout=3) as sock:
+            sock.settimeout(3)
+            banner = sock.recv(200).decode("utf-8", "replace").strip()
+    except OSError as exc:
+        report.problem("asterisk", f"AMI {ast.ami_host}:{ast.ami_port} cannot be reached ({exc.strerror or exc}): "
+                                   "enable it in manager.conf")
+        return
+    if banner.startswith("Asterisk Call Manager"):
+        report.ok("asterisk", f"AMI {ast.ami_host}:{ast.ami_port} answered: {banner}")
+    else:
+        report.problem("asterisk", f"{ast.ami_host}:{ast.ami_port} is not an AMI port (it said {banner[:40]!r})")
+
+
+def run(args: Any) -> int:
+    report = Report()
+    path = settings_mod.settings_path(getattr(args, "settings", None))
+    try:
+        settings = settings_mod.load(str(path))
+    except settings_mod.SettingsError as exc:
+        report.problem("settings", str(exc))
+        print(f"agi-bitrix check: {exc}", file=sys.stderr)
+        return 1
+    report.secrets = settings.secrets()
+    report.ok("settings", f"{path} read ({settings.bitrix24.mode} mode)")
+    try:
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            report.warn("settings", f"{path} is readable by other users and holds secrets: chmod 600 {path}")
+    except OSError:
+        pass
+    _writable_dir(report, "state", Path(settings.storage.state_dir))
+    _writable_dir(report, "log", Path(settings.logging.file).parent)
+    _bitrix(report, settings)
+    _ami(report, settings)
+    if report.problems:
+        first = report.problems[0]
+        for secret in report.secrets:
+            first = first.replace(secret, "***")
+        print(f"agi-bitrix check: {len(report.problems)} problem(s); first: {first}", file=sys.stderr)
+        return 1
+    print("all good")
+    return 0

@@ -1,0 +1,163 @@
+"""`agi-bitrix demo`: simulated calls through the real entry point against the built-in emulator.
+
+Each call step runs the installed `agi-bitrix` script as Asterisk would (a fresh process fed the
+AGI environment block by the fake Asterisk); the emulator plays the Bitrix24 portal. At the end
+it prints what the portal received.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from agi_bitrix.testing.bitrix_emulator import Bitrix24Emulator
+from agi_bitrix.testing.fake_asterisk import FakeAsterisk
+
+SETTINGS = """[bitrix24]
+webhook_url = {webhook}
+timeout = 2
+[calls]
+default_user = 101
+crm_create = yes
+anonymous_number = 0000
+[storage]
+state_dir = {state}
+[logging]
+file = {log}
+[asterisk]
+dial_template = PJSIP/{{number}}@provider
+dial_timeout = 45
+"""
+
+
+def entry_point() -> List[str]:
+    """The installed console script next to this interpreter, else the one on PATH."""
+    beside = Path(sys.executable).with_name("agi-bitrix")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("agi-bitrix")
+    return [found] if found else [sys.executable, "-m", "agi_bitrix"]
+
+
+class Demo:
+    def __init__(self, folder: Path, emulator: Bitrix24Emulator) -> None:
+        self.folder = folder
+        self.emulator = emulator
+        self.settings = folder / "settings.ini"
+        self.log = folder / "agi-bitrix.log"
+        self.settings.write_text(SETTINGS.format(webhook=emulator.webhook_url, state=folder / "state",
+                                                 log=self.log), encoding="utf-8")
+        self.settings.chmod(0o600)
+        self.script = entry_point()
+        self.seq = 0
+
+    def step(self, linkedid: str, args: List[str], **kw: Any) -> Any:
+        self.seq += 1
+        kw.setdefault("uniqueid", f"{linkedid.rsplit('.', 1)[0]}.{self.seq}")
+        fake = FakeAsterisk(self.script, args, linkedid=linkedid,
+                            env={"AGI_BITRIX_SETTINGS": str(self.settings)}, **kw)
+        run = fake.run()
+        status = run.set_variables.get("BITRIX_STATUS", "?")
+        extra = ""
+        if run.executed_apps():
+            app, opts = run.executed_apps()[0]
+            extra = f"  EXEC {app}({opts})"
+        shown = ", ".join(a if a.isprintable() else repr(a) for a in ["agi-bitrix"] + args)
+        print(f"    AGI({shown}) -> BITRIX_STATUS={status}{extra}")
+        return run
+
+
+def _describe(call: Dict[str, Any], users: Dict[int, str]) -> List[str]:
+    reg = call.get("register", {})
+    kind = {1: "outgoing", 2: "incoming"}.get(call.get("type"), str(call.get("type")))
+    lines = [f"  {call['CALL_ID']}",
+             f"    register: {kind} {reg.get('PHONE_NUMBER')} for {users.get(call.get('user_id'), call.get('user_id'))},"
+             f" line {reg.get('LINE_NUMBER') or '-'}, EXTERNAL_CALL_ID {reg.get('EXTERNAL_CALL_ID')}"]
+    if call.get("crm_created_lead"):
+        lines.append(f"    CRM: new lead #{call['crm_created_lead']}")
+    elif call.get("crm_entity_type"):
+        lines.append(f"    CRM: bound to {call['crm_entity_type']} #{call['crm_entity_id']}")
+    for action, user in call.get("card_events", []):
+        lines.append(f"    card: {action} for {users.get(user, user)}")
+    if call.get("finished"):
+        fin = call.get("finish") or {}
+        lines.append(f"    finish: STATUS_CODE {call.get('status_code')}, DURATION {call.get('duration')} s,"
+                     f" by {users.get(call.get('finish_user_id'), call.get('finish_user_id'))}"
+                     + (f", reason {fin['FAILED_REASON']}" if fin.get("FAILED_REASON") else ""))
+    else:
+        lines.append("    finish: NOT FINISHED")
+    if call.get("record"):
+        lines.append(f"    recording: {call['record']['filename']} ({len(call['record']['content'])} bytes)")
+    return lines
+
+
+def scenarios(demo: Demo, folder: Path) -> None:
+    print("1. Incoming call from a known client; the ring group rings, Boris (102) answers")
+    lid = "1795300000.10"
+    demo.step(lid, ["incoming", "", "74951234567"], channel="PJSIP/provider-00000001",
+              callerid="+79161234567", dnid="74951234567", context="bitrix-inbound", extension="74951234567")
+    demo.step(lid, ["answer"], channel="PJSIP/102-00000003", context="bitrix-answer")
+    time.sleep(1.2)
+    rec = folder / "call-1.wav"
+    rec.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(28))
+    demo.step(lid, ["hangup", "ANSWER", "2", str(rec)], channel="PJSIP/provider-00000001", dead=True,
+              context="bitrix-hangup")
+
+    print("2. Missed call from an unknown number (a lead is created)")
+    lid = "1795300100.20"
+    demo.step(lid, ["incoming", "", "74951234567"], channel="PJSIP/provider-00000004", callerid="89031234567")
+    demo.step(lid, ["hangup", "NOANSWER", ""], channel="PJSIP/provider-00000004", dead=True)
+
+    print("3. Anna (101) calls a client who is busy")
+    lid = "1795300200.30"
+    demo.step(lid, ["outgoing"], channel="PJSIP/101-00000006", callerid="101", extension="84957654321")
+    demo.step(lid, ["hangup", "BUSY", ""], channel="PJSIP/101-00000006", dead=True)
+
+    print("4. Outbound dialing through `dial` (the number is validated, registered and dialed)")
+    lid = "1795300300.40"
+
+    def dial_app(fake: Any, options: str) -> int:
+        fake.variables.update(DIALSTATUS="ANSWER", ANSWEREDTIME="3")
+        return 0
+
+    demo.step(lid, ["dial", "8 (916) 765-43-21", "103"], channel="PJSIP/103-00000008", callerid="103",
+              apps={"Dial": dial_app})
+    demo.step(lid, ["hangup", "ANSWER", "3"], channel="PJSIP/103-00000008", dead=True)
+
+    print("5. A hostile caller ID (quotes, a newline, '&'): registered as anonymous, nothing injected")
+    lid = "1795300400.50"
+    demo.step(lid, ["incoming", '12"3\nEXEC System reboot&PJSIP/evil', "74951234567"],
+              channel="PJSIP/provider-00000009")
+    demo.step(lid, ["hangup", "CANCEL", ""], channel="PJSIP/provider-00000009", dead=True)
+
+
+def run(args: Any) -> int:
+    keep: Optional[str] = getattr(args, "keep", None)
+    folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="agi-bitrix-demo-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with Bitrix24Emulator() as emulator:
+            people = {101: ("Anna", "Petrova"), 102: ("Boris", "Ivanov"), 103: ("Vera", "Smirnova")}
+            users: Dict[int, str] = {}
+            for inner, (name, last) in people.items():
+                user = emulator.add_user(name, last, inner=str(inner))
+                users[int(user["ID"])] = f"{name} ({inner})"
+            emulator.add_contact("Ivan Sidorov", ["+79161234567"], assigned_by_id=int(next(iter(users))))
+            print(f"Bitrix24 emulator at {emulator.base_url}; settings, state and log in {folder}\n")
+            scenarios(Demo(folder, emulator), folder)
+            print("\nWhat Bitrix24 received:")
+            for call in sorted(emulator.calls.values(), key=lambda c: c["registered_at"]):
+                print("\n".join(_describe(call, users)))
+            total = len(emulator.requests)
+            print(f"\n{len(emulator.calls)} calls, {total} REST requests; log: {folder / 'agi-bitrix.log'}")
+            unfinished = [c for c in emulator.calls.values() if not c.get("finished")]
+            if unfinished:
+                print(f"agi-bitrix demo: {len(unfinished)} call(s) were not finished", file=sys.stderr)
+                return 1
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    return 0

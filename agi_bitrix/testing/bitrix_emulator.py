@@ -1,0 +1,1454 @@
+"""A Bitrix24 cloud portal on 127.0.0.1, for tests and ``agi-bitrix demo``.
+
+It is a real HTTP server (standard library only) speaking the parts of the Bitrix24 REST API this
+project uses: webhook and OAuth auth, the rotating OAuth token endpoint, ``telephony.externalcall.*``,
+``user.get``, CRM look-ups and ``batch``, plus the leaky-bucket and operating limits and fault
+injection. Where the public facts are unsure it is deliberately strict (the harsher behaviour), so a
+client bug shows up here instead of on a customer's portal.
+
+Tests start it in-process, point the real ``agi-bitrix`` script at ``webhook_url`` (or the OAuth
+endpoints) and then read ``calls``, ``leads``, ``requests`` ... which are deep copies taken under one lock.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import copy
+import hashlib
+import json
+import os
+import re
+import secrets
+import socket
+import sys
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterable
+
+__all__ = ["Bitrix24Emulator", "ApiError", "parse_php_query", "parse_php_pairs", "DEFAULT_SCOPES"]
+
+DEFAULT_SCOPES = ("telephony", "crm", "user", "task", "im", "sonet_group", "timeman", "basic",
+                  "placement", "department")
+
+PAGE_SIZE = 50
+DEDUP_WINDOW = 30 * 60          # register de-duplication window, seconds
+BATCH_MAX = 50
+CODE_TTL = 30                   # authorization code lifetime
+ACCESS_TTL = 3600
+REFRESH_TTL = 180 * 86400
+FINDBYCOMM_MAX = 20
+# Stable portal id, like the real member_id that survives domain renames.
+MEMBER_ID = hashlib.md5(b"agi-bitrix-emulator-portal").hexdigest()
+
+_CRM_TYPES = ("CONTACT", "COMPANY", "LEAD")
+_PHONE_DROP = re.compile(r"[^0-9#*+,;]")
+_ATOM = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})([+-])(\d{2}):(\d{2})$")
+_PHP_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+_BRACKETS = re.compile(r"\[([^\[\]]*)\]")
+_RESULT_REF = re.compile(r"\$result\[([^\[\]]*)\]((?:\[[^\[\]]*\])*)")
+_FILTER_KEY = re.compile(r"^(!@|!=|!%|>=|<=|@|!|=|>|<|%)?(.+)$")
+
+NOT_FINISHED_TEXT = "Call is not found in the statistic table. It looks like it is not finished yet."
+# Sic: the server's message lacks the closing parenthesis.
+NOT_REGISTERED_TEXT = "Call is not found (call should be registered prior to finishing"
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status plus the Bitrix24 error body."""
+
+    def __init__(self, status: int, error: str, description: str = "", raw: bytes | None = None) -> None:
+        super().__init__(f"{status} {error}: {description}")
+        self.status = status
+        self.error = error
+        self.description = description
+        self.raw = raw  # injected non-JSON body (e.g. an nginx error page)
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.error, "error_description": self.description}
+
+
+def _core(text: str) -> ApiError:
+    return ApiError(400, "ERROR_CORE", text)
+
+
+class _Page:
+    """A list-method result: rows plus the top-level ``total`` / ``next``."""
+
+    __slots__ = ("rows", "total", "next")
+
+    def __init__(self, rows: list, total: int, next_: int | None) -> None:
+        self.rows, self.total, self.next = rows, total, next_
+
+
+class _Ctx:
+    __slots__ = ("user_id", "auth", "in_batch")
+
+    def __init__(self, user_id: int, auth: str, in_batch: bool = False) -> None:
+        self.user_id, self.auth, self.in_batch = user_id, auth, in_batch
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+def parse_php_pairs(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Build nested params from PHP-style keys: ``a[b][]=1`` -> ``{"a": {"b": ["1"]}}``.
+
+    Containers whose keys are exactly 0..n-1 in order become lists, as PHP's json_encode does.
+    """
+    root: dict[str, Any] = {}
+    for key, value in pairs:
+        m = _PHP_KEY.match(key)
+        if not m:
+            if key:
+                root[key] = value
+            continue
+        path = [m.group(1)] + _BRACKETS.findall(m.group(2))
+        node = root
+        for i, seg in enumerate(path):
+            if seg == "":
+                seg = str(_next_index(node))
+            if i == len(path) - 1:
+                node[seg] = value
+            else:
+                child = node.get(seg)
+                if not isinstance(child, dict):
+                    child = {}
+                    node[seg] = child
+                node = child
+    return {k: _listify(v) for k, v in root.items()}
+
+
+def parse_php_query(query: str) -> dict[str, Any]:
+    """Parse a query string / form body with PHP-style nested keys."""
+    return parse_php_pairs(urllib.parse.parse_qsl(query, keep_blank_values=True))
+
+
+def _next_index(node: dict) -> int:
+    ints = [int(k) for k in node if re.fullmatch(r"-?\d+", k)]
+    return max(ints) + 1 if ints else 0
+
+
+def _listify(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    out = {k: _listify(v) for k, v in value.items()}
+    if out and list(out) == [str(i) for i in range(len(out))]:
+        return list(out.values())
+    return out
+
+
+def _parse_multipart(body: bytes, content_type: str) -> tuple[list[tuple[str, str]], dict[str, tuple[str, bytes]]]:
+    """Split multipart/form-data into text fields and files (name -> (filename, bytes))."""
+    m = re.search(r'boundary="?([^";]+)"?', content_type, re.I)
+    if not m:
+        raise ValueError("multipart body without boundary")
+    delimiter = b"--" + m.group(1).strip().encode("latin-1")
+    fields: list[tuple[str, str]] = []
+    files: dict[str, tuple[str, bytes]] = {}
+    for part in body.split(delimiter)[1:]:
+        if part.startswith(b"--"):
+            break
+        if part.startswith(b"\r\n"):
+            part = part[2:]
+        head, sep, data = part.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        if data.endswith(b"\r\n"):
+            data = data[:-2]
+        disposition = ""
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            name, _, val = line.partition(":")
+            if name.strip().lower() == "content-disposition":
+                disposition = val
+        nm = re.search(r'(?:^|;)\s*name="([^"]*)"', disposition)
+        fn = re.search(r'(?:^|;)\s*filename="([^"]*)"', disposition)
+        if not nm:
+            continue
+        if fn is not None:
+            files[nm.group(1)] = (fn.group(1), data)
+        else:
+            fields.append((nm.group(1), data.decode("utf-8", "replace")))
+    return fields, files
+
+
+def _php_int(value: Any) -> int:
+    """PHP's (int) cast: leading digits of a string, 0 otherwise (so "N", "true" -> 0)."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    if isinstance(value, str):
+        m = re.match(r"\s*([+-]?\d+)", value)
+        return int(m.group(1)) if m else 0
+    return 0
+
+
+def _php_str(value: Any) -> str:
+    if value is True:
+        return "1"
+    if value is None or value is False:
+        return ""
+    if isinstance(value, (dict, list)):
+        return "Array"
+    return str(value)
+
+
+def _yes(value: Any) -> bool:
+    """Filter-style booleans: true / "Y" / "true" / 1."""
+    if isinstance(value, str):
+        return value.strip().upper() in ("Y", "TRUE", "1")
+    return bool(value)
+
+
+def _opt_str(value: Any) -> str:
+    return "" if value is None else _php_str(value)
+
+
+def sanitize_phone(value: Any) -> str:
+    """What register/finish keep of a number: only ``0-9 # * + , ;``."""
+    if value is None or isinstance(value, (bool, dict, list)):
+        return ""
+    return _PHONE_DROP.sub("", str(value))
+
+
+def normalize_digits(value: Any) -> str:
+    """CRM matching key: digits only, a leading 8 of an 11-digit number read as 7."""
+    digits = re.sub(r"\D", "", "" if value is None else str(value))
+    if len(digits) == 11 and digits.startswith("8"):
+        digits = "7" + digits[1:]
+    return digits
+
+
+def _valid_atom(value: Any) -> bool:
+    """Strict ISO 8601 / ATOM with an explicit ±HH:MM offset (no Z, no fractions)."""
+    if not isinstance(value, str):
+        return False
+    m = _ATOM.match(value)
+    if not m:
+        return False
+    try:
+        datetime.strptime(value[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return False
+    return int(m.group(8)) <= 14 and int(m.group(9)) < 60
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def _portal_dt(ts: float) -> str:
+    return time.strftime("%d.%m.%Y %H:%M:%S", time.localtime(ts))
+
+
+def _int_list(value: Any) -> list[int]:
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [i for i in (_php_int(v) for v in value) if i > 0]
+    i = _php_int(value)
+    return [i] if i > 0 else []
+
+
+def _lookup(container: Any, key: Any) -> tuple[bool, Any]:
+    if isinstance(container, dict):
+        if key in container:
+            return True, container[key]
+        s = str(key)
+        if s in container:
+            return True, container[s]
+        if re.fullmatch(r"-?\d+", s) and int(s) in container:
+            return True, container[int(s)]
+        return False, None
+    if isinstance(container, list) and re.fullmatch(r"\d+", str(key)):
+        i = int(key)
+        if i < len(container):
+            return True, container[i]
+    return False, None
+
+
+# --------------------------------------------------------------------------- method table
+
+# method -> (scopes any of which allows it, None = always allowed; handler attribute)
+_METHODS: dict[str, tuple[tuple[str, ...] | None, str]] = {
+    "scope": (None, "_m_scope"),
+    "profile": (None, "_m_profile"),
+    "methods": (None, "_m_methods"),
+    "batch": (("basic",), "_m_batch_placeholder"),
+    "user.get": (("user", "user_basic", "user_brief"), "_m_user_get"),
+    "telephony.externalcall.register": (("telephony",), "_m_register"),
+    "telephony.externalcall.show": (("telephony",), "_m_show"),
+    "telephony.externalcall.hide": (("telephony",), "_m_hide"),
+    "telephony.externalcall.finish": (("telephony",), "_m_finish"),
+    "telephony.externalcall.attachrecord": (("telephony",), "_m_attach_record"),
+    "telephony.externalcall.searchcrmentities": (("telephony",), "_m_search_crm"),
+    "crm.duplicate.findbycomm": (("crm",), "_m_findbycomm"),
+    "crm.lead.get": (("crm",), "_m_lead_get"),
+    "crm.contact.get": (("crm",), "_m_contact_get"),
+    "crm.company.get": (("crm",), "_m_company_get"),
+}
+# The docs call these application-only; public server code accepts webhooks too (reference 5.0).
+_APP_ONLY = {"telephony.externalcall.register", "telephony.externalcall.finish"}
+# Handlers that take the lock themselves (they do network I/O that must not hold it).
+_SELF_LOCKING = {"telephony.externalcall.attachrecord"}
+
+
+# --------------------------------------------------------------------------- the emulator
+
+class Bitrix24Emulator:
+    """In-process fake of a Bitrix24 cloud portal's REST API (see module docstring)."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, webhook_user_id: int = 1,
+                 webhook_code: str = "emu-webhook-secret", client_id: str = "local.emu.app",
+                 client_secret: str = "emu-client-secret", scopes: Iterable[str] = DEFAULT_SCOPES,
+                 bucket_size: int | None = None, drain_per_second: float = 2.0,
+                 allow_webhook_telephony: bool = True) -> None:
+        self.host = host
+        self._port = int(port)
+        self.webhook_user_id = int(webhook_user_id)
+        self.webhook_code = webhook_code
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.scopes: list[str] = list(scopes)
+        # False = register/finish via webhook answer 403 WRONG_AUTH_TYPE, as the docs claim.
+        self.allow_webhook_telephony = allow_webhook_telephony
+        # Wall clock for everything time-based (dedup window, token expiry, bucket drain);
+        # tests replace it to jump ahead without sleeping.
+        self.clock: Callable[[], float] = time.time
+
+        self._lock = threading.RLock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._conns: set[socket.socket] = set()
+
+        self._users: dict[int, dict] = {}
+        self._crm: dict[str, dict[int, dict]] = {t: {} for t in _CRM_TYPES}
+        self._crm_seq = {t: 0 for t in _CRM_TYPES}
+        self._fm_seq = 0
+        self._calls: dict[str, dict] = {}
+        self._dedup: dict[tuple, tuple[str, float]] = {}
+        self._seq = {"call": 0, "activity": 0, "stat": 0, "file": 0}
+        self._uploads: dict[str, dict] = {}
+        self._requests: list[dict] = []
+        self._faults: list[dict] = []
+        self._delays: list[dict] = []
+        self._bucket_size = bucket_size
+        self._drain = float(drain_per_second)
+        self._bucket_level = 0.0
+        self._bucket_at: float | None = None
+        self._operating_limits: dict[str, float] = {}
+        self._operating_used: dict[str, float] = {}
+        self._access: dict[str, dict] = {}
+        self._refresh: dict[str, dict] = {}
+        self._codes: dict[str, float] = {}
+
+        self.count_503 = 0
+        self.refresh_count = 0
+        self.spent_refresh_uses = 0
+        # Tracebacks of emulator bugs (answered as 500); tests can assert it stays empty.
+        self.internal_errors: list[str] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Bitrix24Emulator:
+        """Bind and serve in a daemon thread. After stop(), start() rebinds the same port."""
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        server = _Server((self.host, self._port), _Handler)
+        server.emulator = self
+        self._port = server.server_address[1]
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=f"bitrix24-emulator:{self._port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and cut open keep-alive connections (a stopped portal answers nothing)."""
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._stopping.set()
+        server.shutdown()
+        server.server_close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if thread is not None:
+            thread.join(timeout=2)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> Bitrix24Emulator:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _track(self, conn: socket.socket, add: bool) -> None:
+        with self._lock:
+            if add:
+                self._conns.add(conn)
+            else:
+                self._conns.discard(conn)
+
+    # ------------------------------------------------------------------ addresses
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        if not self._port:
+            raise RuntimeError("emulator not started yet (port 0 is chosen at start())")
+        return f"http://{self.host}:{self._port}"
+
+    @property
+    def webhook_url(self) -> str:
+        return f"{self.base_url}/rest/{self.webhook_user_id}/{self.webhook_code}/"
+
+    @property
+    def client_endpoint(self) -> str:
+        return f"{self.base_url}/rest/"
+
+    @property
+    def oauth_url(self) -> str:
+        return f"{self.base_url}/oauth/token/"
+
+    @property
+    def server_endpoint(self) -> str:
+        return f"{self.base_url}/oauth/"
+
+    # ------------------------------------------------------------------ directory and CRM seeding
+
+    def add_user(self, name: str, last_name: str = "", inner: str | None = None, active: bool = True,
+                 online: bool = True, user_id: int | None = None, timeman_status: str = "OPENED") -> dict:
+        """Add (or replace, with the same user_id) an employee; returns his user.get row."""
+        with self._lock:
+            uid = int(user_id) if user_id is not None else max(self._users, default=0) + 1
+            self._users[uid] = {
+                "id": uid, "name": name, "last_name": last_name,
+                "inner": None if inner in (None, "") else str(inner),
+                "active": bool(active), "online": bool(online), "timeman": timeman_status,
+                "last_activity": _portal_dt(self.clock()),
+            }
+            return self._user_row(self._users[uid])
+
+    def add_contact(self, name: str, phones: list[str], assigned_by_id: int, contact_id: int | None = None) -> dict:
+        return self._add_crm("CONTACT", name, phones, assigned_by_id, contact_id)
+
+    def add_company(self, title: str, phones: list[str], assigned_by_id: int, company_id: int | None = None) -> dict:
+        return self._add_crm("COMPANY", title, phones, assigned_by_id, company_id)
+
+    def add_lead(self, title: str, phones: list[str], assigned_by_id: int, lead_id: int | None = None) -> dict:
+        return self._add_crm("LEAD", title, phones, assigned_by_id, lead_id)
+
+    def _add_crm(self, etype: str, title: str, phones: list[str], assigned_by_id: int, eid: int | None) -> dict:
+        with self._lock:
+            if eid is None:
+                eid = max(self._crm_seq[etype], max(self._crm[etype], default=0)) + 1
+            eid = int(eid)
+            self._crm_seq[etype] = max(self._crm_seq[etype], eid)
+            multifield = []
+            for phone in phones:
+                self._fm_seq += 1
+                multifield.append({"ID": str(self._fm_seq), "VALUE_TYPE": "WORK", "VALUE": str(phone),
+                                   "TYPE_ID": "PHONE"})
+            entity: dict[str, Any] = {"ID": str(eid)}
+            if etype == "CONTACT":
+                entity.update({"NAME": title, "LAST_NAME": ""})
+            else:
+                entity["TITLE"] = title
+            if etype == "LEAD":
+                entity.update({"STATUS_ID": "NEW", "SOURCE_ID": "OTHER"})
+            entity.update({"ASSIGNED_BY_ID": str(int(assigned_by_id)), "HAS_PHONE": "Y" if phones else "N",
+                           "PHONE": multifield, "DATE_CREATE": _iso(self.clock())})
+            self._crm[etype][eid] = entity
+            return copy.deepcopy(entity)
+
+    # ------------------------------------------------------------------ inspection (deep copies)
+
+    @property
+    def calls(self) -> dict[str, dict]:
+        with self._lock:
+            out = {}
+            for cid, call in self._calls.items():
+                c = copy.deepcopy(call)
+                c["shown"] = sorted(call["shown"])
+                out[cid] = c
+            return out
+
+    @property
+    def users(self) -> dict[int, dict]:
+        with self._lock:
+            return {uid: self._user_row(u) for uid, u in self._users.items()}
+
+    @property
+    def leads(self) -> dict[int, dict]:
+        with self._lock:
+            return copy.deepcopy(self._crm["LEAD"])
+
+    @property
+    def contacts(self) -> dict[int, dict]:
+        with self._lock:
+            return copy.deepcopy(self._crm["CONTACT"])
+
+    @property
+    def companies(self) -> dict[int, dict]:
+        with self._lock:
+            return copy.deepcopy(self._crm["COMPANY"])
+
+    @property
+    def requests(self) -> list[dict]:
+        with self._lock:
+            return copy.deepcopy(self._requests)
+
+    def requests_for(self, method: str) -> list[dict]:
+        name = method.lower()
+        with self._lock:
+            return [copy.deepcopy(r) for r in self._requests if r["method"] == name]
+
+    # ------------------------------------------------------------------ fault injection
+
+    def set_delay(self, seconds: float, method: str | None = None, count: int | None = None) -> None:
+        """Sleep before answering requests of ``method`` (None = any HTTP request); count None = always.
+
+        The request is still processed after the sleep, like a real server whose client gave up.
+        """
+        key = method.lower() if method else None
+        with self._lock:
+            self._delays = [d for d in self._delays if d["method"] != key]
+            if seconds > 0 and (count is None or count > 0):
+                self._delays.append({"seconds": float(seconds), "method": key, "remaining": count})
+
+    def fail_next(self, status: int, error: str, description: str = "", method: str | None = None,
+                  count: int = 1, body: str | bytes | None = None) -> None:
+        """Answer the next ``count`` requests of ``method`` (None = any HTTP request, including the
+        token endpoint "oauth.token") with this error. A named method also fails inside batch.
+        ``body`` replaces the JSON error body with raw text (e.g. a proxy's HTML page)."""
+        raw = body.encode("utf-8") if isinstance(body, str) else body
+        with self._lock:
+            self._faults.append({"status": int(status), "error": error, "description": description,
+                                 "method": method.lower() if method else None, "remaining": int(count),
+                                 "raw": raw})
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self._delays.clear()
+
+    # ------------------------------------------------------------------ OAuth (mode 2)
+
+    def issue_tokens(self) -> dict:
+        """A fresh valid token pair (a new chain), shaped like the token endpoint's answer."""
+        with self._lock:
+            return self._issue_pair(self.webhook_user_id)
+
+    def expire_access_tokens(self) -> None:
+        with self._lock:
+            for rec in self._access.values():
+                if rec["state"] == "ok":
+                    rec["state"] = "expired"
+
+    def revoke_app(self) -> None:
+        with self._lock:
+            for rec in self._refresh.values():
+                rec["state"] = "revoked"
+            for rec in self._access.values():
+                rec["state"] = "dead"
+            self._codes.clear()
+
+    def authorization_code(self) -> str:
+        with self._lock:
+            code = secrets.token_hex(16)
+            self._codes[code] = self.clock() + CODE_TTL
+            return code
+
+    def _issue_pair(self, user_id: int) -> dict:
+        now = self.clock()
+        access, refresh = secrets.token_hex(24), secrets.token_hex(24)
+        self._access[access] = {"user_id": user_id, "expires": now + ACCESS_TTL, "state": "ok"}
+        self._refresh[refresh] = {"user_id": user_id, "access": access, "state": "ok",
+                                  "expires": now + REFRESH_TTL}
+        return {
+            "access_token": access, "expires": int(now + ACCESS_TTL), "expires_in": ACCESS_TTL,
+            "scope": ",".join(self.scopes), "domain": urllib.parse.urlsplit(self.base_url).netloc,
+            "server_endpoint": self.server_endpoint, "status": "L", "client_endpoint": self.client_endpoint,
+            "member_id": MEMBER_ID, "user_id": user_id, "refresh_token": refresh,
+        }
+
+    # ------------------------------------------------------------------ limits
+
+    def set_bucket(self, size: int | None, drain_per_second: float = 2.0) -> None:
+        with self._lock:
+            self._bucket_size = size
+            self._drain = float(drain_per_second)
+            self._bucket_level = 0.0
+            self._bucket_at = None
+
+    def set_operating_limit(self, method: str, reset_at: float | None) -> None:
+        with self._lock:
+            if reset_at is None:
+                self._operating_limits.pop(method.lower(), None)
+            else:
+                self._operating_limits[method.lower()] = float(reset_at)
+
+    def _check_bucket(self) -> None:
+        with self._lock:
+            if self._bucket_size is None:
+                return
+            now = self.clock()
+            if self._bucket_at is not None:
+                drained = max(0.0, now - self._bucket_at) * self._drain
+                self._bucket_level = max(0.0, self._bucket_level - drained)
+            self._bucket_at = now
+            if self._bucket_level + 1 > self._bucket_size:
+                self.count_503 += 1
+                raise ApiError(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
+            self._bucket_level += 1
+
+    def _check_operating(self, method: str) -> None:
+        with self._lock:
+            reset_at = self._operating_limits.get(method)
+            if reset_at is None:
+                return
+            if self.clock() < reset_at:
+                raise ApiError(429, "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit.")
+            del self._operating_limits[method]
+
+    def _sleep_for(self, method: str, top: bool) -> None:
+        with self._lock:
+            seconds = 0.0
+            for d in self._delays:
+                if d["method"] == method or (top and d["method"] is None):
+                    seconds = d["seconds"]
+                    if d["remaining"] is not None:
+                        d["remaining"] -= 1
+                        if d["remaining"] <= 0:
+                            self._delays.remove(d)
+                    break
+        if seconds:
+            self._stopping.wait(seconds)  # outside the lock; cut short by stop()
+
+    def _raise_fault(self, method: str, top: bool) -> None:
+        with self._lock:
+            for f in self._faults:
+                if f["method"] == method or (top and f["method"] is None):
+                    f["remaining"] -= 1
+                    if f["remaining"] <= 0:
+                        self._faults.remove(f)
+                    raise ApiError(f["status"], f["error"], f["description"], raw=f["raw"])
+
+    # ------------------------------------------------------------------ HTTP entry
+
+    def _dispatch_http(self, verb: str, raw_path: str, headers: Any, body: bytes) -> tuple[int, bytes, str]:
+        try:
+            status, payload = self._route(verb, raw_path, headers, body)
+        except Exception:  # an emulator bug must not look like a hung portal
+            with self._lock:
+                self.internal_errors.append(traceback.format_exc())
+            status, payload = 500, {"error": "INTERNAL_SERVER_ERROR", "error_description": "emulator bug"}
+        if isinstance(payload, bytes):
+            return status, payload, "text/html; charset=utf-8"
+        return status, json.dumps(payload).encode("utf-8"), "application/json; charset=utf-8"
+
+    def _route(self, verb: str, raw_path: str, headers: Any, body: bytes) -> tuple[int, Any]:
+        split = urllib.parse.urlsplit(raw_path)
+        path = urllib.parse.unquote(split.path)
+        params = parse_php_query(split.query)
+        files: dict[str, tuple[str, bytes]] = {}
+        ctype = (headers.get("Content-Type") or "").lower()
+        bad_body = False
+        try:
+            if "application/json" in ctype:
+                if body.strip():
+                    data = json.loads(body.decode("utf-8"))
+                    if not isinstance(data, dict):
+                        raise ValueError("JSON body is not an object")
+                    params.update(data)
+            elif "multipart/form-data" in ctype:
+                fields, files = _parse_multipart(body, headers.get("Content-Type") or "")
+                params.update(parse_php_pairs(fields))
+            elif body:
+                params.update(parse_php_query(body.decode("utf-8")))
+        except (ValueError, UnicodeDecodeError):
+            bad_body = True
+
+        if path.rstrip("/") == "/oauth/token":
+            if bad_body:
+                return 400, {"error": "invalid_request", "error_description": "Malformed request body"}
+            return self._token_endpoint(params)
+        if not path.startswith("/rest/"):
+            return 404, {"error": "NOT_FOUND", "error_description": "Not found"}
+        parts = [p for p in path[len("/rest/"):].split("/") if p]
+        webhook: tuple[str, str] | None = None
+        if len(parts) == 3:
+            webhook = (parts[0], parts[1])
+        elif len(parts) != 1:
+            return 404, {"error": "ERROR_METHOD_NOT_FOUND", "error_description": "Method not found!"}
+        method = parts[-1].lower()
+        if method.endswith(".json"):
+            method = method[:-5]
+        if bad_body:
+            entry = self._record(method, {}, "webhook" if webhook else None)
+            err = ApiError(400, "INVALID_REQUEST", "Request body could not be parsed")
+            self._close(entry, err.status, err.error)
+            return err.status, err.body()
+        return self._rest_call(method, params, files, webhook)
+
+    def _rest_call(self, method: str, params: dict, files: dict, webhook: tuple[str, str] | None) -> tuple[int, Any]:
+        start, t0 = self.clock(), time.perf_counter()
+        token = params.pop("auth", None)  # never kept in params or in the request log
+        auth_kind = "webhook" if webhook else ("oauth" if token else None)
+        entry = self._record(method, params, auth_kind)
+        try:
+            self._check_bucket()
+            self._sleep_for(method, top=True)
+            self._raise_fault(method, top=True)
+            if method == "upload" and webhook is None:
+                result: Any = self._upload(params, files)
+            else:
+                ctx = self._authenticate(webhook, token)
+                result = self._invoke(method, params, ctx, sub_call=False)
+        except ApiError as err:
+            self._close(entry, err.status, err.error)
+            return err.status, (err.raw if err.raw is not None else err.body())
+        self._close(entry, 200, None)
+        return 200, self._envelope(result, start, t0, method)
+
+    def _envelope(self, result: Any, start: float, t0: float, method: str) -> dict:
+        if isinstance(result, _Page):
+            out: dict[str, Any] = {"result": result.rows, "total": result.total}
+            if result.next is not None:
+                out["next"] = result.next
+        else:
+            out = {"result": result}
+        out["time"] = self._time_block(start, t0, method)
+        return out
+
+    def _time_block(self, start: float, t0: float, method: str) -> dict:
+        duration = time.perf_counter() - t0
+        finish = start + duration
+        with self._lock:
+            pending = [r for r in self._operating_limits.values() if r > start]
+            reset_at = int(max(pending)) if pending else int(start) + 600
+            operating = round(self._operating_used.get(method, 0.0), 6)
+        return {"start": start, "finish": finish, "duration": duration, "processing": duration,
+                "date_start": _iso(start), "date_finish": _iso(finish),
+                "operating": operating, "operating_reset_at": reset_at}
+
+    def _record(self, method: str, params: dict, auth: str | None, batch: bool = False) -> dict:
+        entry = {"method": method, "params": copy.deepcopy(params), "auth": auth, "status": None,
+                 "error": None, "time": self.clock(), "batch": batch}
+        with self._lock:
+            self._requests.append(entry)
+        return entry
+
+    def _close(self, entry: dict, status: int, error: str | None) -> None:
+        with self._lock:
+            entry["status"] = status
+            entry["error"] = error
+
+    def _authenticate(self, webhook: tuple[str, str] | None, token: Any) -> _Ctx:
+        with self._lock:
+            if webhook is not None:
+                if webhook[0] != str(self.webhook_user_id) or webhook[1] != self.webhook_code:
+                    raise ApiError(401, "NO_AUTH_FOUND", "Wrong authorization data")
+                return _Ctx(self.webhook_user_id, "webhook")
+            if not token or not isinstance(token, str):
+                raise ApiError(401, "NO_AUTH_FOUND", "Wrong authorization data")
+            rec = self._access.get(token)
+            if rec is None or rec["state"] == "dead":
+                raise ApiError(401, "invalid_token", "Unable to get application by token")
+            if rec["state"] == "expired" or self.clock() >= rec["expires"]:
+                raise ApiError(401, "expired_token", "The access token provided has expired.")
+            return _Ctx(rec["user_id"], "oauth")
+
+    def _invoke(self, method: str, params: dict, ctx: _Ctx, sub_call: bool) -> Any:
+        if sub_call:  # top-level faults/delays were applied before auth
+            self._sleep_for(method, top=False)
+            self._raise_fault(method, top=False)
+        spec = _METHODS.get(method)
+        if spec is None:
+            raise ApiError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
+        scopes, attr = spec
+        if scopes is not None and not set(scopes) & set(self.scopes):
+            kind = "webhook token" if ctx.auth == "webhook" else "access token"
+            raise ApiError(403, "insufficient_scope", f"The request requires higher privileges than provided by the {kind}")
+        if method in _APP_ONLY and ctx.auth == "webhook" and not self.allow_webhook_telephony:
+            raise ApiError(403, "WRONG_AUTH_TYPE", "Current authorization type is denied for this method")
+        self._check_operating(method)
+        t0 = time.perf_counter()
+        if method == "batch":
+            result = self._batch(params, ctx)
+        elif method in _SELF_LOCKING:
+            result = getattr(self, attr)(params, ctx)
+        else:
+            with self._lock:
+                result = getattr(self, attr)(params, ctx)
+        with self._lock:
+            self._operating_used[method] = self._operating_used.get(method, 0.0) + time.perf_counter() - t0
+        return result
+
+    # ------------------------------------------------------------------ batch
+
+    def _batch(self, params: dict, ctx: _Ctx) -> dict:
+        cmd = params.get("cmd")
+        halt = _php_int(params.get("halt", 0)) != 0
+        listy = isinstance(cmd, list)
+        if listy:
+            items: list[tuple[Any, Any]] = list(enumerate(cmd))
+        elif isinstance(cmd, dict):
+            items = list(cmd.items())
+        else:
+            items = []
+        if len(items) > BATCH_MAX:
+            raise ApiError(400, "ERROR_BATCH_LENGTH_EXCEEDED", "Max batch length exceeded")
+        parsed: list[tuple[Any, str, str]] = []
+        for key, command in items:
+            text = command if isinstance(command, str) else ""
+            name, _, query = text.partition("?")
+            name = name.strip().strip("/").lower()
+            if name.endswith(".json"):
+                name = name[:-5]
+            if name == "batch":
+                raise ApiError(405, "ERROR_BATCH_METHOD_NOT_ALLOWED", "Batch method is not allowed")
+            parsed.append((key, name, query))
+
+        results: dict[Any, Any] = {}
+        errors: dict[Any, Any] = {}
+        totals: dict[Any, Any] = {}
+        nexts: dict[Any, Any] = {}
+        times: dict[Any, Any] = {}
+        sub_ctx = _Ctx(ctx.user_id, ctx.auth, in_batch=True)
+        for key, name, query in parsed:
+            # References are replaced in the raw query, before it is parsed (values URL-encoded).
+            sub = parse_php_query(self._substitute(query, results))
+            sub.pop("auth", None)
+            start, t0 = self.clock(), time.perf_counter()
+            entry = self._record(name, sub, ctx.auth, batch=True)
+            try:
+                res = self._invoke(name, sub, sub_ctx, sub_call=True)
+            except ApiError as err:
+                self._close(entry, err.status, err.error)
+                errors[key] = err.body()
+                if halt:
+                    break
+                continue
+            self._close(entry, 200, None)
+            if isinstance(res, _Page):
+                results[key] = res.rows
+                totals[key] = res.total
+                if res.next is not None:
+                    nexts[key] = res.next
+            else:
+                results[key] = res
+            times[key] = self._time_block(start, t0, name)
+        return {"result": _batch_map(results, listy), "result_error": _batch_map(errors, listy),
+                "result_total": _batch_map(totals, listy), "result_next": _batch_map(nexts, listy),
+                "result_time": _batch_map(times, listy)}
+
+    @staticmethod
+    def _substitute(query: str, results: dict) -> str:
+        def repl(m: re.Match) -> str:
+            found, value = _lookup(results, m.group(1))
+            for seg in _BRACKETS.findall(m.group(2)):
+                if not found:
+                    break
+                found, value = _lookup(value, seg)
+            if not found:
+                return m.group(0)  # unresolved references stay literal, as text
+            return urllib.parse.quote(_php_str(value), safe="")
+        return _RESULT_REF.sub(repl, query)
+
+    def _m_batch_placeholder(self, params: dict, ctx: _Ctx) -> Any:  # pragma: no cover
+        raise AssertionError("batch is dispatched by _invoke")
+
+    # ------------------------------------------------------------------ token endpoint
+
+    def _token_endpoint(self, params: dict) -> tuple[int, Any]:
+        shown = dict(params)
+        if "client_secret" in shown:
+            shown["client_secret"] = "***"
+        entry = self._record("oauth.token", shown, None)
+        try:
+            self._sleep_for("oauth.token", top=True)
+            self._raise_fault("oauth.token", top=True)
+            with self._lock:
+                result = self._grant(params)
+        except ApiError as err:
+            self._close(entry, err.status, err.error)
+            return err.status, (err.raw if err.raw is not None else err.body())
+        self._close(entry, 200, None)
+        return 200, result
+
+    def _grant(self, params: dict) -> dict:
+        if params.get("client_id") != self.client_id or params.get("client_secret") != self.client_secret:
+            raise ApiError(400, "invalid_client", "Invalid client credentials")
+        grant = params.get("grant_type")
+        now = self.clock()
+        if grant == "refresh_token":
+            token = params.get("refresh_token")
+            if not token or not isinstance(token, str):
+                raise ApiError(400, "invalid_request", "refresh_token is required")
+            rec = self._refresh.get(token)
+            if rec is not None and rec["state"] == "used":
+                self.spent_refresh_uses += 1
+                raise ApiError(400, "invalid_grant", "The refresh token was already used")
+            if rec is None or rec["state"] != "ok" or now >= rec["expires"]:
+                raise ApiError(400, "invalid_grant", "Invalid refresh token")
+            # Single-use rotation: the used refresh token and its access token both die.
+            rec["state"] = "used"
+            access = self._access.get(rec["access"])
+            if access is not None:
+                access["state"] = "dead"
+            self.refresh_count += 1
+            return self._issue_pair(rec["user_id"])
+        if grant == "authorization_code":
+            code = params.get("code")
+            expires = self._codes.pop(code, None) if isinstance(code, str) else None
+            if expires is None or now > expires:
+                raise ApiError(400, "invalid_grant", "Invalid or expired authorization code")
+            return self._issue_pair(self.webhook_user_id)
+        raise ApiError(400, "invalid_request", "Unsupported grant_type")
+
+    # ------------------------------------------------------------------ basics
+
+    def _m_scope(self, p: dict, ctx: _Ctx) -> list[str]:
+        return list(self.scopes)
+
+    def _m_profile(self, p: dict, ctx: _Ctx) -> dict:
+        u = self._users.get(ctx.user_id)
+        return {"ID": str(ctx.user_id), "ADMIN": True,
+                "NAME": u["name"] if u else "Portal", "LAST_NAME": u["last_name"] if u else "Admin",
+                "PERSONAL_GENDER": "", "TIME_ZONE": ""}
+
+    def _m_methods(self, p: dict, ctx: _Ctx) -> list[str]:
+        mine = set(self.scopes)
+        return sorted(m for m, (sc, _) in _METHODS.items() if sc is None or set(sc) & mine)
+
+    # ------------------------------------------------------------------ users
+
+    def _user_row(self, u: dict) -> dict:
+        return {"ID": str(u["id"]), "ACTIVE": u["active"], "NAME": u["name"], "LAST_NAME": u["last_name"],
+                "EMAIL": "", "WORK_PHONE": "", "PERSONAL_PHONE": "", "PERSONAL_MOBILE": "",
+                "UF_PHONE_INNER": u["inner"], "UF_DEPARTMENT": [1], "IS_ONLINE": "Y" if u["online"] else "N",
+                "LAST_ACTIVITY_DATE": u["last_activity"], "USER_TYPE": "employee", "TIME_ZONE": ""}
+
+    def _m_user_get(self, p: dict, ctx: _Ctx) -> _Page:
+        flt: dict[str, Any] = {}
+        reserved = {"FILTER", "SORT", "ORDER", "SELECT", "ADMIN_MODE", "IMAGE_RESIZE", "START"}
+        for key, value in p.items():
+            if key.upper() == "FILTER" and isinstance(value, dict):
+                flt.update(value)
+            elif key.upper() not in reserved:
+                flt[key] = value  # the docs allow filter keys at top level
+        rows = [self._user_row(self._users[uid]) for uid in sorted(self._users)]
+        rows = [r for r in rows if all(_filter_match(r, k, v) for k, v in flt.items())]
+        return _paginate(rows, p.get("start", p.get("START")))
+
+    def _resolve_user(self, p: dict) -> int:
+        uid = _php_int(p.get("USER_ID"))
+        if uid > 0:
+            u = self._users.get(uid)
+            if u is None or not u["active"]:
+                raise _core("User is not found or is not active")
+            return uid
+        inner = p.get("USER_PHONE_INNER")
+        if inner is None or isinstance(inner, (dict, list)) or str(inner) == "":
+            raise _core("USER_ID or USER_PHONE_INNER should be set")
+        for candidate in sorted(self._users):
+            u = self._users[candidate]
+            if u["active"] and u["inner"] == str(inner):
+                return candidate
+        raise _core("User is not found or is not active")
+
+    # ------------------------------------------------------------------ CRM helpers
+
+    def _crm_matches(self, phone: Any) -> list[tuple[str, dict]]:
+        key = normalize_digits(phone)
+        if not key:
+            return []
+        found = []
+        for etype in _CRM_TYPES:
+            for eid in sorted(self._crm[etype]):
+                ent = self._crm[etype][eid]
+                if any(normalize_digits(fm["VALUE"]) == key for fm in ent["PHONE"]):
+                    found.append((etype, ent))
+        return found
+
+    def _is_inner_number(self, phone: str) -> bool:
+        return any(u["inner"] is not None and u["inner"] == phone for u in self._users.values())
+
+    @staticmethod
+    def _display_name(etype: str, ent: dict) -> str:
+        if etype == "CONTACT":
+            return f"{ent['NAME']} {ent['LAST_NAME']}".strip()
+        return ent["TITLE"]
+
+    # ------------------------------------------------------------------ telephony
+
+    def _m_register(self, p: dict, ctx: _Ctx) -> dict:
+        uid = self._resolve_user(p)
+        phone = sanitize_phone(p.get("PHONE_NUMBER"))
+        if not phone:
+            raise _core("Unsupported phone number format")
+        call_type = _php_int(p.get("TYPE"))
+        if call_type not in (1, 2, 3, 4, 5):
+            raise _core("Unknown TYPE")
+        start_date = p.get("CALL_START_DATE")
+        if start_date not in (None, "") and not _valid_atom(start_date):
+            raise _core("CALL_START_DATE should be in the ISO-8601 format")
+        line = _opt_str(p.get("LINE_NUMBER"))
+        external_id = _opt_str(p.get("EXTERNAL_CALL_ID"))
+        show = _php_int(p.get("SHOW", 1)) != 0
+        now = self.clock()
+
+        # Dedup on user+phone+type+line+external id within 30 min, even for finished calls.
+        key = (uid, phone, call_type, line, external_id)
+        prior = self._dedup.get(key)
+        if prior is not None and now - prior[1] < DEDUP_WINDOW and prior[0] in self._calls:
+            call = self._calls[prior[0]]
+            call["register_count"] += 1
+            if show and not call["finished"]:
+                self._show_card(call, [uid])
+            return {"CALL_ID": call["CALL_ID"], "CRM_CREATED_LEAD": None, "CRM_CREATED_ENTITIES": [],
+                    "CRM_ENTITY_TYPE": call["crm_entity_type"], "CRM_ENTITY_ID": call["crm_entity_id"]}
+
+        etype = _opt_str(p.get("CRM_ENTITY_TYPE")).upper()
+        eid = _php_int(p.get("CRM_ENTITY_ID"))
+        bound_type: str | None = None
+        bound_id: int | None = None
+        if etype in _CRM_TYPES and eid > 0:
+            bound_type, bound_id = etype, eid
+        else:
+            matches = self._crm_matches(phone)
+            if matches:
+                bound_type, bound_id = matches[0][0], int(matches[0][1]["ID"])
+        created_lead: int | None = None
+        created: list[dict] = []
+        if bound_type is None and _php_int(p.get("CRM_CREATE", 0)) != 0 and not self._is_inner_number(phone):
+            title = ("Outgoing call " if call_type == 1 else "Incoming call ") + phone
+            lead = self._add_crm("LEAD", title, [phone], uid, None)
+            self._crm["LEAD"][int(lead["ID"])]["SOURCE_ID"] = "CALL"
+            created_lead = int(lead["ID"])
+            created = [{"ENTITY_TYPE": "LEAD", "ENTITY_ID": created_lead}]
+            bound_type, bound_id = "LEAD", created_lead
+
+        self._seq["call"] += 1
+        digest = hashlib.md5(f"{uid}|{phone}|{now}|{self._seq['call']}|{secrets.token_hex(4)}".encode()).hexdigest()
+        call_id = f"externalCall.{digest}.{int(now)}"
+        call = {
+            "CALL_ID": call_id, "register": copy.deepcopy(p), "user_id": uid, "type": call_type,
+            "phone": phone, "line": line, "external_call_id": external_id, "registered_at": now,
+            "start_date": start_date if start_date not in (None, "") else _iso(now),
+            "crm_entity_type": bound_type, "crm_entity_id": bound_id, "crm_created_lead": created_lead,
+            "shown": set(), "card_events": [], "finished": False, "finish": None, "status_code": None,
+            "duration": None, "finish_user_id": None, "record": None, "register_count": 1,
+            "auth": ctx.auth, "crm_activity_id": None, "finished_at": None,
+        }
+        self._calls[call_id] = call
+        self._dedup[key] = (call_id, now)
+        if show:
+            self._show_card(call, [uid])
+        return {"CALL_ID": call_id, "CRM_CREATED_LEAD": created_lead, "CRM_CREATED_ENTITIES": created,
+                "CRM_ENTITY_TYPE": bound_type, "CRM_ENTITY_ID": bound_id}
+
+    @staticmethod
+    def _show_card(call: dict, users: list[int]) -> None:
+        for uid in users:
+            call["shown"].add(uid)
+            call["card_events"].append(("show", uid))
+
+    @staticmethod
+    def _hide_card(call: dict, users: list[int]) -> None:
+        for uid in users:
+            call["shown"].discard(uid)
+            call["card_events"].append(("hide", uid))
+
+    def _live_call(self, p: dict) -> dict | None:
+        call_id = p.get("CALL_ID")
+        call = self._calls.get(call_id) if isinstance(call_id, str) else None
+        # finish deletes the live call record, so show/hide on a finished call answer false.
+        return None if call is None or call["finished"] else call
+
+    def _m_show(self, p: dict, ctx: _Ctx) -> bool:
+        call = self._live_call(p)
+        if call is None:
+            return False
+        self._show_card(call, _int_list(p.get("USER_ID")) or [call["user_id"]])
+        return True
+
+    def _m_hide(self, p: dict, ctx: _Ctx) -> bool:
+        call = self._live_call(p)
+        if call is None:
+            return False
+        self._hide_card(call, _int_list(p.get("USER_ID")) or [call["user_id"]])
+        return True
+
+    def _m_finish(self, p: dict, ctx: _Ctx) -> dict:
+        call_id = p.get("CALL_ID")
+        if not isinstance(call_id, str):
+            raise ApiError(400, "INVALID_ARGUMENT", "CALL_ID must be a string")
+        call = self._calls.get(call_id)
+        if call is None or call["finished"]:
+            raise _core(NOT_REGISTERED_TEXT)
+        uid = self._resolve_user(p)
+        duration = _php_int(p.get("DURATION", 0))
+        status_code = _opt_str(p.get("STATUS_CODE")) or ("200" if duration > 0 else "304")
+        try:
+            cost = float(p.get("COST") or 0)
+        except (TypeError, ValueError):
+            cost = 0.0
+        vote = _php_int(p.get("VOTE")) or None
+        activity_id: int | None = None
+        if call["crm_entity_type"] is not None:
+            self._seq["activity"] += 1
+            activity_id = self._seq["activity"]
+        if call["crm_created_lead"] is not None:
+            lead = self._crm["LEAD"].get(call["crm_created_lead"])
+            if lead is not None:  # the finishing user becomes responsible for auto-created items
+                lead["ASSIGNED_BY_ID"] = str(uid)
+        self._seq["stat"] += 1
+        call.update({"finished": True, "finish": copy.deepcopy(p), "status_code": status_code,
+                     "duration": duration, "finish_user_id": uid, "crm_activity_id": activity_id,
+                     "finished_at": self.clock()})
+        # finish hides the card of its user (and the registered user); other cards stay up.
+        self._hide_card(call, sorted({uid, call["user_id"]} & call["shown"]))
+        return {
+            "ID": self._seq["stat"], "CALL_ID": call_id, "EXTERNAL_CALL_ID": call["external_call_id"] or None,
+            "PORTAL_USER_ID": uid, "PHONE_NUMBER": call["phone"], "PORTAL_NUMBER": call["line"],
+            "INCOMING": str(call["type"]), "CALL_DURATION": duration, "CALL_START_DATE": {},
+            "CALL_STATUS": 1 if duration > 0 else 0, "CALL_VOTE": vote, "COST": cost,
+            "COST_CURRENCY": _opt_str(p.get("COST_CURRENCY")), "CALL_FAILED_CODE": status_code,
+            "CALL_FAILED_REASON": _opt_str(p.get("FAILED_REASON")),
+            "REST_APP_ID": "1" if ctx.auth == "oauth" else "", "REST_APP_NAME": "Emulator app" if ctx.auth == "oauth" else "",
+            "CRM_ACTIVITY_ID": activity_id, "COMMENT": None,
+            "CRM_ENTITY_TYPE": call["crm_entity_type"], "CRM_ENTITY_ID": call["crm_entity_id"],
+        }
+
+    def _m_attach_record(self, p: dict, ctx: _Ctx) -> dict:
+        # Self-locking: a RECORD_URL download must not hold the lock (it may point back at us).
+        call_id = p.get("CALL_ID")
+        with self._lock:
+            call = self._calls.get(call_id) if isinstance(call_id, str) else None
+            if call is None or not call["finished"]:
+                raise _core(NOT_FINISHED_TEXT)
+        record_url = _opt_str(p.get("RECORD_URL"))
+        filename = _opt_str(p.get("FILENAME"))
+        if not record_url and ctx.in_batch:
+            raise ApiError(405, "ERROR_BATCH_METHOD_NOT_ALLOWED", "File upload is not allowed in batch")
+        if not record_url and not filename:
+            raise _core("File name is empty")
+        if record_url and not filename:
+            filename = os.path.basename(urllib.parse.urlsplit(record_url).path)
+        if os.path.splitext(filename)[1].lower() not in (".wav", ".mp3"):
+            raise _core("Wrong file extension. Only wav and mp3 are allowed")
+
+        if record_url:
+            content = _fetch_loopback(record_url)
+            return self._store_record(call_id, filename, content, "url")
+        if "FILE_CONTENT" in p:
+            raw = p.get("FILE_CONTENT")
+            if raw in (None, ""):
+                raise _core("File content is empty.")
+            try:
+                # Strict: no whitespace, no data: prefix; a '+' turned into ' ' by bad form encoding fails.
+                content = base64.b64decode(str(raw), validate=True)
+            except (binascii.Error, ValueError):
+                raise _core("File content is not properly encoded. Base64 encoding is expected.") from None
+            return self._store_record(call_id, filename, content, "base64")
+        token = secrets.token_hex(16)
+        with self._lock:
+            self._uploads[token] = {"call_id": call_id, "filename": filename}
+        return {"uploadUrl": f"{self.base_url}/rest/upload.json?token={token}", "fieldName": "file"}
+
+    def _store_record(self, call_id: str, filename: str, content: bytes, via: str) -> dict:
+        with self._lock:
+            call = self._calls[call_id]
+            self._seq["file"] += 1
+            call["record"] = {"filename": filename, "content": content, "via": via, "file_id": self._seq["file"]}
+            return {"FILE_ID": self._seq["file"]}
+
+    def _upload(self, params: dict, files: dict[str, tuple[str, bytes]]) -> dict:
+        token = params.get("token")
+        with self._lock:
+            pending = self._uploads.get(token) if isinstance(token, str) else None
+            if pending is None:
+                raise ApiError(400, "ERROR_CORE", "Upload token is not valid or was already used")
+            if "file" not in files:
+                raise ApiError(400, "ERROR_CORE", "File is not uploaded")
+            del self._uploads[token]  # one-time
+            return self._store_record(pending["call_id"], pending["filename"], files["file"][1], "upload")
+
+    def _m_search_crm(self, p: dict, ctx: _Ctx) -> list[dict]:
+        phone = p.get("PHONE_NUMBER")
+        if phone in (None, "") or isinstance(phone, (dict, list)):
+            raise _core("PHONE_NUMBER is empty")
+        out = []
+        for etype, ent in self._crm_matches(phone):
+            aid = _php_int(ent["ASSIGNED_BY_ID"])
+            u = self._users.get(aid)
+            out.append({
+                "CRM_ENTITY_TYPE": etype, "CRM_ENTITY_ID": int(ent["ID"]), "ASSIGNED_BY_ID": aid,
+                "NAME": self._display_name(etype, ent),
+                "ASSIGNED_BY": {"ID": str(aid), "TIMEMAN_STATUS": u["timeman"] if u else "UNAVAILABLE",
+                                "USER_PHONE_INNER": u["inner"] if u else None, "WORK_PHONE": "",
+                                "PERSONAL_PHONE": "", "PERSONAL_MOBILE": ""},
+            })
+        return out
+
+    # ------------------------------------------------------------------ CRM methods
+
+    def _m_findbycomm(self, p: dict, ctx: _Ctx) -> Any:
+        # CRM upper-cases parameter names, so `type` and `TYPE` both work. Errors put the text in "error".
+        up = {str(k).upper(): v for k, v in p.items()}
+        comm_type = _opt_str(up.get("TYPE")).upper()
+        if not comm_type:
+            raise ApiError(400, "Communication type is not defined.", "")
+        if comm_type not in ("PHONE", "EMAIL"):
+            raise ApiError(400, f"Communication type '{comm_type}' is not supported in current context.", "")
+        values = up.get("VALUES")
+        if isinstance(values, dict):
+            values = list(values.values())
+        elif isinstance(values, (str, int)):
+            values = [values]
+        if not values:
+            raise ApiError(400, "Communication values is not defined.", "")
+        if len(values) > FINDBYCOMM_MAX:
+            raise ApiError(400, f"Too many communication values (maximum is {FINDBYCOMM_MAX}).", "")
+        entity_type = _opt_str(up.get("ENTITY_TYPE")).upper()
+        if entity_type and entity_type not in _CRM_TYPES:
+            raise ApiError(400, f"Entity type '{entity_type}' is not supported in current context.", "")
+        found: dict[str, list[int]] = {}
+        if comm_type == "PHONE":
+            keys = {normalize_digits(v) for v in values} - {""}
+            for etype in _CRM_TYPES:
+                if entity_type and etype != entity_type:
+                    continue
+                ids = [eid for eid in sorted(self._crm[etype])
+                       if any(normalize_digits(fm["VALUE"]) in keys for fm in self._crm[etype][eid]["PHONE"])]
+                if ids:
+                    found[etype] = ids[:FINDBYCOMM_MAX]
+                if len(ids) >= FINDBYCOMM_MAX:
+                    break  # documented quirk: later types are not returned
+        return found or []  # PHP's empty array
+
+    def _crm_get(self, etype: str, p: dict) -> dict:
+        up = {str(k).upper(): v for k, v in p.items()}
+        eid = _php_int(up.get("ID"))
+        if eid <= 0:
+            raise ApiError(400, "", "ID is not defined or invalid.")
+        ent = self._crm[etype].get(eid)
+        if ent is None:
+            raise ApiError(400, "", "Not found")
+        return copy.deepcopy(ent)
+
+    def _m_lead_get(self, p: dict, ctx: _Ctx) -> dict:
+        return self._crm_get("LEAD", p)
+
+    def _m_contact_get(self, p: dict, ctx: _Ctx) -> dict:
+        return self._crm_get("CONTACT", p)
+
+    def _m_company_get(self, p: dict, ctx: _Ctx) -> dict:
+        return self._crm_get("COMPANY", p)
+
+
+# --------------------------------------------------------------------------- module helpers
+
+def _batch_map(d: dict, listy: bool) -> Any:
+    if not d:
+        return []  # PHP serializes an empty array as [] (clients must accept [] and {})
+    if listy and list(d) == list(range(len(d))):
+        return [d[i] for i in range(len(d))]
+    return {str(k): v for k, v in d.items()}
+
+
+def _paginate(rows: list, start: Any) -> _Page:
+    offset = _php_int(start)
+    if offset == -1:  # fast mode: no COUNT, no next
+        return _Page(rows[:PAGE_SIZE], 0, None)
+    offset = max(0, offset)
+    page = rows[offset:offset + PAGE_SIZE]
+    nxt = offset + PAGE_SIZE if offset + PAGE_SIZE < len(rows) else None
+    return _Page(page, len(rows), nxt)
+
+
+def _eq(row_value: Any, wanted: Any) -> bool:
+    if isinstance(wanted, list):
+        return any(_eq(row_value, w) for w in wanted)
+    if isinstance(row_value, list):
+        return any(_eq(r, wanted) for r in row_value)
+    if isinstance(row_value, bool):
+        return row_value == _yes(wanted)
+    if row_value is None or row_value == "":
+        return wanted in (None, "", False)
+    return str(row_value) == _php_str(wanted)
+
+
+def _filter_match(row: dict, key: str, wanted: Any) -> bool:
+    m = _FILTER_KEY.match(str(key))
+    if not m:
+        return True
+    op, field = m.group(1) or "", m.group(2).upper()
+    if field not in row:
+        return True  # unknown filter fields are ignored
+    value = row[field]
+    empty_wanted = wanted in (None, "", False)
+    if op in ("", "="):
+        return _eq(value, wanted)
+    if op in ("!", "!="):
+        if empty_wanted:  # `!FIELD: ""` / false means "field is set"
+            return value not in (None, "", [])
+        return not _eq(value, wanted)
+    if op in ("@", "!@"):
+        items = wanted if isinstance(wanted, list) else (
+            list(wanted.values()) if isinstance(wanted, dict) else str(wanted).split(","))
+        hit = any(_eq(value, str(i).strip()) for i in items)
+        return hit if op == "@" else not hit
+    if op in ("%", "!%"):
+        hit = _php_str(wanted).lower() in _php_str(value).lower()
+        return hit if op == "%" else not hit
+    try:
+        a, b = float(_php_str(value)), float(_php_str(wanted))
+    except ValueError:
+        return False
+    return {">": a > b, "<": a < b, ">=": a >= b, "<=": a <= b}[op]
+
+
+def _fetch_loopback(url: str) -> bytes:
+    """Download a record the way the portal would; only loopback URLs, never the internet."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise _core("Server returns HTTP error code 0")  # the cloud cannot reach it
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (loopback only)
+            if resp.status != 200:
+                raise _core(f"Server returns HTTP error code {resp.status}")
+            return resp.read()
+    except urllib.error.HTTPError as err:
+        raise _core(f"Server returns HTTP error code {err.code}") from None
+    except (urllib.error.URLError, OSError):
+        raise _core("Server returns HTTP error code 0") from None
+
+
+# --------------------------------------------------------------------------- HTTP plumbing
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    emulator: Bitrix24Emulator
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients dropping connections (timeouts, stop()) are normal here; stay quiet.
+        pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like the real portal behind nginx
+    server_version = "Bitrix24Emulator/1.0"
+    sys_version = ""
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.emulator._track(self.connection, True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.emulator._track(self.connection, False)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        self._serve("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._serve("POST")
+
+    def _serve(self, verb: str) -> None:
+        emulator = self.server.emulator
+        body = self._read_body()
+        status, payload, ctype = emulator._dispatch_http(verb, self.path, self.headers, body)
+        if emulator._stopping.is_set():
+            self.close_connection = True  # stopped meanwhile: drop the connection unanswered
+            return
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (quiet: tests read `requests`)
+        pass
+
+
+# --------------------------------------------------------------------------- manual use
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a seeded emulator until Ctrl-C (for trying the script by hand)."""
+    parser = argparse.ArgumentParser(prog="python -m agi_bitrix.testing.bitrix_emulator",
+                                     description="Local Bitrix24 REST emulator for agi-bitrix.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--bucket-size", type=int, default=None, help="enable the leaky bucket (e.g. 50)")
+    parser.add_argument("--drain", type=float, default=2.0, help="bucket drain per second")
+    args = parser.parse_args(argv)
+
+    emulator = Bitrix24Emulator(host=args.host, port=args.port, bucket_size=args.bucket_size,
+                                drain_per_second=args.drain)
+    emulator.start()
+    emulator.add_user("Portal", "Admin", inner="100", user_id=emulator.webhook_user_id)
+    emulator.add_user("Anna", "Operator", inner="101")
+    emulator.add_user("Boris", "Operator", inner="102")
+    emulator.add_contact("Ivan Petrov", ["+79161234567"], assigned_by_id=2)
+    tokens = emulator.issue_tokens()
+    print(f"Bitrix24 emulator on {emulator.base_url}", flush=True)
+    print(f"  webhook_url   = {emulator.webhook_url}")
+    print(f"  portal_url    = {emulator.base_url}/  client_id = {emulator.client_id}  "
+          f"client_secret = {emulator.client_secret}")
+    print(f"  oauth_url     = {emulator.oauth_url}")
+    print(f"  refresh_token = {tokens['refresh_token']}")
+    print("  users: 1 Portal Admin (100), 2 Anna (101), 3 Boris (102); contact +79161234567 -> Anna")
+    print("Ctrl-C to stop.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        emulator.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

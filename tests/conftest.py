@@ -1,0 +1,77 @@
+"""Shared fixtures: the Bitrix24 emulator and a PBX that runs the installed `agi-bitrix` under the fake Asterisk."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+
+from agi_bitrix.testing.bitrix_emulator import Bitrix24Emulator
+from agi_bitrix.testing.fake_asterisk import AGIRun, FakeAsterisk
+
+ENTRY = Path(sys.executable).with_name("agi-bitrix")
+WEBHOOK_CODE = "s3cr3t-webhook-code"
+
+
+@pytest.fixture
+def emulator():
+    with Bitrix24Emulator(webhook_code=WEBHOOK_CODE) as emu:
+        emu.people = {}
+        for inner, name in (("101", "Anna"), ("102", "Boris"), ("103", "Vera")):
+            emu.people[inner] = int(emu.add_user(name, "Test", inner=inner)["ID"])
+        emu.add_contact("Ivan Sidorov", ["+79161234567"], assigned_by_id=emu.people["102"])
+        yield emu
+
+
+class PBX:
+    """An Asterisk box in a temp folder: settings, state, log; `run` is one AGI call step."""
+
+    def __init__(self, root: Path, webhook_url: str) -> None:
+        assert ENTRY.exists(), f"agi-bitrix is not installed next to {sys.executable}"
+        self.root = root
+        self.settings_file = root / "settings.ini"
+        self.state_dir = root / "state"
+        self.log_file = root / "log" / "agi-bitrix.log"
+        self.values: Dict[str, Dict[str, str]] = {
+            "bitrix24": {"webhook_url": webhook_url, "timeout": "2"},
+            "calls": {"default_user": "101", "crm_create": "yes", "anonymous_number": "0000"},
+            "storage": {"state_dir": str(self.state_dir)},
+            "logging": {"file": str(self.log_file), "level": "INFO"},
+            "asterisk": {"dial_template": "PJSIP/{number}@provider", "dial_timeout": "45"},
+        }
+        self.write()
+
+    def set(self, section: str, key: str, value: str) -> None:
+        self.values.setdefault(section, {})[key] = value
+        self.write()
+
+    def write(self) -> None:
+        text = "".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+                       for s, keys in self.values.items())
+        self.settings_file.write_text(text, encoding="utf-8")
+
+    def run(self, args: List[str], **kw: Any) -> AGIRun:
+        env = {"AGI_BITRIX_SETTINGS": str(self.settings_file)}
+        env.update(kw.pop("env", {}) or {})
+        return FakeAsterisk([str(ENTRY)], args, env=env, **kw).run()
+
+    def log(self) -> List[Dict[str, Any]]:
+        if not self.log_file.exists():
+            return []
+        return [json.loads(line) for line in self.log_file.read_text(encoding="utf-8").splitlines() if line]
+
+    def log_text(self) -> str:
+        return self.log_file.read_text(encoding="utf-8") if self.log_file.exists() else ""
+
+
+@pytest.fixture
+def pbx(tmp_path, emulator) -> PBX:
+    return PBX(tmp_path, emulator.webhook_url)
+
+
+def only_call(emulator: Bitrix24Emulator) -> Dict[str, Any]:
+    calls = list(emulator.calls.values())
+    assert len(calls) == 1, f"expected one call in Bitrix24, found {len(calls)}"
+    return calls[0]
