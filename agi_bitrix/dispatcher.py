@@ -92,21 +92,16 @@ def _linkedid(session: AGISession) -> str:
 
 def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, linkedid: str,
               fields: Dict[str, Any]) -> Any:
-    from agi_bitrix.bitrix.auth import WebhookAuth
-    from agi_bitrix.bitrix.client import Bitrix24
+    from agi_bitrix.bitrix.factory import NotConfigured, make_client
     from agi_bitrix.controllers.base import EventContext, Refused
     from agi_bitrix.deadline import Deadline
     from agi_bitrix.store import Store, StoreError
 
-    if settings.bitrix24.mode != "webhook":
-        if settings.bitrix24.mode == "oauth":
-            raise _Refusal("OAuth mode is not available yet: set [bitrix24] webhook_url")
-        raise _Refusal("no Bitrix24 connection configured: set [bitrix24] webhook_url")
     try:
+        client = make_client(settings)
         store = Store(settings.storage.state_dir)
-    except StoreError as exc:
+    except (NotConfigured, StoreError) as exc:
         raise _Refusal(str(exc))
-    client = Bitrix24(WebhookAuth(settings.bitrix24.webhook_url), timeout=settings.bitrix24.timeout)
     ctx = EventContext(event=event, args=args, session=session, settings=settings, store=store,
                        bitrix=client, deadline=Deadline(settings.bitrix24.timeout), linkedid=linkedid,
                        log=fields)

@@ -49,19 +49,17 @@ def _writable_dir(report: Report, area: str, folder: Path) -> None:
 
 
 def _bitrix(report: Report, settings: settings_mod.Settings) -> None:
-    from agi_bitrix.bitrix.auth import WebhookAuth
-    from agi_bitrix.bitrix.client import Bitrix24
     from agi_bitrix.bitrix.errors import AuthError, BitrixError, NetworkError
+    from agi_bitrix.bitrix.factory import NotConfigured, make_client
 
     b24 = settings.bitrix24
-    if b24.mode == "none":
-        report.problem("bitrix24", "no connection configured: set [bitrix24] webhook_url")
+    try:
+        client = make_client(settings)
+    except NotConfigured as exc:
+        report.problem("bitrix24", str(exc))
         return
-    if b24.mode == "oauth":
-        report.problem("bitrix24", "OAuth mode is not supported by this version: set [bitrix24] webhook_url")
-        return
-    host = urlsplit(b24.webhook_url).netloc
-    client = Bitrix24(WebhookAuth(b24.webhook_url), timeout=max(b24.timeout, 5.0))
+    client.timeout = max(b24.timeout, 5.0)  # a diagnosis may wait longer than a ringing caller
+    host = urlsplit(b24.webhook_url or b24.portal_url).netloc
     started = time.monotonic()
     try:
         scopes = client.call("scope") or []
@@ -77,7 +75,7 @@ def _bitrix(report: Report, settings: settings_mod.Settings) -> None:
         return
     ms = int((time.monotonic() - started) * 1000)
     missing = [s for s in NEEDED_SCOPES if s not in scopes]
-    report.ok("bitrix24", f"{host} answered in {ms} ms (webhook mode)")
+    report.ok("bitrix24", f"{host} answered in {ms} ms ({b24.mode} mode)")
     if missing:
         report.problem("bitrix24", f"the webhook lacks the scope(s) {', '.join(missing)}: edit the webhook "
                                    "in Bitrix24 and tick them")
