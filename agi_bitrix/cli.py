@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import List, Optional
 
-ADMIN_COMMANDS = ("install", "check", "demo")
+ADMIN_COMMANDS = ("install", "check", "demo", "auth", "outbox", "worker")
 
 
 def _agi_mode(argv: List[str]) -> bool:
@@ -20,6 +21,7 @@ def _agi_mode(argv: List[str]) -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    started = time.monotonic()
     args = list(sys.argv[1:] if argv is None else argv)
     hangups: List[bool] = []
     if _agi_mode(args):
@@ -27,7 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         signal.signal(signal.SIGHUP, lambda *_: hangups.append(True))
         from agi_bitrix import dispatcher
 
-        return dispatcher.run(args, hangups)
+        return dispatcher.run(args, hangups, started)
     from agi_bitrix.commands import admin
 
     return admin.main(args)

@@ -17,8 +17,9 @@ class DeadlineExceeded(Exception):
 
 
 class Deadline:
-    def __init__(self, seconds: Optional[float]) -> None:
-        self.started = time.monotonic()
+    def __init__(self, seconds: Optional[float], started: Optional[float] = None) -> None:
+        # `started` lets the budget count from process start, which is what the caller waits for.
+        self.started = time.monotonic() if started is None else started
         self.seconds = seconds
 
     def remaining(self) -> float:

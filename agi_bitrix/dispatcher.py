@@ -20,8 +20,8 @@ MAX_ARGS = 8  # no event takes more; the rest is logged as ignored
 FALLBACK_LOG = "/var/log/agi-bitrix/agi-bitrix.log"
 
 
-def run(argv: List[str], early_hangups: List[bool]) -> int:
-    started = time.monotonic()
+def run(argv: List[str], early_hangups: List[bool], started: Optional[float] = None) -> int:
+    started = time.monotonic() if started is None else started
     session = AGISession.from_stdio()
     signal.signal(signal.SIGHUP, session.on_sighup)
     if early_hangups:
@@ -52,7 +52,7 @@ def run(argv: List[str], early_hangups: List[bool]) -> int:
             raise _Refusal(f"unknown event {event[:40]!r} (expected one of: {', '.join(EVENTS)})")
         if not linkedid:
             raise _Refusal("cannot read CHANNEL(linkedid) from Asterisk")
-        outcome = _dispatch(event, args, session, settings, linkedid, fields)
+        outcome = _dispatch(event, args, session, settings, linkedid, fields, started)
         status, call_id, responsible, reason = outcome.status, outcome.call_id or "", outcome.responsible, outcome.reason
     except _Refusal as exc:
         reason = str(exc)
@@ -91,10 +91,11 @@ def _linkedid(session: AGISession) -> str:
 
 
 def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, linkedid: str,
-              fields: Dict[str, Any]) -> Any:
+              fields: Dict[str, Any], started: float) -> Any:
     from agi_bitrix.bitrix.factory import NotConfigured, make_client
     from agi_bitrix.controllers.base import EventContext, Refused
     from agi_bitrix.deadline import Deadline
+    from agi_bitrix.outbox import Outbox
     from agi_bitrix.store import Store, StoreError
 
     try:
@@ -103,13 +104,16 @@ def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, l
     except (NotConfigured, StoreError) as exc:
         raise _Refusal(str(exc))
     ctx = EventContext(event=event, args=args, session=session, settings=settings, store=store,
-                       bitrix=client, deadline=Deadline(settings.bitrix24.timeout), linkedid=linkedid,
-                       log=fields)
+                       outbox=Outbox(store, client, settings.calls.recording_url, log=fields),
+                       deadline=Deadline(settings.bitrix24.timeout, started), linkedid=linkedid, log=fields)
     controller = importlib.import_module(EVENTS[event])
     try:
-        return controller.handle(ctx)
+        outcome = controller.handle(ctx)
+        return outcome if outcome.status == V.ERROR else ctx.settle(outcome)
     except Refused as exc:
         raise _Refusal(str(exc))
+    except StoreError as exc:
+        raise _Refusal(f"{exc}; call step not recorded")
     finally:
         fields["requests"] = client.requests_made
         store.close()

@@ -38,6 +38,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
+def checked_url(value: str) -> str:
+    """A Bitrix24 or OAuth server address: https (plain http only on loopback), ends in '/'."""
+    if not value:
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ValueError("must be a full https:// address")
+    # Bitrix24 refuses plain HTTP; only a local emulator may use it.
+    if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+        raise ValueError("Bitrix24 requires https://")
+    return value if value.endswith("/") else value + "/"
+
+
+OAUTH_KEYS = ("portal_url", "client_id", "client_secret")
+
+
 class Bitrix24Settings(_Section):
     webhook_url: str = ""
     portal_url: str = ""
@@ -45,25 +61,21 @@ class Bitrix24Settings(_Section):
     client_secret: str = ""
     oauth_url: str = "https://oauth.bitrix.info/oauth/token/"
     timeout: float = Field(2.0, gt=0, le=60)
+    # The PBX-wide request budget per portal (leaky bucket, reference §2.1). The portal allows a
+    # burst of 50 draining 2/s (Enterprise 250 and 5/s) per source IP; keep headroom for others.
+    rate_burst: int = Field(40, ge=1, le=10000)
+    rate_per_second: float = Field(2.0, gt=0, le=1000)
 
     @field_validator("webhook_url", "portal_url", "oauth_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not value:
-            return value
-        parts = urlsplit(value)
-        if parts.scheme not in {"http", "https"} or not parts.netloc:
-            raise ValueError("must be a full https:// address")
-        # Bitrix24 refuses plain HTTP; only a local emulator may use it.
-        if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
-            raise ValueError("Bitrix24 requires https://")
-        return value if value.endswith("/") else value + "/"
+        return checked_url(value)
 
     @property
     def mode(self) -> Literal["webhook", "oauth", "none"]:
         if self.webhook_url:
             return "webhook"
-        if self.portal_url and self.client_id and self.client_secret:
+        if all(getattr(self, key) for key in OAUTH_KEYS):
             return "oauth"
         return "none"
 
@@ -75,6 +87,7 @@ class CallsSettings(_Section):
     line_number: str = ""
     anonymous_number: str = "0000"
     region: str = "RU"
+    recording_url: str = ""
 
     @field_validator("crm_create", "route_to_responsible", mode="before")
     @classmethod
@@ -86,6 +99,13 @@ class CallsSettings(_Section):
     def _inner(cls, value: str) -> str:
         if value and not re.fullmatch(r"[0-9*#]{1,20}", value):
             raise ValueError("must be an inner (extension) number such as 101")
+        return value
+
+    @field_validator("recording_url")
+    @classmethod
+    def _recording_url(cls, value: str) -> str:
+        if value and (not re.match(r"https?://", value) or "{name}" not in value):
+            raise ValueError("must be an http(s) address containing {name}, e.g. https://pbx.example.com/rec/{name}")
         return value
 
     @field_validator("region")

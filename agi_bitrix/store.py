@@ -1,7 +1,9 @@
-"""Local state in SQLite under `state_dir`: call state by linkedid and a cache of employees.
+"""Local state in SQLite under `state_dir`: call state by linkedid, the outbox journal, employees.
 
 Every AGI process opens the database, does a few short transactions and exits; WAL mode lets
-many of them read and write at once, and `BEGIN IMMEDIATE` makes the claims atomic.
+many of them read and write at once, and `BEGIN IMMEDIATE` makes each step atomic. What must
+reach Bitrix24 is written to the outbox *before* it is sent, and marked done only after the
+portal answered, so a process killed at any instant loses nothing.
 """
 from __future__ import annotations
 
@@ -9,14 +11,18 @@ import json
 import os
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
-from contextlib import contextmanager
 
 DB_NAME = "agi-bitrix.sqlite3"
 USER_CACHE_SECONDS = 3600
-KEEP_CALLS_SECONDS = 7 * 24 * 3600  # finished calls are kept a week for troubleshooting
+KEEP_SECONDS = 7 * 24 * 3600  # finished calls and delivered entries are kept a week for troubleshooting
+
+PENDING, DONE, DEAD = "pending", "done", "dead"
+# Delivery order inside one call; entries are also ordered by creation.
+KINDS = ("register", "card", "finish", "record")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -30,7 +36,7 @@ CREATE TABLE IF NOT EXISTS calls (
     answered_inner  TEXT,
     answered_at     REAL,
     started_at      REAL NOT NULL,
-    finish_claimed  REAL,                      -- one hangup owns the finish
+    finish_claimed  REAL,                      -- the one hangup that queued the finish
     finished_at     REAL,
     status_code     TEXT,
     duration        INTEGER
@@ -41,6 +47,23 @@ CREATE TABLE IF NOT EXISTS users (
     user_id     INTEGER NOT NULL,
     fetched_at  REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS outbox (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    linkedid     TEXT NOT NULL,
+    kind         TEXT NOT NULL,                -- register | card | finish | record
+    payload      TEXT NOT NULL,                -- JSON
+    state        TEXT NOT NULL DEFAULT 'pending',
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_try     REAL NOT NULL,
+    created_at   REAL NOT NULL,
+    done_at      REAL,
+    last_error   TEXT,
+    sending_at   REAL,                         -- set while a request is in flight: its outcome is unknown
+    lease_owner  TEXT,
+    lease_until  REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_try);
+CREATE INDEX IF NOT EXISTS outbox_call ON outbox (linkedid, id);
 """
 
 
@@ -72,6 +95,33 @@ class Call:
         return cls(**data)
 
 
+@dataclass
+class Entry:
+    id: int
+    linkedid: str
+    kind: str
+    payload: Dict[str, Any]
+    state: str
+    attempts: int
+    next_try: float
+    created_at: float
+    last_error: Optional[str]
+    sending_at: Optional[float]
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Entry":
+        return cls(id=row["id"], linkedid=row["linkedid"], kind=row["kind"], payload=json.loads(row["payload"]),
+                   state=row["state"], attempts=row["attempts"], next_try=row["next_try"],
+                   created_at=row["created_at"], last_error=row["last_error"], sending_at=row["sending_at"])
+
+
+def _friendly(exc: BaseException, path: Path) -> str:
+    text = str(exc)
+    if "disk is full" in text or getattr(exc, "errno", None) == 28:
+        return f"state database {path}: the disk is full"
+    return f"state database {path} is unusable: {text}"
+
+
 class Store:
     def __init__(self, state_dir: str) -> None:
         self.path = Path(state_dir) / DB_NAME
@@ -82,10 +132,11 @@ class Store:
             self.db.execute("PRAGMA busy_timeout = 10000")
             if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self.db.execute("PRAGMA journal_mode = WAL")
-            self.db.execute("PRAGMA synchronous = NORMAL")
+            # FULL: a call record acknowledged to Asterisk survives a power cut, not only a crash.
+            self.db.execute("PRAGMA synchronous = FULL")
             self.db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"state database {self.path} is unusable: {exc}") from None
+            raise StoreError(_friendly(exc, self.path)) from None
         try:
             os.chmod(self.path, 0o600)
         except OSError:
@@ -96,13 +147,19 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(_friendly(exc, self.path)) from None
         try:
             yield self.db
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self.db.execute("ROLLBACK")
+            raise StoreError(_friendly(exc, self.path)) from None
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     # -- calls ---------------------------------------------------------------------------------
     def call(self, linkedid: str) -> Optional[Call]:
@@ -110,23 +167,22 @@ class Store:
         return Call.from_row(row) if row else None
 
     def start_call(self, linkedid: str, direction: str, phone: str, line: str, user_inner: str,
-                   started_at: Optional[float] = None) -> Call:
-        """Record a new call; a second start for the same linkedid keeps the first."""
+                   register: Dict[str, Any], owner: str, lease: float) -> Optional[int]:
+        """Record a new call and queue its register, in one transaction.
+
+        Returns the outbox id, or None when this linkedid was already started (another leg).
+        """
+        now = time.time()
         with self._tx() as db:
-            db.execute(
+            cur = db.execute(
                 "INSERT OR IGNORE INTO calls (linkedid, direction, phone, line, user_inner, shown, started_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (linkedid, direction, phone, line, user_inner, json.dumps([user_inner]),
-                 started_at or time.time()))
-        call = self.call(linkedid)
-        assert call is not None
-        return call
+                (linkedid, direction, phone, line, user_inner, json.dumps([user_inner]), now))
+            if cur.rowcount != 1:
+                return None
+            return self._enqueue(db, linkedid, "register", register, owner, lease)
 
-    def set_call_id(self, linkedid: str, call_id: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE calls SET call_id = ? WHERE linkedid = ?", (call_id, linkedid))
-
-    def mark_answered(self, linkedid: str, inner: Optional[str], at: Optional[float] = None) -> Optional[Call]:
+    def mark_answered(self, linkedid: str, inner: Optional[str]) -> Optional[Call]:
         """The first answer of a call wins; returns the call as it was before this answer."""
         with self._tx() as db:
             row = db.execute("SELECT * FROM calls WHERE linkedid = ?", (linkedid,)).fetchone()
@@ -135,32 +191,136 @@ class Store:
             before = Call.from_row(row)
             if before.answered_at is None:
                 db.execute("UPDATE calls SET answered_inner = ?, answered_at = ? WHERE linkedid = ?",
-                           (inner, at or time.time(), linkedid))
+                           (inner, time.time(), linkedid))
             return before
 
-    def set_shown(self, linkedid: str, shown: List[str]) -> None:
+    def move_card(self, linkedid: str, to: str, away_from: List[str], owner: str, lease: float) -> int:
         with self._tx() as db:
-            db.execute("UPDATE calls SET shown = ? WHERE linkedid = ?", (json.dumps(shown), linkedid))
+            db.execute("UPDATE calls SET shown = ? WHERE linkedid = ?", (json.dumps([to]), linkedid))
+            return self._enqueue(db, linkedid, "card", {"to": to, "away_from": away_from}, owner, lease)
 
-    def claim_finish(self, linkedid: str) -> bool:
-        """Exactly one hangup event finishes a call."""
+    def queue_finish(self, linkedid: str, finish: Dict[str, Any], record: Optional[Dict[str, Any]],
+                     owner: str, lease: float) -> Optional[List[int]]:
+        """Queue the call's finish (and recording) exactly once; None when another leg already did."""
         with self._tx() as db:
-            cur = db.execute("UPDATE calls SET finish_claimed = ? WHERE linkedid = ?"
-                             " AND finish_claimed IS NULL AND finished_at IS NULL", (time.time(), linkedid))
-            return cur.rowcount == 1
+            cur = db.execute("UPDATE calls SET finish_claimed = ?, status_code = ?, duration = ?"
+                             " WHERE linkedid = ? AND finish_claimed IS NULL",
+                             (time.time(), finish["STATUS_CODE"], finish["DURATION"], linkedid))
+            if cur.rowcount != 1:
+                return None
+            ids = [self._enqueue(db, linkedid, "finish", finish, owner, lease)]
+            if record:
+                ids.append(self._enqueue(db, linkedid, "record", record, owner, lease))
+            return ids
 
-    def release_finish(self, linkedid: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE calls SET finish_claimed = NULL WHERE linkedid = ? AND finished_at IS NULL",
-                       (linkedid,))
+    # -- outbox --------------------------------------------------------------------------------
+    @staticmethod
+    def _enqueue(db: sqlite3.Connection, linkedid: str, kind: str, payload: Dict[str, Any],
+                 owner: str, lease: float) -> int:
+        now = time.time()
+        # The writer holds the lease: a concurrent flusher must not grab an entry the live
+        # call step is about to deliver itself.
+        cur = db.execute(
+            "INSERT INTO outbox (linkedid, kind, payload, next_try, created_at, lease_owner, lease_until)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (linkedid, kind, json.dumps(payload, ensure_ascii=False), now, now, owner, now + lease))
+        return int(cur.lastrowid)
 
-    def mark_finished(self, linkedid: str, status_code: str, duration: int) -> None:
+    def claim(self, linkedid: str, owner: str, lease: float) -> List[Entry]:
+        """Lease the pending entries of one call, in order; [] when another worker holds them."""
         now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE calls SET finished_at = ?, status_code = ?, duration = ? WHERE linkedid = ?",
-                       (now, status_code, duration, linkedid))
-            db.execute("DELETE FROM calls WHERE started_at < ? AND finished_at IS NOT NULL",
-                       (now - KEEP_CALLS_SECONDS,))
+            rows = db.execute("SELECT * FROM outbox WHERE linkedid = ? AND state = ? ORDER BY id",
+                              (linkedid, PENDING)).fetchall()
+            if any(r["lease_owner"] not in (None, owner) and (r["lease_until"] or 0) > now for r in rows):
+                return []
+            db.execute("UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE linkedid = ? AND state = ?",
+                       (owner, now + lease, linkedid, PENDING))
+        return [Entry.from_row(r) for r in rows]
+
+    def release(self, linkedid: str, owner: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET lease_owner = NULL, lease_until = NULL"
+                       " WHERE linkedid = ? AND lease_owner = ?", (linkedid, owner))
+
+    def due_calls(self, force: bool = False, limit: int = 1000) -> List[str]:
+        """Calls with pending entries not leased by a live worker; unless `force`, only those
+        whose first pending entry is due (order within a call is never skipped)."""
+        now = time.time()
+        rows = self.db.execute(
+            "SELECT o.linkedid FROM outbox o WHERE o.state = ?"
+            " AND o.id = (SELECT MIN(id) FROM outbox WHERE linkedid = o.linkedid AND state = ?)"
+            " AND (? OR o.next_try <= ?)"
+            " AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.linkedid = o.linkedid AND l.state = ?"
+            "                 AND l.lease_until > ?)"
+            " ORDER BY o.id LIMIT ?", (PENDING, PENDING, 1 if force else 0, now, PENDING, now, limit)).fetchall()
+        return [r["linkedid"] for r in rows]
+
+    def mark_sending(self, entry_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET sending_at = ?, attempts = attempts + 1 WHERE id = ?",
+                       (time.time(), entry_id))
+
+    def mark_done(self, entry: Entry, call_id: Optional[str] = None) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET state = ?, done_at = ?, sending_at = NULL, last_error = NULL,"
+                       " lease_owner = NULL, lease_until = NULL WHERE id = ?", (DONE, now, entry.id))
+            if entry.kind == "register" and call_id:
+                db.execute("UPDATE calls SET call_id = ? WHERE linkedid = ?", (call_id, entry.linkedid))
+            if entry.kind == "finish":
+                db.execute("UPDATE calls SET finished_at = ? WHERE linkedid = ?", (now, entry.linkedid))
+                db.execute("DELETE FROM calls WHERE started_at < ? AND finished_at IS NOT NULL",
+                           (now - KEEP_SECONDS,))
+                db.execute("DELETE FROM outbox WHERE state = ? AND done_at < ?", (DONE, now - KEEP_SECONDS))
+
+    def mark_retry(self, entry_id: int, error: str, next_try: float, sent: bool) -> None:
+        """Not delivered this time. `sent`: the request may have reached the portal."""
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET next_try = ?, last_error = ?, lease_owner = NULL, lease_until = NULL,"
+                       " sending_at = CASE WHEN ? THEN sending_at ELSE NULL END WHERE id = ?",
+                       (next_try, error[:500], 1 if sent else 0, entry_id))
+
+    def postpone(self, entry_id: int, note: str, next_try: float) -> None:
+        """Not attempted (e.g. the recording is still being written): no attempt is counted."""
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET next_try = ?, last_error = ?, lease_owner = NULL, lease_until = NULL"
+                       " WHERE id = ?", (next_try, note[:500], entry_id))
+
+    def mark_dead(self, entry_id: int, reason: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET state = ?, last_error = ?, sending_at = NULL, lease_owner = NULL,"
+                       " lease_until = NULL WHERE id = ?", (DEAD, reason[:500], entry_id))
+
+    def entry_states(self, ids: List[int]) -> Dict[int, Entry]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self.db.execute(f"SELECT * FROM outbox WHERE id IN ({marks})", ids).fetchall()
+        return {r["id"]: Entry.from_row(r) for r in rows}
+
+    def entries(self, linkedid: Optional[str] = None, state: Optional[str] = None) -> List[Entry]:
+        sql, args = "SELECT * FROM outbox WHERE 1", []
+        if linkedid is not None:
+            sql, args = sql + " AND linkedid = ?", args + [linkedid]
+        if state is not None:
+            sql, args = sql + " AND state = ?", args + [state]
+        return [Entry.from_row(r) for r in self.db.execute(sql + " ORDER BY id", args).fetchall()]
+
+    def retry_dead(self) -> int:
+        with self._tx() as db:
+            cur = db.execute("UPDATE outbox SET state = ?, attempts = 0, next_try = ?, last_error = NULL"
+                             " WHERE state = ?", (PENDING, time.time(), DEAD))
+            return cur.rowcount
+
+    def outbox_status(self) -> Dict[str, Any]:
+        counts = {s: 0 for s in (PENDING, DONE, DEAD)}
+        for row in self.db.execute("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state"):
+            counts[row["state"]] = row["n"]
+        oldest = self.db.execute("SELECT MIN(created_at) FROM outbox WHERE state = ?", (PENDING,)).fetchone()[0]
+        last = self.db.execute("SELECT last_error FROM outbox WHERE last_error IS NOT NULL AND state != ?"
+                               " ORDER BY COALESCE(next_try, 0) DESC LIMIT 1", (DONE,)).fetchone()
+        return {"counts": counts, "oldest_pending": oldest, "last_error": last[0] if last else None}
 
     # -- employees -----------------------------------------------------------------------------
     def user_id(self, inner: str, max_age: float = USER_CACHE_SECONDS) -> Optional[int]:
@@ -173,8 +333,3 @@ class Store:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO users (inner, user_id, fetched_at) VALUES (?, ?, ?)",
                        (inner, int(user_id), time.time()))
-
-    def counts(self) -> Dict[str, Any]:
-        row = self.db.execute(
-            "SELECT COUNT(*) AS calls, SUM(finished_at IS NOT NULL) AS finished FROM calls").fetchone()
-        return dict(row)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, List
@@ -56,6 +58,13 @@ class PBX:
         env = {"AGI_BITRIX_SETTINGS": str(self.settings_file)}
         env.update(kw.pop("env", {}) or {})
         return FakeAsterisk([str(ENTRY)], args, env=env, **kw).run()
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """An admin command through the installed entry point, with this PBX's settings."""
+        env = dict(os.environ, AGI_BITRIX_SETTINGS=str(self.settings_file))
+        env.pop("AST_AGI_DIR", None)
+        return subprocess.run([str(ENTRY), *args], capture_output=True, text=True, env=env,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
 
     def log(self) -> List[Dict[str, Any]]:
         if not self.log_file.exists():

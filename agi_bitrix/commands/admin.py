@@ -26,6 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owner", help="user Asterisk runs as (default: the owner of --agi-bin)")
     p = sub.add_parser("check", help="diagnose settings, Bitrix24 and Asterisk in plain words")
     p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
+    p = sub.add_parser("auth", help="store OAuth tokens for the local application (mode 2)")
+    p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--code", help="authorization code from the redirect (valid 30 s)")
+    group.add_argument("--refresh-token", help="a refresh token of the application")
+    p = sub.add_parser("outbox", help="call records kept while Bitrix24 was unreachable")
+    p.add_argument("action", choices=("flush", "status", "retry"), help="flush: deliver now; status: counts; "
+                   "retry: put dead letters back in line")
+    p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
+    p = sub.add_parser("worker", help="deliver the outbox continuously (systemd service)")
+    p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between passes (default 5)")
     p = sub.add_parser("demo", help="simulated calls against the built-in Bitrix24 emulator")
     p.add_argument("--keep", metavar="DIR", help="keep the demo's settings, state and log in DIR")
     return parser
@@ -37,12 +49,9 @@ def main(argv: List[str]) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    if args.command == "install":
-        from agi_bitrix.commands.install import run
-    elif args.command == "check":
-        from agi_bitrix.commands.check import run
-    else:
-        from agi_bitrix.commands.demo import run
+    import importlib
+
+    run = importlib.import_module(f"agi_bitrix.commands.{args.command}").run
     try:
         return run(args)
     except KeyboardInterrupt:

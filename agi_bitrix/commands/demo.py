@@ -6,6 +6,7 @@ it prints what the portal received.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -103,6 +104,7 @@ def scenarios(demo: Demo, folder: Path) -> None:
     time.sleep(1.2)
     rec = folder / "call-1.wav"
     rec.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(28))
+    os.utime(rec, (time.time() - 10, time.time() - 10))  # a finished recording, as MixMonitor leaves it
     demo.step(lid, ["hangup", "ANSWER", "2", str(rec)], channel="PJSIP/provider-00000001", dead=True,
               context="bitrix-hangup")
 

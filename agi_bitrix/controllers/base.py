@@ -6,14 +6,22 @@ from typing import Any, Dict, List, Optional
 
 from agi_bitrix.agi import variables as V
 from agi_bitrix.agi.session import AGISession
-from agi_bitrix.bitrix.client import Bitrix24
 from agi_bitrix.deadline import Deadline
+from agi_bitrix.outbox import Outbox
 from agi_bitrix.settings import Settings
-from agi_bitrix.store import Store
+from agi_bitrix.store import DEAD, PENDING, Store
 
 
 class Refused(Exception):
     """The event cannot be carried out (bad input, unknown call): BITRIX_STATUS=ERROR, reason logged."""
+
+
+@dataclass
+class Outcome:
+    status: str = V.OK
+    call_id: Optional[str] = None
+    responsible: Optional[str] = None  # set only by `incoming`
+    reason: str = ""
 
 
 @dataclass
@@ -23,10 +31,11 @@ class EventContext:
     session: AGISession
     settings: Settings
     store: Store
-    bitrix: Bitrix24
+    outbox: Outbox
     deadline: Deadline
     linkedid: str
     log: Dict[str, Any] = field(default_factory=dict)  # extra fields for the event's log line
+    queued: List[int] = field(default_factory=list)    # outbox entries this event wrote
 
     def arg(self, index: int) -> str:
         """Positional argument (1-based); missing = empty, as the contract's defaults expect."""
@@ -36,17 +45,40 @@ class EventContext:
         value = self.session.env.get(key, "")
         return "" if value == "unknown" else value
 
-    def publish(self, outcome: "Outcome") -> None:
+    @property
+    def bitrix(self) -> Any:
+        return self.outbox.client
+
+    @property
+    def lease(self) -> float:
+        """How long this step may hold its entries before a flusher may take them over."""
+        return self.deadline.remaining() + 5.0
+
+    def settle(self, outcome: Outcome) -> Outcome:
+        """Deliver what is due for this call within the budget; status from this event's entries.
+
+        OK: everything this step queued reached Bitrix24. QUEUED: kept in the outbox for later
+        delivery. ERROR: an entry was dead-lettered (reason in the log).
+        """
+        self.outbox.deliver_call(self.linkedid, self.deadline, lease=self.lease)
+        entries = self.store.entry_states(self.queued)
+        call = self.store.call(self.linkedid)
+        outcome.call_id = call.call_id if call else None
+        dead = [e for e in entries.values() if e.state == DEAD]
+        if dead:
+            outcome.status, outcome.reason = V.ERROR, f"{dead[0].kind} dead-lettered: {dead[0].last_error}"
+        elif any(e.state == PENDING for e in entries.values()) or (call is not None and not call.call_id):
+            outcome.status = V.QUEUED
+            waiting = [e for e in entries.values() if e.state == PENDING and e.last_error]
+            if waiting:
+                outcome.reason = f"kept in the outbox: {waiting[0].last_error}"
+        if outcome.status == V.QUEUED:
+            self.log["queued"] = sorted(e.kind for e in entries.values() if e.state == PENDING)
+        return outcome
+
+    def publish(self, outcome: Outcome) -> None:
         """Set the contract's channel variables (safe on a dead channel)."""
         self.session.set_variable(V.STATUS, outcome.status)
         self.session.set_variable(V.CALL_ID, outcome.call_id or "")
         if outcome.responsible is not None:
             self.session.set_variable(V.RESPONSIBLE, outcome.responsible)
-
-
-@dataclass
-class Outcome:
-    status: str = V.OK
-    call_id: Optional[str] = None
-    responsible: Optional[str] = None  # set only by `incoming`
-    reason: str = ""

@@ -19,14 +19,12 @@ def handle(ctx: EventContext) -> Outcome:
     ctx.log["number"] = e164
     outcome = Outcome()
     raw_ext = ctx.arg(2)
-    if raw_ext:
-        ext = phones.inner_number(raw_ext)
-        try:
-            if not ext:
-                raise Refused(f"EXT {raw_ext[:40]!r} is not an inner number; call not registered")
-            outcome.call_id = register_call(ctx, "outgoing", ext, e164, calls.line_number)
-        except Refused as exc:  # the caller still gets his call
-            outcome.status, outcome.reason = V.ERROR, str(exc)
+    if raw_ext and not phones.inner_number(raw_ext):
+        # The caller still gets his call; only the CRM record is missing.
+        outcome.status, outcome.reason = V.ERROR, f"EXT {raw_ext[:40]!r} is not an inner number; call not registered"
+    elif raw_ext:
+        register_call(ctx, "outgoing", raw_ext, e164, calls.line_number)
+        outcome = ctx.settle(outcome)
     ctx.publish(outcome)  # before Dial: it blocks until the call ends
     options = f"{target},{ast.dial_timeout}" + (f",{ast.dial_options}" if ast.dial_options else "")
     result = ctx.session.exec_app("Dial", options)

@@ -20,5 +20,5 @@ def handle(ctx: EventContext) -> Outcome:
     user = responsible or calls.default_user
     if not user:
         raise Refused("no employee to show the call to: set [calls] default_user")
-    call_id = register_call(ctx, "incoming", user, phone, line)
-    return Outcome(call_id=call_id, responsible=responsible or "")
+    register_call(ctx, "incoming", user, phone, line)
+    return Outcome(responsible=responsible or "")

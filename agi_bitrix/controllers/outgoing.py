@@ -15,4 +15,5 @@ def handle(ctx: EventContext) -> Outcome:
     number, why = phones.caller_number(ctx.arg(2) or ctx.env("agi_extension"), calls.region, "")
     if not number:
         raise Refused(f"dialed number refused: {why or 'empty'}")
-    return Outcome(call_id=register_call(ctx, "outgoing", ext, number, calls.line_number))
+    register_call(ctx, "outgoing", ext, number, calls.line_number)
+    return Outcome()

@@ -1,0 +1,82 @@
+"""`agi-bitrix outbox flush|status|retry`: the call records kept while Bitrix24 was unreachable.
+
+`flush` is safe from cron every minute, next to the worker and next to live calls: each call's
+entries are leased by one deliverer at a time.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Tuple
+
+from agi_bitrix import settings as settings_mod
+
+FLUSH_REQUEST_TIMEOUT = 10.0  # off the call path a request may wait longer than a ringing caller
+
+
+def open_outbox(args: Any) -> Tuple[Any, Any, Any]:
+    """Settings, store and an Outbox for an admin command; SystemExit(reason) when unusable."""
+    from agi_bitrix import log as log_mod
+    from agi_bitrix.bitrix.factory import NotConfigured, make_client
+    from agi_bitrix.outbox import Outbox
+    from agi_bitrix.store import Store, StoreError
+
+    try:
+        settings = settings_mod.load(getattr(args, "settings", None))
+        store = Store(settings.storage.state_dir)
+        client = make_client(settings)
+    except (settings_mod.SettingsError, StoreError, NotConfigured) as exc:
+        raise SystemExit(str(exc))
+    client.timeout = max(settings.bitrix24.timeout, FLUSH_REQUEST_TIMEOUT)
+    logger = log_mod.configure(settings.logging.file, settings.logging.level, settings.secrets())
+    return settings, Outbox(store, client, settings.calls.recording_url), logger
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{int(seconds)} s"
+    if seconds < 7200:
+        return f"{int(seconds // 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def status(outbox: Any) -> int:
+    info = outbox.store.outbox_status()
+    counts = info["counts"]
+    print(f"waiting: {counts['pending']}   delivered: {counts['done']}   dead letters: {counts['dead']}")
+    if info["oldest_pending"]:
+        print(f"oldest waiting: {_age(time.time() - info['oldest_pending'])} old")
+    if info["last_error"]:
+        print(f"last error: {info['last_error']}")
+    for entry in outbox.store.entries(state="dead")[:20]:
+        print(f"dead #{entry.id} {entry.kind} of call {entry.linkedid}: {entry.last_error}")
+    if counts["dead"]:
+        print("fix the cause, then: agi-bitrix outbox retry")
+    return 0
+
+
+def run(args: Any) -> int:
+    try:
+        _settings, outbox, logger = open_outbox(args)
+    except SystemExit as exc:
+        print(f"agi-bitrix outbox: {exc.code}", file=sys.stderr)
+        return 1
+    try:
+        if args.action == "status":
+            return status(outbox)
+        if args.action == "retry":
+            count = outbox.store.retry_dead()
+            print(f"{count} dead letter(s) put back in line; they go out with the next flush")
+            logger.info("outbox_retry", requeued=count)
+            return 0
+        started = time.monotonic()
+        stats = outbox.flush(per_call=FLUSH_REQUEST_TIMEOUT * 3)
+        fields = dict(calls=stats.calls, delivered=stats.delivered, waiting=stats.waiting, dead=stats.dead,
+                      ms=int((time.monotonic() - started) * 1000))
+        fields.update({k: v for k, v in outbox.log.items() if k in ("delivery_errors", "dead_letters")})
+        logger.info("outbox_flush", **fields)
+        print(f"delivered {stats.delivered}, still waiting {stats.waiting}, dead-lettered {stats.dead}"
+              f" ({stats.calls} call(s))")
+        return 0
+    finally:
+        outbox.store.close()

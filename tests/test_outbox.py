@@ -1,0 +1,241 @@
+"""The outbox: nothing is lost when Bitrix24 is down or slow, everything arrives exactly once, in order."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from conftest import ENTRY, only_call
+
+
+def queue_call(pbx, lid, number="89161234567", talk=0.0, **kw):
+    """A whole incoming call answered by 102, as the dialplan runs it."""
+    runs = [pbx.run(["incoming", number], linkedid=lid, **kw)]
+    runs.append(pbx.run(["answer"], linkedid=lid, channel="PJSIP/102-00000002"))
+    time.sleep(talk)
+    runs.append(pbx.run(["hangup", "ANSWER", "9"], linkedid=lid, dead=True))
+    return runs
+
+
+def test_portal_down_during_the_whole_call_then_flush(pbx, emulator):
+    emulator.stop()
+    runs = queue_call(pbx, "1795400000.1", talk=1.1)
+    assert [r.set_variables["BITRIX_STATUS"] for r in runs] == ["QUEUED"] * 3
+    assert all(r.returncode == 0 for r in runs)
+    status = pbx.cli("outbox", "status")
+    assert status.returncode == 0 and "waiting: 3" in status.stdout
+
+    emulator.start()
+    res = pbx.cli("outbox", "flush")
+    assert res.returncode == 0 and "delivered 3" in res.stdout, res.stdout + res.stderr
+    call = only_call(emulator)
+    assert call["finished"] and call["status_code"] == "200"
+    assert 1 <= call["duration"] <= 3  # talk time measured during the outage, not at replay
+    assert call["finish_user_id"] == emulator.people["102"]
+    assert call["register"]["EXTERNAL_CALL_ID"] == "1795400000.1"
+    # The card move was skipped: the call was over by the time it could be shown.
+    assert emulator.requests_for("batch") == []
+
+    before = len(emulator.requests)
+    res = pbx.cli("outbox", "flush")
+    assert "delivered 0" in res.stdout and len(emulator.requests) == before
+    assert "waiting: 0" in pbx.cli("outbox", "status").stdout
+
+
+def test_slow_portal_releases_the_caller_and_replay_makes_exactly_one_call(pbx, emulator):
+    pbx.set("bitrix24", "timeout", "1")
+    emulator.set_delay(6.0, method="telephony.externalcall.register", count=1)
+    run = pbx.run(["incoming", "89161234567"], linkedid="1795400100.1")
+    assert run.duration < 1.5, f"caller held {run.duration:.2f} s"
+    assert run.set_variables["BITRIX_STATUS"] == "QUEUED"
+    # The next call step replays the register while the portal still chews on the first one.
+    run = pbx.run(["hangup", "NOANSWER", ""], linkedid="1795400100.1", dead=True)
+    assert run.duration < 1.5 and run.set_variables["BITRIX_STATUS"] == "OK"
+    time.sleep(5.5)  # let the slow first register finish on the portal
+    assert "delivered 0" in pbx.cli("outbox", "flush").stdout
+    call = only_call(emulator)  # the register dedup (EXTERNAL_CALL_ID) merged the two attempts
+    assert call["finished"] and call["status_code"] == "304"
+    assert call["register_count"] >= 2
+
+
+def test_500_and_503_keep_the_event_and_flush_delivers(pbx, emulator):
+    emulator.fail_next(500, "INTERNAL_SERVER_ERROR", "boom", method="telephony.externalcall.register", count=50)
+    run = pbx.run(["incoming", "89161234567"], linkedid="1795400200.1")
+    assert run.set_variables["BITRIX_STATUS"] == "QUEUED"
+    emulator.clear_faults()
+    emulator.fail_next(503, "QUERY_LIMIT_EXCEEDED", "Too many requests", method="telephony.externalcall.finish",
+                       count=50)
+    run = pbx.run(["hangup", "BUSY", ""], linkedid="1795400200.1", dead=True)
+    assert run.set_variables["BITRIX_STATUS"] == "QUEUED" and run.set_variables["BITRIX_CALL_ID"]
+    emulator.clear_faults()
+    _expire_backoff(pbx)
+    assert "delivered 1" in pbx.cli("outbox", "flush").stdout
+    call = only_call(emulator)
+    assert call["finished"] and call["status_code"] == "486"
+    assert len(emulator.requests_for("telephony.externalcall.finish")) >= 2  # refused in the call step, then delivered
+
+
+def _expire_backoff(pbx):
+    """Make every waiting entry due now (as time passing would)."""
+    import sqlite3
+
+    db = sqlite3.connect(str(pbx.state_dir / "agi-bitrix.sqlite3"))
+    db.execute("UPDATE outbox SET next_try = 0")
+    db.commit()
+    db.close()
+
+
+def _queue_many(pbx, emulator, n):
+    emulator.stop()
+    for i in range(n):
+        lid = f"1795400300.{i}"
+        pbx.run(["incoming", f"8916123450{i}"], linkedid=lid)
+        pbx.run(["hangup", "ANSWER", str(10 + i)], linkedid=lid, dead=True)
+    emulator.start()
+
+
+def _flusher(pbx):
+    env = dict(os.environ, AGI_BITRIX_SETTINGS=str(pbx.settings_file))
+    env.pop("AST_AGI_DIR", None)
+    return subprocess.Popen([str(ENTRY), "outbox", "flush"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+
+def _assert_each_call_once(pbx, emulator, n):
+    calls = list(emulator.calls.values())
+    assert len(calls) == n
+    assert all(c["finished"] and c["register_count"] == 1 for c in calls)
+    assert sorted(c["duration"] for c in calls) == [10 + i for i in range(n)]
+    assert len(emulator.requests_for("telephony.externalcall.finish")) == n
+    assert "waiting: 0" in pbx.cli("outbox", "status").stdout and "dead letters: 0" in pbx.cli("outbox", "status").stdout
+
+
+def test_two_flushers_at_once(pbx, emulator):
+    _queue_many(pbx, emulator, 10)
+    emulator.set_delay(0.05)
+    a, b = _flusher(pbx), _flusher(pbx)
+    assert a.wait(60) == 0 and b.wait(60) == 0
+    _assert_each_call_once(pbx, emulator, 10)
+
+
+def test_kill_9_of_a_flusher_mid_run_loses_and_duplicates_nothing(pbx, emulator):
+    _queue_many(pbx, emulator, 8)
+    emulator.set_delay(0.3)
+    victim = _flusher(pbx)
+    time.sleep(1.6)  # several requests in, one of them in flight
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    emulator.clear_faults()
+    time.sleep(0.5)  # requests the victim left in flight complete on the portal
+    # Its leases run out; the next flush takes over (with the lease time passed).
+    import sqlite3
+
+    db = sqlite3.connect(str(pbx.state_dir / "agi-bitrix.sqlite3"))
+    db.execute("UPDATE outbox SET lease_until = 0")
+    db.commit()
+    db.close()
+    res = pbx.cli("outbox", "flush")
+    assert res.returncode == 0, res.stderr
+    calls = list(emulator.calls.values())
+    assert len(calls) == 8 and all(c["finished"] for c in calls)
+    assert "waiting: 0" in pbx.cli("outbox", "status").stdout
+    assert "dead letters: 0" in pbx.cli("outbox", "status").stdout
+
+
+def test_recording_attached_after_finish_and_upload_retried(pbx, emulator, tmp_path):
+    rec = tmp_path / "call.mp3"
+    rec.write_bytes(b"ID3" + bytes(500))  # just written: MixMonitor may still be on it
+    pbx.run(["incoming", "89161234567"], linkedid="1795400400.1")
+    run = pbx.run(["hangup", "ANSWER", "5", str(rec)], linkedid="1795400400.1", dead=True)
+    assert run.set_variables["BITRIX_STATUS"] == "QUEUED"  # finish delivered, recording waits to settle
+    assert only_call(emulator)["finished"] and only_call(emulator)["record"] is None
+    time.sleep(2.2)
+    emulator.fail_next(500, "INTERNAL_SERVER_ERROR", "disk hiccup", method="telephony.externalcall.attachrecord")
+    assert "still waiting 1" in pbx.cli("outbox", "flush").stdout
+    assert "disk hiccup" in pbx.cli("outbox", "status").stdout
+    _expire_backoff(pbx)
+    assert "delivered 1" in pbx.cli("outbox", "flush").stdout
+    assert only_call(emulator)["record"]["content"] == rec.read_bytes()
+
+
+def test_large_recording_goes_through_upload_url(pbx, emulator, tmp_path):
+    rec = tmp_path / "big.wav"
+    rec.write_bytes(b"RIFF" + os.urandom(6 * 1024 * 1024))
+    os.utime(rec, (time.time() - 60, time.time() - 60))
+    pbx.set("bitrix24", "timeout", "10")
+    pbx.run(["incoming", "89161234567"], linkedid="1795400500.1")
+    pbx.run(["hangup", "ANSWER", "5", str(rec)], linkedid="1795400500.1", dead=True)
+    pbx.cli("outbox", "flush")
+    record = only_call(emulator)["record"]
+    assert record["via"] == "upload" and record["content"] == rec.read_bytes()
+
+
+def test_recording_url_template(pbx, emulator, tmp_path):
+    import http.server
+    import threading
+
+    rec = tmp_path / "r1.wav"
+    rec.write_bytes(b"RIFF" + bytes(100))
+    os.utime(rec, (time.time() - 60, time.time() - 60))
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        pbx.set("calls", "recording_url", f"http://127.0.0.1:{server.server_address[1]}/{{name}}")
+        pbx.run(["incoming", "89161234567"], linkedid="1795400600.1")
+        pbx.run(["hangup", "ANSWER", "5", str(rec)], linkedid="1795400600.1", dead=True)
+        record = only_call(emulator)["record"]
+        assert record["via"] == "url" and record["content"] == rec.read_bytes()
+    finally:
+        server.shutdown()
+
+
+def test_poison_event_is_dead_lettered_while_the_calls_behind_it_go_through(pbx, emulator):
+    emulator.stop()
+    pbx.run(["outgoing", "555", "89161234567"], linkedid="1795400700.1")  # 555: nobody's inner number
+    pbx.run(["hangup", "ANSWER", "4"], linkedid="1795400700.1", dead=True)
+    pbx.run(["outgoing", "101", "89161234568"], linkedid="1795400700.2")
+    pbx.run(["hangup", "ANSWER", "6"], linkedid="1795400700.2", dead=True)
+    emulator.start()
+    res = pbx.cli("outbox", "flush")
+    assert "delivered 2" in res.stdout and "dead-lettered 1" in res.stdout, res.stdout
+    assert [c["register"]["USER_PHONE_INNER"] for c in emulator.calls.values()] == ["101"]
+    status = pbx.cli("outbox", "status").stdout
+    assert "dead letters: 2" in status and "User is not found" in status
+    # The administrator fixes the cause and puts the dead letters back in line.
+    emulator.add_user("Gleb", "Test", inner="555")
+    assert "2 dead letter(s)" in pbx.cli("outbox", "retry").stdout
+    res = pbx.cli("outbox", "flush")
+    assert "delivered 2" in res.stdout
+    assert sorted(c["register"]["USER_PHONE_INNER"] for c in emulator.calls.values()) == ["101", "555"]
+    assert all(c["finished"] for c in emulator.calls.values())
+
+
+def test_worker_delivers_continuously_and_stops_on_sigterm(pbx, emulator):
+    emulator.stop()
+    queue_call(pbx, "1795400800.1")
+    emulator.start()
+    _expire_backoff(pbx)  # the worker respects the retry backoff; pretend it has passed
+    env = dict(os.environ, AGI_BITRIX_SETTINGS=str(pbx.settings_file))
+    env.pop("AST_AGI_DIR", None)
+    worker = subprocess.Popen([str(ENTRY), "worker", "--interval", "0.2"], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            if emulator.calls and all(c["finished"] for c in emulator.calls.values()):
+                break
+            time.sleep(0.1)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(10) == 0
+    assert only_call(emulator)["finished"]
+    assert any(e["event"] == "worker_stopped" for e in pbx.log())
+
+
+def test_unwritable_state_is_reported_by_check(pbx, emulator, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    pbx.set("storage", "state_dir", str(blocker / "state"))
+    res = pbx.cli("check")
+    assert res.returncode == 1 and "state" in res.stdout and "not writable" in res.stdout
