@@ -18,6 +18,7 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/agi_event.py
+	$(BIN)/python bench/journal_cost.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -42,8 +42,8 @@ def measure(cmd: List[str], env: Dict[str, str], agi_lid: str = "") -> Tuple[flo
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 
-def main() -> int:
-    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+def run_events(runs: int) -> Tuple[List[Tuple[float, float, int]], List[Tuple[float, float, int]]]:
+    """(baseline rows, event rows): `python -c pass` and one `incoming` process, interleaved."""
     with Bitrix24Emulator() as emu, tempfile.TemporaryDirectory() as tmp:
         emu.add_user("Anna", "Bench", inner="101")
         settings = Path(tmp) / "settings.ini"
@@ -56,6 +56,16 @@ def main() -> int:
             base.append(measure([sys.executable, "-c", "pass"], env))
             event.append(measure([str(ENTRY), "incoming"], env, f"1795000000.{i}"))
         assert len(emu.calls) == runs + 1, "every event must have registered its call"
+    return base, event
+
+
+def whole_event_ms(runs: int = 10) -> float:
+    return statistics.median(r[0] for r in run_events(runs)[1]) * 1000
+
+
+def main() -> int:
+    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    base, event = run_events(runs)
 
     def med(rows: List[Tuple[float, float, int]], i: int) -> float:
         return statistics.median(r[i] for r in rows)
