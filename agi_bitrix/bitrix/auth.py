@@ -1,12 +1,13 @@
 """Who we are to the portal. The client asks an auth object for the base URL and parameters,
-and tells it when the portal says the access token expired.
+and tells it when the portal refused the access token.
 
-Mode 1, webhook: the secret sits in the URL path. Mode 2, OAuth local application: see oauth.py
-(the next step; the seam is `Auth`).
+Mode 1, webhook: the secret sits in the URL path. Mode 2, OAuth local application: oauth.py.
 """
 from __future__ import annotations
 
-from typing import Dict, Protocol, Tuple
+from typing import Dict, Optional, Protocol, Tuple
+
+from agi_bitrix.deadline import Deadline
 
 
 class Auth(Protocol):
@@ -15,8 +16,11 @@ class Auth(Protocol):
     def credentials(self) -> Tuple[str, Dict[str, str]]:
         """Base URL that ends in '/' (the method name is appended) and extra body parameters."""
 
-    def on_expired(self, used: Dict[str, str]) -> bool:
+    def on_expired(self, used: Dict[str, str], deadline: Optional[Deadline] = None) -> bool:
         """The portal answered expired_token for `used`; return True when retrying makes sense."""
+
+    def on_rejected(self, used: Dict[str, str], deadline: Optional[Deadline] = None) -> bool:
+        """The portal answered invalid_token for `used`; True when newer credentials exist."""
 
 
 class WebhookAuth:
@@ -28,5 +32,8 @@ class WebhookAuth:
     def credentials(self) -> Tuple[str, Dict[str, str]]:
         return self.base, {}
 
-    def on_expired(self, used: Dict[str, str]) -> bool:
+    def on_expired(self, used: Dict[str, str], deadline: Optional[Deadline] = None) -> bool:
         return False  # a webhook never expires by token; nothing to refresh
+
+    def on_rejected(self, used: Dict[str, str], deadline: Optional[Deadline] = None) -> bool:
+        return False

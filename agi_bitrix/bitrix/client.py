@@ -1,24 +1,34 @@
 """The Bitrix24 REST client: one POST per call, typed errors, the event's deadline, batch.
 
-Retry and throttling policy are deliberately not here: the caller (an AGI event with a tight
-budget, or a background flush) decides what to do with a retryable error.
+Inside one call it handles what only it can: the PBX-wide rate budget (ratelimit.py), a 503
+QUERY_LIMIT_EXCEEDED retried with growing backoff while the deadline allows, a 429 remembered
+until the portal frees the method, and one retry after the auth object renewed an expired token.
+Everything else that is retryable goes back to the caller (an AGI event with a tight budget, or
+the outbox), which decides what to do with it.
 """
 from __future__ import annotations
 
 import json
+import random
+import time
 from contextlib import nullcontext
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import requests
 
 from agi_bitrix import __version__
 from agi_bitrix.bitrix import query
 from agi_bitrix.bitrix.auth import Auth
-from agi_bitrix.bitrix.errors import BitrixError, ExpiredToken, NetworkError, PortalError, classify
+from agi_bitrix.bitrix.errors import (AuthError, BitrixError, ExpiredToken, LimitError, NetworkError,
+                                      PortalError, classify)
+from agi_bitrix.bitrix.ratelimit import MIN_REQUEST_TIME, RateLimiter
 from agi_bitrix.deadline import Deadline, DeadlineExceeded
 
 USER_AGENT = f"agi-bitrix/{__version__}"
 BATCH_MAX = 50
+ADMIN_BUDGET = 30.0      # seconds of waiting (rate budget, backoff) for a call made without a deadline
+BACKOFF_FIRST = 0.5      # first pause after a 503; doubles each time, with jitter
+BACKOFF_MAX = 8.0
 
 
 class BatchResult:
@@ -26,11 +36,15 @@ class BatchResult:
 
     def __init__(self, body: Mapping[str, Any]) -> None:
         def _map(value: Any) -> Dict[str, Any]:
-            return dict(value) if isinstance(value, dict) else {}
+            # PHP sends an empty map as [] and a map keyed 0..n-1 as a list (reference §3).
+            if isinstance(value, list):
+                return {str(i): item for i, item in enumerate(value)}
+            return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
 
         self.results = _map(body.get("result"))
         self.errors = _map(body.get("result_error"))
         self.totals = _map(body.get("result_total"))
+        self.next = _map(body.get("result_next"))
 
     def error(self, key: str, method: str = "") -> Optional[BitrixError]:
         err = self.errors.get(key)
@@ -42,12 +56,15 @@ class BatchResult:
 
 
 class Bitrix24:
-    def __init__(self, auth: Auth, timeout: float = 2.0, session: Optional[requests.Session] = None) -> None:
+    def __init__(self, auth: Auth, timeout: float = 2.0, session: Optional[requests.Session] = None,
+                 limiter: Optional[RateLimiter] = None) -> None:
         self.auth = auth
         self.timeout = timeout
+        self.limiter = limiter
         self.http = session or requests.Session()
         self.http.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
         self.requests_made = 0
+        self.limit_retries = 0  # 503 answers retried by this client (for logs and benchmarks)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _post(self, url: str, payload: Dict[str, Any], method: str, deadline: Optional[Deadline]) -> requests.Response:
@@ -79,27 +96,62 @@ class Bitrix24:
     def call_raw(self, method: str, params: Optional[Dict[str, Any]] = None,
                  deadline: Optional[Deadline] = None) -> Dict[str, Any]:
         """Call a method; return the whole body ({"result", "total", "next", "time"})."""
-        for attempt in (1, 2):
+        budget = deadline if deadline is not None else Deadline(ADMIN_BUDGET)
+        # At most one refresh and one reload per call: a long-lived process may hold a pair that
+        # others rotated (invalid_token) and then find the stored one expired as well.
+        refreshed = reloaded = False
+        pause = BACKOFF_FIRST
+        while True:
             base, extra = self.auth.credentials()
             payload = dict(params or {})
             payload.update(extra)
-            resp = self._post(base + method, payload, method, deadline)
+            self._slot(method, budget)
             try:
-                body = resp.json()
-            except ValueError:
-                body = None
-            if not isinstance(body, dict):
-                raise classify(resp.status_code if resp.status_code >= 400 else 502,
-                               f"HTTP_{resp.status_code}", "the answer is not JSON", method)
-            if "error" in body or resp.status_code >= 400:
-                reset_at = (body.get("time") or {}).get("operating_reset_at") if isinstance(body.get("time"), dict) else None
-                err = classify(resp.status_code, str(body.get("error", "")), str(body.get("error_description", "")),
-                               method, reset_at=reset_at)
-                if isinstance(err, ExpiredToken) and attempt == 1 and self.auth.on_expired(extra):
-                    continue
-                raise err
-            return body
-        raise AssertionError("unreachable")
+                return self._answer(self._post(base + method, payload, method, deadline), method)
+            except ExpiredToken:
+                if refreshed or not self.auth.on_expired(extra, budget):
+                    raise
+                refreshed = True
+            except AuthError as err:
+                # invalid_token: another process rotated the pair after we read it.
+                if reloaded or err.code.lower() != "invalid_token" or not self.auth.on_rejected(
+                        extra, budget):
+                    raise
+                reloaded = True
+            except LimitError as err:
+                if err.status == 429 and self.limiter is not None:
+                    err.reset_at = self.limiter.block(method, err.reset_at)
+                if err.code.upper() != "QUERY_LIMIT_EXCEEDED":
+                    raise
+                if self.limiter is not None:
+                    self.limiter.saturated()
+                delay = pause * random.uniform(0.75, 1.25)  # jitter: processes must not retry in step
+                if delay + MIN_REQUEST_TIME > budget.remaining():
+                    raise
+                time.sleep(delay)
+                self.limit_retries += 1
+                pause = min(pause * 2, BACKOFF_MAX)
+
+    def _slot(self, method: str, budget: Deadline) -> None:
+        if self.limiter is not None:
+            self.limiter.acquire(method, budget)
+
+    def _answer(self, resp: requests.Response, method: str) -> Dict[str, Any]:
+        """The body of a good answer, or the typed error of a bad one."""
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise classify(resp.status_code if resp.status_code >= 400 else 502,
+                           f"HTTP_{resp.status_code}", "the answer is not JSON", method)
+        timing = body.get("time") if isinstance(body.get("time"), dict) else {}
+        if "error" in body or resp.status_code >= 400:
+            raise classify(resp.status_code, str(body.get("error", "")), str(body.get("error_description", "")),
+                           method, reset_at=timing.get("operating_reset_at"))
+        if self.limiter is not None:
+            self.limiter.observe(method, timing)
+        return body
 
     def call(self, method: str, params: Optional[Dict[str, Any]] = None,
              deadline: Optional[Deadline] = None) -> Any:
@@ -109,6 +161,7 @@ class Bitrix24:
                deadline: Optional[Deadline] = None) -> Any:
         """Second step of a large upload: multipart POST of the file to the portal's uploadUrl."""
         timeout = self.timeout if deadline is None else min(self.timeout, deadline.remaining())
+        self._slot("upload", deadline if deadline is not None else Deadline(ADMIN_BUDGET))
         self.requests_made += 1
         try:
             with (deadline.enforce() if deadline else nullcontext()):

@@ -25,11 +25,11 @@ class BitrixError(Exception):
 
 
 class AuthError(BitrixError):
-    """Wrong webhook code, expired or revoked token, app not installed."""
+    """Wrong webhook code, expired or revoked token, app not installed: an administrator must act."""
 
 
 class ExpiredToken(AuthError):
-    """401 expired_token: refresh and retry once."""
+    """401 expired_token (refresh and retry once), or a refresh another process has not finished yet."""
 
     retryable = True
 
@@ -39,7 +39,8 @@ class ScopeError(BitrixError):
 
 
 class LimitError(BitrixError):
-    """503 QUERY_LIMIT_EXCEEDED or 429 OPERATION_TIME_LIMIT: wait and retry."""
+    """503 QUERY_LIMIT_EXCEEDED, 429 OPERATION_TIME_LIMIT, or this PBX's own request budget
+    for the portal used up: wait (until `reset_at` when known) and retry."""
 
     retryable = True
 
@@ -62,11 +63,15 @@ class NetworkError(BitrixError):
     retryable = True
 
 
+# Codes by meaning (reference §1.2-1.3, §2). A code decides before the HTTP status does.
 _AUTH = {"no_auth_found", "invalid_token", "payment_required", "not_installed",
-         "application_not_found", "wrong_auth_type", "invalid_credentials", "invalid_grant",
-         "invalid_client", "portal_deleted", "authorization_error"}
-_SCOPE = {"insufficient_scope", "access_denied", "user_access_error"}
-_LIMIT = {"query_limit_exceeded", "operation_time_limit"}
+         "application_not_found", "invalid_grant", "invalid_client", "portal_deleted",
+         "authorization_error"}
+# The credentials are fine but not allowed to do this: more scopes, rights or an application.
+_SCOPE = {"insufficient_scope", "invalid_scope", "access_denied", "user_access_error",
+          "invalid_credentials", "wrong_auth_type"}
+# OVERLOAD_LIMIT is a manual block by Bitrix24 support: retryable, but only much later.
+_LIMIT = {"query_limit_exceeded", "operation_time_limit", "overload_limit"}
 _NOT_FOUND = {"error_method_not_found", "not_found"}
 
 
@@ -76,10 +81,10 @@ def classify(status: int, code: str, description: str, method: str,
     low = (code or "").lower()
     if low == "expired_token":
         return ExpiredToken(code, description, status, method)
-    if low in _AUTH or (status == 401 and low not in _LIMIT):
-        return AuthError(code, description, status, method)
     if low in _SCOPE:
         return ScopeError(code, description, status, method)
+    if low in _AUTH or (status == 401 and low not in _LIMIT):
+        return AuthError(code, description, status, method)
     if low in _LIMIT or status == 429:
         return LimitError(code, description, status, method, reset_at=reset_at)
     if low in _NOT_FOUND or "not found" in (description or "").lower():

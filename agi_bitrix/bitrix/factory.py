@@ -1,9 +1,12 @@
 """The one place that turns settings into a ready Bitrix24 client (webhook or OAuth)."""
 from __future__ import annotations
 
-from agi_bitrix.bitrix.auth import WebhookAuth
+from urllib.parse import urlsplit
+
+from agi_bitrix.bitrix.auth import Auth, WebhookAuth
 from agi_bitrix.bitrix.client import Bitrix24
-from agi_bitrix.settings import Settings
+from agi_bitrix.bitrix.ratelimit import RateLimiter
+from agi_bitrix.settings import OAUTH_KEYS, Settings
 
 
 class NotConfigured(Exception):
@@ -12,8 +15,24 @@ class NotConfigured(Exception):
 
 def make_client(settings: Settings) -> Bitrix24:
     b24 = settings.bitrix24
+    auth: Auth
     if b24.mode == "webhook":
-        return Bitrix24(WebhookAuth(b24.webhook_url), timeout=b24.timeout)
-    if b24.mode == "oauth":
-        raise NotConfigured("OAuth mode is not available yet: set [bitrix24] webhook_url")
-    raise NotConfigured("no Bitrix24 connection configured: set [bitrix24] webhook_url")
+        auth = WebhookAuth(b24.webhook_url)
+    elif b24.mode == "oauth":
+        from agi_bitrix.bitrix.oauth import OAuthAuth, TokenStoreError
+
+        try:
+            auth = OAuthAuth(b24, settings.storage.state_dir)
+        except TokenStoreError as exc:
+            raise NotConfigured(str(exc)) from None
+    else:
+        missing = [key for key in OAUTH_KEYS if not getattr(b24, key)]
+        if len(missing) < len(OAUTH_KEYS):
+            raise NotConfigured(f"OAuth mode needs [bitrix24] {', '.join(OAUTH_KEYS)}: "
+                                f"{', '.join(missing)} empty")
+        raise NotConfigured("no Bitrix24 connection configured: set [bitrix24] webhook_url, or "
+                            "portal_url, client_id and client_secret of a local application")
+    # Every process on this PBX draws from one budget per portal (the portal counts per source IP).
+    portal = urlsplit(b24.webhook_url or b24.portal_url).netloc
+    limiter = RateLimiter(settings.storage.state_dir, portal, b24.rate_burst, b24.rate_per_second)
+    return Bitrix24(auth, timeout=b24.timeout, limiter=limiter)

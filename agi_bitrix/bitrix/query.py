@@ -1,8 +1,13 @@
 """PHP-style query strings, as Bitrix24 expects them inside `batch` commands."""
 from __future__ import annotations
 
+import re
 from typing import Any, Iterator, Tuple
 from urllib.parse import quote
+
+# A whole value like `$result[u101][0][ID]`; anything looser (a caller ID that merely starts
+# with "$result[") is encoded like any other value, so it cannot smuggle in parameters.
+_REFERENCE = re.compile(r"\$result(\[[A-Za-z0-9_]+\])+")
 
 
 def _pairs(prefix: str, value: Any) -> Iterator[Tuple[str, str]]:
@@ -27,6 +32,6 @@ def build(params: dict) -> str:
     """
     out = []
     for key, value in _pairs("", params):
-        encoded = value if value.startswith("$result[") else quote(value, safe="")
+        encoded = value if _REFERENCE.fullmatch(value) else quote(value, safe="")
         out.append(f"{quote(key, safe='[]')}={encoded}")
     return "&".join(out)

@@ -12,7 +12,16 @@ from urllib.parse import urlsplit
 
 from agi_bitrix import settings as settings_mod
 
-NEEDED_SCOPES = ("telephony", "crm", "user")
+REQUIRED_SCOPES = ("telephony", "crm", "user")  # without these no call reaches the CRM
+DIALER_SCOPES = ("task", "im", "sonet_group")    # the auto-dialer: tasks, notices, workgroups
+NEEDED_SCOPES = REQUIRED_SCOPES + DIALER_SCOPES
+
+
+def missing_scopes(present: Any) -> List[str]:
+    have = set(present or ())
+    if "user_basic" in have:  # the level meant for calling scenarios (reference §1.4)
+        have.add("user")
+    return [scope for scope in NEEDED_SCOPES if scope not in have]
 
 
 class Report:
@@ -60,6 +69,9 @@ def _bitrix(report: Report, settings: settings_mod.Settings) -> None:
         return
     client.timeout = max(b24.timeout, 5.0)  # a diagnosis may wait longer than a ringing caller
     host = urlsplit(b24.webhook_url or b24.portal_url).netloc
+    oauth = b24.mode == "oauth"
+    if oauth:
+        _oauth_store(report, client.auth, host)
     started = time.monotonic()
     try:
         scopes = client.call("scope") or []
@@ -67,20 +79,33 @@ def _bitrix(report: Report, settings: settings_mod.Settings) -> None:
         report.problem("bitrix24", f"{host} cannot be reached: {exc.description or exc.code}")
         return
     except AuthError as exc:
-        report.problem("bitrix24", f"{host} refused the webhook ({exc.code}): create a new inbound webhook "
-                                   "and put its URL into [bitrix24] webhook_url")
+        if oauth:
+            report.problem("bitrix24", f"{host} refused the OAuth token ({exc.code}): "
+                                       f"{exc.description if exc.code.lower() == 'invalid_grant' else _REAUTH}")
+        else:
+            report.problem("bitrix24", f"{host} refused the webhook ({exc.code}): create a new inbound webhook "
+                                       "and put its URL into [bitrix24] webhook_url")
         return
     except BitrixError as exc:
         report.problem("bitrix24", f"{host}: {exc.summary()}")
         return
     ms = int((time.monotonic() - started) * 1000)
-    missing = [s for s in NEEDED_SCOPES if s not in scopes]
+    missing = missing_scopes(scopes)
     report.ok("bitrix24", f"{host} answered in {ms} ms ({b24.mode} mode)")
-    if missing:
-        report.problem("bitrix24", f"the webhook lacks the scope(s) {', '.join(missing)}: edit the webhook "
-                                   "in Bitrix24 and tick them")
+    if oauth:
+        renewed = " (renewed just now)" if getattr(client.auth, "refreshed", False) else ""
+        report.ok("oauth", f"the access token works{renewed}")
+    kind, fix = (("application", "tick them in the local application's settings in Bitrix24, save, "
+                                 "and run agi-bitrix auth --code CODE again") if oauth else
+                 ("webhook", "edit the webhook in Bitrix24 and tick them"))
+    required = [s for s in missing if s in REQUIRED_SCOPES]
+    if required:
+        report.problem("bitrix24", f"the {kind} lacks the scope(s) {', '.join(required)}: {fix}")
     else:
-        report.ok("bitrix24", f"scopes present: {', '.join(NEEDED_SCOPES)}")
+        report.ok("bitrix24", f"scopes present: {', '.join(REQUIRED_SCOPES)}")
+    later = [s for s in missing if s in DIALER_SCOPES]
+    if later:
+        report.warn("bitrix24", f"the {kind} lacks the scope(s) {', '.join(later)} the auto-dialer needs: {fix}")
     if "user" in missing:
         return
     employees = _employees(client, report)
@@ -100,6 +125,21 @@ def _bitrix(report: Report, settings: settings_mod.Settings) -> None:
         report.problem("calls", f"[calls] default_user {default} is no active employee's inner number")
     else:
         report.ok("calls", f"default_user {default} is {employees[default]}")
+
+
+_REAUTH = ("the application may have been removed or reinstalled: run agi-bitrix auth --code CODE again")
+
+
+def _oauth_store(report: Report, auth: Any, host: str) -> None:
+    tokens = auth.tokens
+    report.secrets += [tokens.access_token, tokens.refresh_token]
+    portal = urlsplit(tokens.client_endpoint).netloc
+    report.ok("oauth", f"tokens in {auth.store.path} for {portal} (member_id {tokens.member_id or '?'})")
+    if portal != host:
+        report.warn("oauth", f"the tokens belong to {portal} but [bitrix24] portal_url names {host}")
+    if tokens.refused:
+        report.problem("oauth", f"the OAuth server refused the refresh token ({tokens.refused}): run "
+                                "agi-bitrix auth --code CODE again")
 
 
 def _employees(client: Any, report: Report) -> Optional[Dict[str, str]]:

@@ -347,6 +347,7 @@ class Bitrix24Emulator:
         self._bucket_at: float | None = None
         self._operating_limits: dict[str, float] = {}
         self._operating_used: dict[str, float] = {}
+        self._operating_resets: dict[str, float] = {}
         self._access: dict[str, dict] = {}
         self._refresh: dict[str, dict] = {}
         self._codes: dict[str, float] = {}
@@ -566,11 +567,14 @@ class Bitrix24Emulator:
                     rec["state"] = "expired"
 
     def revoke_app(self) -> None:
+        """The administrator removed the application: its refresh tokens answer invalid_grant, its
+        live access tokens invalid_token (one already expired still answers expired_token)."""
         with self._lock:
             for rec in self._refresh.values():
                 rec["state"] = "revoked"
             for rec in self._access.values():
-                rec["state"] = "dead"
+                if rec["state"] != "expired":
+                    rec["state"] = "dead"
             self._codes.clear()
 
     def authorization_code(self) -> str:
@@ -621,6 +625,15 @@ class Bitrix24Emulator:
                 self.count_503 += 1
                 raise ApiError(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
             self._bucket_level += 1
+
+    def set_operating_reset(self, method: str, reset_at: float | None) -> None:
+        """Good answers of ``method`` announce this ``time.operating_reset_at`` (a method near its
+        execution-time limit: the time part of it frees again)."""
+        with self._lock:
+            if reset_at is None:
+                self._operating_resets.pop(method.lower(), None)
+            else:
+                self._operating_resets[method.lower()] = float(reset_at)
 
     def _check_operating(self, method: str) -> None:
         with self._lock:
@@ -747,6 +760,8 @@ class Bitrix24Emulator:
         with self._lock:
             pending = [r for r in self._operating_limits.values() if r > start]
             reset_at = int(max(pending)) if pending else int(start) + 600
+            if method in self._operating_resets:
+                reset_at = int(self._operating_resets[method])
             operating = round(self._operating_used.get(method, 0.0), 6)
         return {"start": start, "finish": finish, "duration": duration, "processing": duration,
                 "date_start": _iso(start), "date_finish": _iso(finish),

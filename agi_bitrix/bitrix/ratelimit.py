@@ -1,0 +1,168 @@
+"""The PBX-wide request budget per portal, shared by every process through one small file.
+
+Bitrix24 counts the requests of a portal per source IP in a leaky bucket (reference §2.1): each
+request adds 1, the level drains by Y per second, above X the portal answers 503. Asterisk runs
+one process per call step, so the bucket is mirrored in a file under state_dir and updated under
+flock: a process reserves the next free slot and sleeps until it comes, which turns a burst of
+calls into a short queue instead of a burst of 503s. The same file remembers, per method, the
+portal's operating_reset_at and a 429 OPERATION_TIME_LIMIT block (§2.2), so no process knocks on
+a blocked method before the portal frees it.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+from agi_bitrix.bitrix.errors import LimitError
+from agi_bitrix.deadline import Deadline
+
+MIN_REQUEST_TIME = 0.3   # a slot is worth waiting for only if this much budget is left after it
+DEFAULT_BLOCK = 60.0     # 429 with no known reset time: one minute-bucket of the 10-minute window
+MAX_BLOCK = 660.0        # a reset time further than the window (+ a minute of clock skew) is wrong
+FORGET_AFTER = 900.0     # method entries older than this are dropped from the file
+
+
+def open_private(path: Path) -> int:
+    """Open (create) a state file readable by its owner only.
+
+    When an administrator runs a command as root, the file is handed to the owner of the state
+    folder (the Asterisk user), or the next call step could not open it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    match_owner(fd, path.parent)
+    return fd
+
+
+def match_owner(fd: int, folder: Path) -> None:
+    if os.geteuid() != 0:
+        return
+    st = os.stat(folder)
+    if os.fstat(fd).st_uid != st.st_uid:
+        os.fchown(fd, st.st_uid, st.st_gid)
+
+
+def _slug(portal: str) -> str:
+    return re.sub(r"[^a-z0-9.-]", "_", portal.lower())[:100] or "portal"
+
+
+class RateLimiter:
+    def __init__(self, state_dir: str, portal: str, burst: int = 40, per_second: float = 2.0,
+                 clock: Any = time.time, sleep: Any = time.sleep) -> None:
+        self.path = Path(state_dir) / f"ratelimit-{_slug(portal)}.json"
+        self.burst = max(1, int(burst))
+        self.rate = float(per_second)
+        self.clock = clock
+        self.sleep = sleep
+        self.waited = 0.0             # seconds this process spent waiting for slots
+        self.problem: Optional[str] = None  # why the shared file could not be used, if so
+
+    @contextmanager
+    def _state(self) -> Iterator[Optional[Dict[str, Any]]]:
+        """The shared state under an exclusive lock, written back if the body changed it.
+
+        Yields None when the file cannot be used: calls then go out unthrottled rather than
+        not at all (a broken state folder is reported by the store and by `check`).
+        """
+        try:
+            fd = open_private(self.path)
+        except OSError as exc:
+            self.problem = f"{self.path}: {exc.strerror or exc}"
+            yield None
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = os.read(fd, 1 << 16)
+            try:
+                state = json.loads(raw) if raw else {}
+            except ValueError:
+                state = {}  # a torn write (crash mid-write): start over, it is only a mirror
+            if not isinstance(state, dict):
+                state = {}
+            before = json.dumps(state, sort_keys=True)
+            yield state
+            after = json.dumps(state, sort_keys=True)
+            if after != before:
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.ftruncate(fd, 0)
+                os.write(fd, after.encode())
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def _level(self, state: Dict[str, Any], now: float) -> float:
+        level = float(state.get("level") or 0.0)
+        at = float(state.get("at") or now)
+        return max(0.0, level - max(0.0, now - at) * self.rate)
+
+    def acquire(self, method: str, deadline: Deadline) -> float:
+        """Take one request slot, sleeping until it is due; LimitError if not within `deadline`."""
+        with self._state() as state:
+            if state is None:
+                return 0.0
+            now = self.clock()
+            until = float((state.get("blocked") or {}).get(method) or 0.0)
+            if until > now:
+                raise LimitError("OPERATION_TIME_LIMIT", "held back until " + _hms(until) +
+                                 " (the portal's execution-time limit for this method)", 429, method,
+                                 reset_at=until)
+            level = self._level(state, now)
+            wait = max(0.0, (level + 1.0 - self.burst) / self.rate)
+            if wait and wait + MIN_REQUEST_TIME > deadline.remaining():
+                raise LimitError("RATE_BUDGET", f"this PBX's request budget for the portal is used up "
+                                 f"for {wait:.1f} s", None, method, reset_at=now + wait)
+            # Reserve the slot now: later processes queue behind it instead of racing for it.
+            state["level"], state["at"] = level + 1.0, now
+        if wait:
+            self.sleep(wait)
+            self.waited += wait
+        return wait
+
+    def saturated(self) -> None:
+        """The portal answered 503 QUERY_LIMIT_EXCEEDED: its bucket is full (maybe others share it)."""
+        with self._state() as state:
+            if state is None:
+                return
+            now = self.clock()
+            state["level"], state["at"] = max(self._level(state, now), float(self.burst)), now
+
+    def observe(self, method: str, timing: Any) -> None:
+        """Remember the `operating_reset_at` of a good answer: the time a 429 for it would end."""
+        reset_at = timing.get("operating_reset_at") if isinstance(timing, dict) else None
+        if not isinstance(reset_at, (int, float)) or isinstance(reset_at, bool):
+            return
+        with self._state() as state:
+            if state is None:
+                return
+            resets = state.setdefault("reset", {})
+            if abs(float(resets.get(method) or 0.0) - reset_at) >= 1.0:
+                resets[method] = float(reset_at)
+                _forget(resets, self.clock())
+
+    def block(self, method: str, reset_at: Optional[float] = None) -> float:
+        """The portal answered 429 for `method`: hold it back until its reset time; return that time."""
+        with self._state() as state:
+            now = self.clock()
+            if state is None:
+                return now + DEFAULT_BLOCK
+            candidates = [reset_at, (state.get("reset") or {}).get(method)]
+            known = [float(c) for c in candidates if isinstance(c, (int, float)) and now < c <= now + MAX_BLOCK]
+            until = known[0] if known else now + DEFAULT_BLOCK
+            blocked = state.setdefault("blocked", {})
+            blocked[method] = until
+            _forget(blocked, now)
+            return until
+
+
+def _forget(table: Dict[str, Any], now: float) -> None:
+    for key in [k for k, v in table.items() if not isinstance(v, (int, float)) or v < now - FORGET_AFTER]:
+        del table[key]
+
+
+def _hms(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
