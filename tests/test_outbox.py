@@ -239,3 +239,14 @@ def test_unwritable_state_is_reported_by_check(pbx, emulator, tmp_path):
     pbx.set("storage", "state_dir", str(blocker / "state"))
     res = pbx.cli("check")
     assert res.returncode == 1 and "state" in res.stdout and "not writable" in res.stdout
+
+
+def test_check_reports_what_waits_and_the_dead_letters(pbx, emulator):
+    emulator.stop()
+    pbx.run(["outgoing", "555", "89161234567"], linkedid="1795400900.1")
+    res = pbx.cli("check")
+    assert "outbox" in res.stdout and "1 waiting for delivery" in res.stdout
+    emulator.start()
+    pbx.cli("outbox", "flush")
+    res = pbx.cli("check")
+    assert res.returncode == 1 and "1 dead letter(s)" in res.stdout

@@ -57,6 +57,43 @@ def _writable_dir(report: Report, area: str, folder: Path) -> None:
                              "it must be writable by the user Asterisk runs as")
 
 
+MIN_FREE_BYTES = 100 * 1024 * 1024  # below this the outbox may soon fail to record calls
+
+
+def _disk_and_outbox(report: Report, state_dir: Path) -> None:
+    """Free space where the outbox lives, and what waits in it."""
+    import shutil
+
+    from agi_bitrix.store import Store, StoreError
+
+    try:
+        free = shutil.disk_usage(state_dir).free
+    except OSError:
+        return  # the folder problem was reported already
+    if free < MIN_FREE_BYTES:
+        report.problem("state", f"only {free // (1024 * 1024)} MiB free on the disk of {state_dir}: "
+                                "call records cannot be kept when it is full; free some space")
+    try:
+        store = Store(str(state_dir))
+    except StoreError as exc:
+        report.problem("outbox", str(exc))
+        return
+    try:
+        info = store.outbox_status()
+    finally:
+        store.close()
+    counts = info["counts"]
+    if counts["dead"]:
+        report.problem("outbox", f"{counts['dead']} dead letter(s): see agi-bitrix outbox status, fix the "
+                                 "cause, then agi-bitrix outbox retry")
+    if counts["pending"]:
+        age = int((time.time() - (info["oldest_pending"] or time.time())) // 60)
+        report.warn("outbox", f"{counts['pending']} waiting for delivery, the oldest for {age} min "
+                              f"(last error: {info['last_error'] or 'none'}); is the worker running?")
+    elif not counts["dead"]:
+        report.ok("outbox", "nothing waiting")
+
+
 def _bitrix(report: Report, settings: settings_mod.Settings) -> None:
     from agi_bitrix.bitrix.errors import AuthError, BitrixError, NetworkError
     from agi_bitrix.bitrix.factory import NotConfigured, make_client
@@ -200,6 +237,7 @@ def run(args: Any) -> int:
         pass
     _writable_dir(report, "state", Path(settings.storage.state_dir))
     _writable_dir(report, "log", Path(settings.logging.file).parent)
+    _disk_and_outbox(report, Path(settings.storage.state_dir))
     _bitrix(report, settings)
     _ami(report, settings)
     if report.problems:
