@@ -19,6 +19,8 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/agi_event.py
 	$(BIN)/python bench/journal_cost.py
+	$(BIN)/python bench/requests_per_call.py
+	$(BIN)/python bench/dialer_requests.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -126,9 +126,10 @@ class Outbox:
         self.store.mark_dead(entry.id, reason)
         self.log.setdefault("dead_letters", []).append(f"{entry.kind} #{entry.id}: {reason}")
         if entry.kind == "register":
-            # Nothing else of this call can be delivered without its CALL_ID.
+            # Nothing that needs this call's CALL_ID can be delivered now (other writes still can).
             for later in self.store.entries(entry.linkedid, "pending"):
-                self.store.mark_dead(later.id, f"waits for the dead-lettered register #{entry.id}")
+                if later.kind in ("card", "finish", "record"):
+                    self.store.mark_dead(later.id, f"waits for the dead-lettered register #{entry.id}")
 
     def _waits_for_register(self, entry: Entry) -> str:
         """No CALL_ID yet: wait for the register, or die with it if it was dead-lettered."""
@@ -211,6 +212,12 @@ class Outbox:
                 raise
             # An earlier attempt reached the portal but its answer was lost: finished already.
             self.log["note"] = f"finish repeated after an unanswered attempt: {exc.description or exc.code}"
+        self.store.mark_done(entry)
+        return "done"
+
+    def _deliver_rest(self, entry: Entry, deadline: Deadline) -> str:
+        self.store.mark_sending(entry.id)
+        self.client.call(entry.payload["method"], entry.payload.get("params") or {}, deadline)
         self.store.mark_done(entry)
         return "done"
 

@@ -165,12 +165,100 @@ class AsteriskSettings(_Section):
         return value
 
 
+def _duration(value: object) -> object:
+    """'90m', '2h', '45' (minutes) or '30s' -> seconds."""
+    if isinstance(value, (int, float)):
+        return float(value) * 60
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([hms]?)\s*", str(value).lower())
+    if not match:
+        raise ValueError("must be a duration such as 2h, 90m or 30s")
+    number, unit = float(match.group(1)), match.group(2) or "m"
+    return number * {"h": 3600, "m": 60, "s": 1}[unit]
+
+
+def _hours(value: str) -> str:
+    """'09:00-20:00' or empty (no calls)."""
+    if value and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-4]):[0-5]\d", value):
+        raise ValueError("must look like 09:00-20:00 (or be empty: no calls)")
+    if value and value[:5] >= value[6:]:
+        raise ValueError("the end must be later than the start")
+    return value
+
+
+class DialerSettings(_Section):
+    group: str = "CallCenter"
+    mode: Literal["client_first", "operator_first"] = "client_first"
+    max_channels: int = Field(2, ge=1, le=500)
+    max_attempts: int = Field(5, ge=1, le=100)
+    retry_busy: float = 3600.0
+    retry_noanswer: float = 2 * 3600.0
+    retry_unreachable: float = 3 * 3600.0
+    retry_ours: float = 300.0               # congestion, our own failures: not the client's attempt
+    reassign_after: float = 1800.0
+    ring_timeout: int = Field(30, ge=5, le=300)   # seconds the first party rings
+    operator_channel: str = "PJSIP/{inner}"
+    hours: str = "09:00-20:00"              # weekdays, in the client's local time
+    hours_weekend: str = ""                 # empty: no calls on Saturday and Sunday
+    default_timezone: str = "Europe/Moscow" # when the number does not tell one zone
+    dnc_file: str = ""
+    dnc_field: str = ""                     # a CRM field of the client, e.g. UF_CRM_DNC (Y = do not call)
+    use_timeman: bool = False
+    hint_context: str = "default"           # where the operators' hints live (AMI ExtensionState)
+    line_number: str = "autodialer"
+    line_name: str = "Автообзвон"
+    caller_prefix: str = "АВТО:"
+    language: Literal["ru", "en"] = "ru"
+    poll_interval: float = Field(30.0, ge=1, le=3600)
+
+    @field_validator("retry_busy", "retry_noanswer", "retry_unreachable", "retry_ours", "reassign_after",
+                     mode="before")
+    @classmethod
+    def _durations(cls, value: object) -> object:
+        return _duration(value)
+
+    @field_validator("use_timeman", mode="before")
+    @classmethod
+    def _flag(cls, value: object) -> object:
+        return _yes_no(value)
+
+    @field_validator("hours", "hours_weekend")
+    @classmethod
+    def _hours_field(cls, value: str) -> str:
+        return _hours(value)
+
+    @field_validator("operator_channel")
+    @classmethod
+    def _operator_channel(cls, value: str) -> str:
+        if value.count("{inner}") != 1 or re.search(r"[\s,&\"\\]", value):
+            raise ValueError("must contain {inner} once and no spaces, commas or '&', e.g. PJSIP/{inner}")
+        return value
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(value)
+        except Exception:
+            raise ValueError("must be a time zone name such as Europe/Moscow")
+        return value
+
+    @field_validator("line_number")
+    @classmethod
+    def _line(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_\-+]{1,50}", value):
+            raise ValueError("letters, digits, _ - + only, up to 50")
+        return value
+
+
 class Settings(_Section):
     bitrix24: Bitrix24Settings = Bitrix24Settings()
     calls: CallsSettings = CallsSettings()
     storage: StorageSettings = StorageSettings()
     logging: LoggingSettings = LoggingSettings()
     asterisk: AsteriskSettings = AsteriskSettings()
+    dialer: DialerSettings = DialerSettings()
     path: str = ""
 
     def secrets(self) -> list[str]:

@@ -21,8 +21,9 @@ USER_CACHE_SECONDS = 3600
 KEEP_SECONDS = 7 * 24 * 3600  # finished calls and delivered entries are kept a week for troubleshooting
 
 PENDING, DONE, DEAD = "pending", "done", "dead"
-# Delivery order inside one call; entries are also ordered by creation.
-KINDS = ("register", "card", "finish", "record")
+# Entry kinds; inside one call they are delivered in creation order. `rest` is any other
+# method call that belongs to the call (task comments, deadlines, notifications of the dialer).
+KINDS = ("register", "card", "finish", "record", "rest")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -212,6 +213,12 @@ class Store:
             if record:
                 ids.append(self._enqueue(db, linkedid, "record", record, owner, lease))
             return ids
+
+    def queue_rest(self, linkedid: str, calls: List[Any], owner: str, lease: float) -> List[int]:
+        """Queue plain method calls [(method, params), ...] after the call's other entries."""
+        with self._tx() as db:
+            return [self._enqueue(db, linkedid, "rest", {"method": method, "params": params}, owner, lease)
+                    for method, params in calls]
 
     # -- outbox --------------------------------------------------------------------------------
     @staticmethod

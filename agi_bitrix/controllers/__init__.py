@@ -7,4 +7,8 @@ EVENTS = {
     "answer": "agi_bitrix.controllers.answer",
     "hangup": "agi_bitrix.controllers.hangup",
     "dial": "agi_bitrix.controllers.dial",
+    # the auto-dialer's dialplan (extensions.conf.sample, [bitrix-dialer])
+    "dialer-answered": "agi_bitrix.controllers.dialer_answered",
+    "dialer-connected": "agi_bitrix.controllers.dialer_connected",
+    "dialer-failed": "agi_bitrix.controllers.dialer_failed",
 }

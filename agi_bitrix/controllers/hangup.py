@@ -38,6 +38,8 @@ def handle(ctx: EventContext) -> Outcome:
     if not re.fullmatch(r"[A-Za-z]{0,20}", dialstatus):
         ctx.log["dialstatus_note"] = f"ignored DIALSTATUS {dialstatus[:40]!r}"
         dialstatus = "?"
+    if ctx.linkedid.startswith("dialer-"):
+        return _dialer_hangup(ctx, dialstatus)
     call = ctx.store.call(ctx.linkedid)
     if call is None:
         raise Refused("no call is known for this linkedid (did `incoming` or `outgoing` run?)")
@@ -59,4 +61,34 @@ def handle(ctx: EventContext) -> Outcome:
         ctx.log["note"] = "finish already queued by another leg"
     else:
         ctx.queued.extend(ids)
+    return Outcome()
+
+
+# DIALSTATUS of the dialer's second Dial (operator_first: the client) -> attempt outcome
+_DIAL_OUTCOMES = {"BUSY": "busy", "NOANSWER": "noanswer", "CHANUNAVAIL": "unreachable", "CONGESTION": "congestion"}
+
+
+def _dialer_hangup(ctx: EventContext, dialstatus: str) -> Outcome:
+    """End of an answered dialer call: connected, or who was missing."""
+    from agi_bitrix.dialer import outcomes
+    from agi_bitrix.dialer.state import DialerState
+
+    dstate = DialerState(ctx.store)
+    attempt = dstate.attempt(ctx.linkedid)
+    if attempt is None:
+        raise Refused("no dialer attempt is known for this linkedid")
+    call = ctx.store.call(ctx.linkedid)
+    duration = 0
+    if attempt.state == "connected" and call is not None and call.answered_at:
+        outcome = "connected"
+        duration = int(math.ceil(max(0.0, time.time() - call.answered_at)))
+    elif attempt.mode == "client_first":
+        outcome = "nooperator"  # the client answered, nobody took him: not the client's attempt
+    else:
+        outcome = _DIAL_OUTCOMES.get(dialstatus.upper(), "failed")
+    ctx.log.update(task=attempt.task_id, outcome=outcome, duration=duration, dialstatus=dialstatus)
+    if outcomes.record_outcome(ctx.store, dstate, ctx.settings, ctx.linkedid, outcome, ctx.outbox.owner,
+                               duration) is None:
+        ctx.log["note"] = "outcome already recorded"
+    ctx.queued.extend(e.id for e in ctx.store.entries(ctx.linkedid, "pending"))
     return Outcome()

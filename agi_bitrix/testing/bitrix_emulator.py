@@ -1,13 +1,16 @@
 """A Bitrix24 cloud portal on 127.0.0.1, for tests and ``agi-bitrix demo``.
 
 It is a real HTTP server (standard library only) speaking the parts of the Bitrix24 REST API this
-project uses: webhook and OAuth auth, the rotating OAuth token endpoint, ``telephony.externalcall.*``,
-``user.get``, CRM look-ups and ``batch``, plus the leaky-bucket and operating limits and fault
-injection. Where the public facts are unsure it is deliberately strict (the harsher behaviour), so a
-client bug shows up here instead of on a customer's portal.
+project uses: webhook and OAuth auth, the rotating OAuth token endpoint, ``telephony.externalcall.*``
+and ``telephony.externalLine.*``, ``user.get``, CRM look-ups, workgroups (``sonet_group.*``), tasks
+(``tasks.task.*``, ``task.commentitem.add``), ``im.notify*``, ``timeman.status`` and ``batch``, plus
+the leaky-bucket and operating limits and fault injection. Where the public facts are unsure it is
+deliberately strict (the harsher behaviour), so a client bug shows up here instead of on a customer's
+portal.
 
 Tests start it in-process, point the real ``agi-bitrix`` script at ``webhook_url`` (or the OAuth
-endpoints) and then read ``calls``, ``leads``, ``requests`` ... which are deep copies taken under one lock.
+endpoints) and then read ``calls``, ``leads``, ``tasks``, ``requests`` ... which are deep copies taken
+under one lock. The portal's time zone is UTC+03:00: task dates come back with that offset.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
@@ -54,6 +57,32 @@ _PHP_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 _BRACKETS = re.compile(r"\[([^\[\]]*)\]")
 _RESULT_REF = re.compile(r"\$result\[([^\[\]]*)\]((?:\[[^\[\]]*\])*)")
 _FILTER_KEY = re.compile(r"^(!@|!=|!%|>=|<=|@|!|=|>|<|%)?(.+)$")
+_TASK_FILTER_KEY = re.compile(r"^(!=|>=|<=|!|=|>|<|%)?([A-Z][A-Z_]*)$")  # UPPER_CASE only (the quirk)
+_ISO_NAIVE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}$")
+_CRM_BINDING = re.compile(r"^(?:L|D|C|CO|SI|T[0-9a-f]+)_[1-9]\d*$")
+
+PORTAL_TZ = timezone(timedelta(hours=3))  # portal time: offset-less task dates are read in it
+LINE_NUMBER_MAX = 50
+
+# tasks.task.* output fields (UPPER_CASE as requested in `select`, answered in camelCase). UF_CRM_TASK
+# is left out of the default set: the portal returns it only when it is selected explicitly.
+_TASK_FIELDS = ("ID", "PARENT_ID", "TITLE", "DESCRIPTION", "PRIORITY", "STATUS", "SUB_STATUS", "GROUP_ID",
+                "CREATED_BY", "RESPONSIBLE_ID", "CHANGED_BY", "CREATED_DATE", "CHANGED_DATE", "CLOSED_DATE",
+                "DEADLINE")
+_TASK_UF = ("UF_CRM_TASK",)
+_TASK_INT = {"ID", "PARENT_ID", "GROUP_ID", "RESPONSIBLE_ID", "CREATED_BY", "CHANGED_BY", "REAL_STATUS", "STATUS",
+             "PRIORITY"}
+_TASK_DATES = {"DEADLINE", "CREATED_DATE", "CHANGED_DATE", "CLOSED_DATE"}
+_TASK_ORDER = _TASK_INT | _TASK_DATES | {"TITLE"}
+_TASK_UPDATABLE = {"TITLE", "DESCRIPTION", "RESPONSIBLE_ID", "DEADLINE", "STATUS", "GROUP_ID", "UF_CRM_TASK",
+                   "PRIORITY", "SE_PARAMETER"}
+# Controller-style methods bind their parameters by exact (camelCase) name.
+_TASK_PARAMS = {"tasks.task.list": {"filter", "select", "order", "start", "params"},
+                "tasks.task.get": {"taskId", "select", "params"},
+                "tasks.task.update": {"taskId", "fields", "params"},
+                "tasks.task.complete": {"taskId", "params"}}
+_TIMEMAN_STATES = ("OPENED", "CLOSED", "PAUSED", "EXPIRED", "UNAVAILABLE", "NOT_INSTALLED")
+NOT_ALLOWED_TEXT = "Action on the task is not allowed"
 
 NOT_FINISHED_TEXT = "Call is not found in the statistic table. It looks like it is not finished yet."
 # Sic: the server's message lacks the closing parenthesis.
@@ -249,6 +278,62 @@ def _portal_dt(ts: float) -> str:
     return time.strftime("%d.%m.%Y %H:%M:%S", time.localtime(ts))
 
 
+def _portal_iso(ts: float) -> str:
+    """ISO 8601 in portal time (+03:00), how tasks and timeman answer dates."""
+    return datetime.fromtimestamp(ts, PORTAL_TZ).isoformat(timespec="seconds")
+
+
+def _parse_iso(value: Any, naive_ok: bool = False) -> datetime | None:
+    """Strict ISO 8601 with an offset -> aware datetime (None if not that). ``naive_ok`` also takes
+    ``YYYY-MM-DDThh:mm:ss`` and reads it in portal time, as the portal does for task fields."""
+    if not isinstance(value, str):
+        return None
+    if _valid_atom(value):
+        return datetime.fromisoformat(value)
+    if naive_ok and _ISO_NAIVE.match(value):
+        try:
+            return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=PORTAL_TZ)
+        except ValueError:
+            return None
+    return None
+
+
+def _camel(name: str) -> str:
+    """RESPONSIBLE_ID -> responsibleId, UF_CRM_TASK -> ufCrmTask (tasks.task.* answer keys)."""
+    head, *rest = name.lower().split("_")
+    return head + "".join(w.capitalize() for w in rest)
+
+
+def _php_list(value: Any) -> list | None:
+    """A PHP array (JSON list, or a dict from ``a[0]=..``/``a[x]=..``) as a list; None if scalar."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        return list(value.values())
+    return None
+
+
+def _crm_bindings(value: Any) -> list[str] | None:
+    """UF_CRM_TASK input -> list of "C_12"-style strings; None when an item is malformed."""
+    if value in (None, "", False):
+        return []
+    items = _php_list(value)
+    items = [value] if items is None else items
+    out: list[str] = []
+    for item in items:
+        text = _php_str(item)
+        if not _CRM_BINDING.match(text):
+            return None
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def _hms(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def _int_list(value: Any) -> list[int]:
     if isinstance(value, dict):
         value = list(value.values())
@@ -294,9 +379,27 @@ _METHODS: dict[str, tuple[tuple[str, ...] | None, str]] = {
     "crm.lead.get": (("crm",), "_m_lead_get"),
     "crm.contact.get": (("crm",), "_m_contact_get"),
     "crm.company.get": (("crm",), "_m_company_get"),
+    "telephony.externalline.add": (("telephony",), "_m_line_add"),
+    "telephony.externalline.get": (("telephony",), "_m_line_get"),
+    "telephony.externalline.update": (("telephony",), "_m_line_update"),
+    "telephony.externalline.delete": (("telephony",), "_m_line_delete"),
+    "sonet_group.get": (("sonet_group",), "_m_group_get"),
+    "sonet_group.user.get": (("sonet_group",), "_m_group_user_get"),
+    "tasks.task.list": (("task",), "_m_task_list"),
+    "tasks.task.get": (("task",), "_m_task_get"),
+    "tasks.task.update": (("task",), "_m_task_update"),
+    "tasks.task.complete": (("task",), "_m_task_complete"),
+    "task.commentitem.add": (("task",), "_m_comment_add"),
+    "im.notify": (("im",), "_m_notify"),
+    "im.notify.system.add": (("im",), "_m_notify_system"),
+    "im.notify.personal.add": (("im",), "_m_notify_personal"),
+    "timeman.status": (("timeman",), "_m_timeman_status"),
 }
 # The docs call these application-only; public server code accepts webhooks too (reference 5.0).
-_APP_ONLY = {"telephony.externalcall.register", "telephony.externalcall.finish"}
+_APP_ONLY = {"telephony.externalcall.register", "telephony.externalcall.finish", "telephony.externalline.add",
+             "telephony.externalline.get", "telephony.externalline.update", "telephony.externalline.delete"}
+# Legacy methods that bind arguments by position, so their body may be a JSON array (reference 7.6).
+_POSITIONAL_BODY = {"task.commentitem.add"}
 # Handlers that take the lock themselves (they do network I/O that must not hold it).
 _SELF_LOCKING = {"telephony.externalcall.attachrecord"}
 
@@ -318,7 +421,7 @@ class Bitrix24Emulator:
         self.client_id = client_id
         self.client_secret = client_secret
         self.scopes: list[str] = list(scopes)
-        # False = register/finish via webhook answer 403 WRONG_AUTH_TYPE, as the docs claim.
+        # False = register/finish/externalLine.* via webhook answer 403 WRONG_AUTH_TYPE, as the docs claim.
         self.allow_webhook_telephony = allow_webhook_telephony
         # Wall clock for everything time-based (dedup window, token expiry, bucket drain);
         # tests replace it to jump ahead without sleeping.
@@ -336,7 +439,13 @@ class Bitrix24Emulator:
         self._fm_seq = 0
         self._calls: dict[str, dict] = {}
         self._dedup: dict[tuple, tuple[str, float]] = {}
-        self._seq = {"call": 0, "activity": 0, "stat": 0, "file": 0}
+        self._seq = {"call": 0, "activity": 0, "stat": 0, "file": 0, "task": 0, "comment": 0, "notify": 0,
+                     "line": 0}
+        self._groups: dict[int, dict] = {}
+        self._tasks: dict[int, dict] = {}
+        self._comments: dict[int, list[dict]] = {}
+        self._notifications: list[dict] = []
+        self._lines: dict[str, dict] = {}
         self._uploads: dict[str, dict] = {}
         self._requests: list[dict] = []
         self._faults: list[dict] = []
@@ -445,21 +554,61 @@ class Bitrix24Emulator:
             self._users[uid] = {
                 "id": uid, "name": name, "last_name": last_name,
                 "inner": None if inner in (None, "") else str(inner),
-                "active": bool(active), "online": bool(online), "timeman": timeman_status,
-                "last_activity": _portal_dt(self.clock()),
+                "active": bool(active), "online": bool(online), "timeman": None,
+                "last_activity": _portal_dt(self.clock()), "day_start": None, "day_finish": None,
             }
+            self._set_timeman(self._users[uid], timeman_status, check=False)
             return self._user_row(self._users[uid])
 
-    def add_contact(self, name: str, phones: list[str], assigned_by_id: int, contact_id: int | None = None) -> dict:
-        return self._add_crm("CONTACT", name, phones, assigned_by_id, contact_id)
+    def set_user(self, user_id: int, *, online: bool | None = None, last_activity: datetime | None = None,
+                 active: bool | None = None, inner: str | None = None, timeman_status: str | None = None) -> None:
+        """Change an employee's presence/workday; None leaves a value as it is (inner "" clears it).
+        A naive ``last_activity`` is local time, like the rest of the portal-format user dates."""
+        with self._lock:
+            u = self._users[int(user_id)]
+            if online is not None:
+                u["online"] = bool(online)
+            if last_activity is not None:
+                u["last_activity"] = _portal_dt(last_activity.timestamp())
+            if active is not None:
+                u["active"] = bool(active)
+            if inner is not None:
+                u["inner"] = str(inner) or None
+            if timeman_status is not None:
+                self._set_timeman(u, timeman_status)
 
-    def add_company(self, title: str, phones: list[str], assigned_by_id: int, company_id: int | None = None) -> dict:
-        return self._add_crm("COMPANY", title, phones, assigned_by_id, company_id)
+    def _set_timeman(self, u: dict, status: str, check: bool = True) -> None:
+        """Move the workday and remember when it started/ended (timeman.status TIME_START/FINISH)."""
+        if check and status not in _TIMEMAN_STATES:
+            raise ValueError(f"timeman_status must be one of {_TIMEMAN_STATES}")
+        now, prev = self.clock(), u["timeman"]
+        if status in ("OPENED", "PAUSED"):
+            if prev not in ("OPENED", "PAUSED"):
+                u["day_start"], u["day_finish"] = now, None
+        elif status == "EXPIRED":  # opened on an earlier day and never closed
+            u["day_start"], u["day_finish"] = now - 86400, None
+        elif status == "CLOSED":
+            if prev in ("OPENED", "PAUSED", "EXPIRED"):
+                u["day_finish"] = now
+        else:  # time tracking off for the user
+            u["day_start"] = u["day_finish"] = None
+        u["timeman"] = status
 
-    def add_lead(self, title: str, phones: list[str], assigned_by_id: int, lead_id: int | None = None) -> dict:
-        return self._add_crm("LEAD", title, phones, assigned_by_id, lead_id)
+    def add_contact(self, name: str, phones: list[str], assigned_by_id: int, contact_id: int | None = None,
+                    fields: dict | None = None) -> dict:
+        """``fields``: extra entity fields (e.g. ``{"UF_CRM_DNC": "1"}``) stored and returned by crm.contact.get."""
+        return self._add_crm("CONTACT", name, phones, assigned_by_id, contact_id, fields)
 
-    def _add_crm(self, etype: str, title: str, phones: list[str], assigned_by_id: int, eid: int | None) -> dict:
+    def add_company(self, title: str, phones: list[str], assigned_by_id: int, company_id: int | None = None,
+                    fields: dict | None = None) -> dict:
+        return self._add_crm("COMPANY", title, phones, assigned_by_id, company_id, fields)
+
+    def add_lead(self, title: str, phones: list[str], assigned_by_id: int, lead_id: int | None = None,
+                 fields: dict | None = None) -> dict:
+        return self._add_crm("LEAD", title, phones, assigned_by_id, lead_id, fields)
+
+    def _add_crm(self, etype: str, title: str, phones: list[str], assigned_by_id: int, eid: int | None,
+                 fields: dict | None = None) -> dict:
         with self._lock:
             if eid is None:
                 eid = max(self._crm_seq[etype], max(self._crm[etype], default=0)) + 1
@@ -479,8 +628,76 @@ class Bitrix24Emulator:
                 entity.update({"STATUS_ID": "NEW", "SOURCE_ID": "OTHER"})
             entity.update({"ASSIGNED_BY_ID": str(int(assigned_by_id)), "HAS_PHONE": "Y" if phones else "N",
                            "PHONE": multifield, "DATE_CREATE": _iso(self.clock())})
+            entity.update({k: copy.deepcopy(v) for k, v in (fields or {}).items() if k != "ID"})
             self._crm[etype][eid] = entity
             return copy.deepcopy(entity)
+
+    # ------------------------------------------------------------------ workgroups and tasks seeding
+
+    def add_group(self, name: str, member_ids: Iterable[int], owner_id: int | None = None,
+                  group_id: int | None = None, moderator_ids: Iterable[int] = ()) -> dict:
+        """Add (or replace, with the same group_id) a workgroup; returns its ``groups`` view.
+        The owner (default: the first member) gets role A, moderators E, the rest K."""
+        members = [int(m) for m in member_ids]
+        moderators = [int(m) for m in moderator_ids]
+        with self._lock:
+            owner = int(owner_id) if owner_id is not None else (members[0] if members else self.webhook_user_id)
+            unknown = sorted({owner, *members, *moderators} - set(self._users))
+            if unknown:
+                raise ValueError(f"unknown users {unknown}: add them first")
+            gid = int(group_id) if group_id is not None else max(self._groups, default=0) + 1
+            if any(g["NAME"] == name and g["ID"] != gid for g in self._groups.values()):
+                raise ValueError(f"a workgroup named {name!r} already exists")  # the portal refuses it too
+            roles = {m: "K" for m in members}
+            roles.update({m: "E" for m in moderators})
+            roles[owner] = "A"
+            self._groups[gid] = {"ID": gid, "NAME": name, "OWNER_ID": owner, "ROLES": roles,
+                                 "DATE_CREATE": _portal_iso(self.clock())}
+            return self._group_view(self._groups[gid])
+
+    def add_task(self, title: str, responsible_id: int, *, group_id: int | None = None,
+                 deadline: str | datetime | None = None, status: int = 2, crm: Iterable[str] = (),
+                 created_by: int = 1, task_id: int | None = None) -> dict:
+        """Add (or replace, with the same task_id) a task; returns its internal record (``tasks`` view).
+        ``deadline``: ISO 8601 (no offset = portal time) or a datetime (naive = portal time)."""
+        if isinstance(deadline, datetime):
+            dl: datetime | None = deadline if deadline.tzinfo else deadline.replace(tzinfo=PORTAL_TZ)
+        elif deadline is None:
+            dl = None
+        else:
+            dl = _parse_iso(deadline, naive_ok=True)
+            if dl is None:
+                raise ValueError(f"deadline must be ISO 8601, got {deadline!r}")
+        if int(status) not in range(1, 8):
+            raise ValueError("status must be 1..7")
+        bindings = _crm_bindings(list(crm))
+        if bindings is None:
+            raise ValueError(f"crm bindings look like 'C_12', 'CO_3', 'L_7', got {list(crm)!r}")
+        with self._lock:
+            if group_id and int(group_id) not in self._groups:
+                raise ValueError(f"unknown group {group_id}: add_group first")
+            if task_id is None:
+                task_id = max(self._seq["task"], max(self._tasks, default=0)) + 1
+            tid = int(task_id)
+            self._seq["task"] = max(self._seq["task"], tid)  # ids of deleted tasks are never reused
+            now = _portal_iso(self.clock())
+            self._tasks[tid] = {
+                "ID": str(tid), "PARENT_ID": "0", "TITLE": title, "DESCRIPTION": "", "PRIORITY": "1",
+                "STATUS": str(int(status)), "GROUP_ID": str(int(group_id or 0)),
+                "CREATED_BY": str(int(created_by)), "RESPONSIBLE_ID": str(int(responsible_id)),
+                "CHANGED_BY": str(int(created_by)), "CREATED_DATE": now, "CHANGED_DATE": now,
+                "CLOSED_DATE": now if int(status) == 5 else None,
+                "DEADLINE": None if dl is None else dl.astimezone(PORTAL_TZ).isoformat(timespec="seconds"),
+                "UF_CRM_TASK": bindings,
+            }
+            self._comments.setdefault(tid, [])
+            return copy.deepcopy(self._tasks[tid])
+
+    def delete_task(self, task_id: int) -> None:
+        """Delete a task (as if removed in the UI): it disappears from lists, get answers []."""
+        with self._lock:
+            del self._tasks[int(task_id)]
+            self._comments.pop(int(task_id), None)
 
     # ------------------------------------------------------------------ inspection (deep copies)
 
@@ -513,6 +730,32 @@ class Bitrix24Emulator:
     def companies(self) -> dict[int, dict]:
         with self._lock:
             return copy.deepcopy(self._crm["COMPANY"])
+
+    @property
+    def groups(self) -> dict[int, dict]:
+        with self._lock:
+            return {gid: self._group_view(g) for gid, g in self._groups.items()}
+
+    @property
+    def tasks(self) -> dict[int, dict]:
+        with self._lock:
+            return copy.deepcopy(self._tasks)
+
+    @property
+    def comments(self) -> dict[int, list[dict]]:
+        with self._lock:
+            return copy.deepcopy(self._comments)
+
+    @property
+    def notifications(self) -> list[dict]:
+        """Live notifications (one replaced by a later one with the same TAG is gone)."""
+        with self._lock:
+            return copy.deepcopy(self._notifications)
+
+    @property
+    def lines(self) -> dict[str, dict]:
+        with self._lock:
+            return {n: {k: line[k] for k in ("NUMBER", "NAME", "CRM_AUTO_CREATE")} for n, line in self._lines.items()}
 
     @property
     def requests(self) -> list[dict]:
@@ -687,11 +930,15 @@ class Bitrix24Emulator:
         files: dict[str, tuple[str, bytes]] = {}
         ctype = (headers.get("Content-Type") or "").lower()
         bad_body = False
+        positional = False  # a JSON array body: arguments by position, only some methods take it
         try:
             if "application/json" in ctype:
                 if body.strip():
                     data = json.loads(body.decode("utf-8"))
-                    if not isinstance(data, dict):
+                    if isinstance(data, list):
+                        positional = True
+                        data = {str(i): v for i, v in enumerate(data)}
+                    elif not isinstance(data, dict):
                         raise ValueError("JSON body is not an object")
                     params.update(data)
             elif "multipart/form-data" in ctype:
@@ -703,7 +950,7 @@ class Bitrix24Emulator:
             bad_body = True
 
         if path.rstrip("/") == "/oauth/token":
-            if bad_body:
+            if bad_body or positional:
                 return 400, {"error": "invalid_request", "error_description": "Malformed request body"}
             return self._token_endpoint(params)
         if not path.startswith("/rest/"):
@@ -717,7 +964,7 @@ class Bitrix24Emulator:
         method = parts[-1].lower()
         if method.endswith(".json"):
             method = method[:-5]
-        if bad_body:
+        if bad_body or (positional and method not in _POSITIONAL_BODY):
             entry = self._record(method, {}, "webhook" if webhook else None)
             err = ApiError(400, "INVALID_REQUEST", "Request body could not be parsed")
             self._close(entry, err.status, err.error)
@@ -1033,6 +1280,8 @@ class Bitrix24Emulator:
         external_id = _opt_str(p.get("EXTERNAL_CALL_ID"))
         show = _php_int(p.get("SHOW", 1)) != 0
         now = self.clock()
+        if line and line not in self._lines:  # server code: an unknown LINE_NUMBER creates the line
+            self._new_line(line, "", "Y")
 
         # Dedup on user+phone+type+line+external id within 30 min, even for finished calls.
         key = (uid, phone, call_type, line, external_id)
@@ -1283,6 +1532,448 @@ class Bitrix24Emulator:
     def _m_company_get(self, p: dict, ctx: _Ctx) -> dict:
         return self._crm_get("COMPANY", p)
 
+    # ------------------------------------------------------------------ external lines
+
+    def _new_line(self, number: str, name: str, auto: str) -> dict:
+        self._seq["line"] += 1
+        line = {"ID": self._seq["line"], "NUMBER": number, "NAME": name, "CRM_AUTO_CREATE": auto}
+        self._lines[number] = line
+        return line
+
+    @staticmethod
+    def _line_number(p: dict) -> str:
+        number = p.get("NUMBER")
+        if number is None or isinstance(number, (dict, list)) or _php_str(number).strip() == "":
+            raise _core("NUMBER should not be empty")
+        return _php_str(number)
+
+    @staticmethod
+    def _auto_create(value: Any) -> str:
+        text = _opt_str(value)
+        if text not in ("Y", "N"):  # strict: the docs only name "Y" and "N"
+            raise _core("CRM_AUTO_CREATE should be Y or N")
+        return text
+
+    def _m_line_add(self, p: dict, ctx: _Ctx) -> dict:
+        number = self._line_number(p)
+        if len(number) > LINE_NUMBER_MAX:
+            raise _core("DB error")  # the column holds 50 characters
+        auto = self._auto_create(p["CRM_AUTO_CREATE"]) if "CRM_AUTO_CREATE" in p else "Y"
+        if number in self._lines:
+            raise _core("Line already exists")
+        return {"ID": self._new_line(number, _opt_str(p.get("NAME")), auto)["ID"]}
+
+    def _m_line_get(self, p: dict, ctx: _Ctx) -> list[dict]:
+        lines = sorted(self._lines.values(), key=lambda line: line["ID"])
+        return [{k: line[k] for k in ("NUMBER", "NAME", "CRM_AUTO_CREATE")} for line in lines]
+
+    def _m_line_update(self, p: dict, ctx: _Ctx) -> dict:
+        number = self._line_number(p)
+        if "NAME" not in p and "CRM_AUTO_CREATE" not in p:
+            raise _core("There are no fields to update")
+        line = self._lines.get(number)
+        if line is None:
+            raise _core(f"Could not find line with number {number}")
+        auto = self._auto_create(p["CRM_AUTO_CREATE"]) if "CRM_AUTO_CREATE" in p else line["CRM_AUTO_CREATE"]
+        if "NAME" in p:
+            line["NAME"] = _opt_str(p["NAME"])
+        line["CRM_AUTO_CREATE"] = auto
+        return {"ID": str(line["ID"])}  # sic: a string here, an int from add
+
+    def _m_line_delete(self, p: dict, ctx: _Ctx) -> list:
+        number = self._line_number(p)
+        if number not in self._lines:  # strict: deleting nothing is reported, not ignored
+            raise _core(f"Could not find line with number {number}")
+        del self._lines[number]
+        return []
+
+    # ------------------------------------------------------------------ workgroups
+
+    @staticmethod
+    def _group_row(g: dict) -> dict:
+        return {"ID": str(g["ID"]), "SITE_ID": "s1", "NAME": g["NAME"], "DESCRIPTION": "",
+                "DATE_CREATE": g["DATE_CREATE"], "DATE_UPDATE": g["DATE_CREATE"], "DATE_ACTIVITY": g["DATE_CREATE"],
+                "ACTIVE": "Y", "VISIBLE": "Y", "OPENED": "N", "CLOSED": "N", "SUBJECT_ID": "1",
+                "OWNER_ID": str(g["OWNER_ID"]), "NUMBER_OF_MEMBERS": str(len(g["ROLES"])), "PROJECT": "N",
+                "IS_EXTRANET": "N"}
+
+    def _group_view(self, g: dict) -> dict:
+        view = self._group_row(g)
+        view["MEMBERS"] = dict(sorted(g["ROLES"].items()))  # user id -> role A/E/K
+        return view
+
+    def _m_group_get(self, p: dict, ctx: _Ctx) -> _Page:
+        up = {str(k).upper(): v for k, v in p.items()}  # old-style method: parameter names in any case
+        flt = up.get("FILTER") if isinstance(up.get("FILTER"), dict) else {}
+        rows = [self._group_row(g) for g in self._groups.values()]
+        for key, wanted in flt.items():
+            m = _FILTER_KEY.match(str(key))
+            if m and m.group(2).upper() == "GROUP_ID":  # documented shortcut for ID
+                key = (m.group(1) or "") + "ID"
+            rows = [r for r in rows if _filter_match(r, key, wanted)]
+        order = up.get("ORDER") if isinstance(up.get("ORDER"), dict) and up.get("ORDER") else {"ID": "DESC"}
+        rows.sort(key=lambda r: int(r["ID"]))
+        for field, direction in reversed(list(order.items())):
+            field = str(field).upper()
+            if field not in ("ID", "NAME", "OWNER_ID", "NUMBER_OF_MEMBERS", "DATE_CREATE"):
+                continue  # unknown sort fields are ignored by this old-style method
+            numeric = field in ("ID", "OWNER_ID", "NUMBER_OF_MEMBERS")
+            rows.sort(key=lambda r: int(r[field]) if numeric else r[field].lower(),
+                      reverse=_php_str(direction).upper() == "DESC")
+        return _paginate(rows, up.get("START"))
+
+    def _m_group_user_get(self, p: dict, ctx: _Ctx) -> list[dict]:
+        up = {str(k).upper(): v for k, v in p.items()}
+        gid = _php_int(up.get("ID"))
+        if gid <= 0:
+            raise ApiError(400, "", "Wrong socialnetwork group ID")
+        group = self._groups.get(gid)
+        if group is None:
+            raise ApiError(400, "", "Socialnetwork group not found")
+        rank = {"A": 0, "E": 1, "K": 2}
+        members = sorted(group["ROLES"].items(), key=lambda item: (rank[item[1]], item[0]))
+        return [{"USER_ID": str(uid), "ROLE": role} for uid, role in members
+                if uid in self._users and self._users[uid]["active"]]
+
+    # ------------------------------------------------------------------ tasks
+
+    @staticmethod
+    def _task_params(method: str, p: dict) -> None:
+        # A misspelt or UPPER_CASE parameter would silently not bind on the portal (e.g. FILTER ->
+        # every task); refuse it so the client bug shows.
+        allowed = _TASK_PARAMS[method]
+        unknown = sorted(str(k) for k in p if k not in allowed)
+        if unknown:
+            raise ApiError(400, "100", f"Unknown parameter {{{unknown[0]}}}; expected {', '.join(sorted(allowed))}")
+
+    @staticmethod
+    def _task_id(p: dict) -> int:
+        if "taskId" not in p:
+            raise ApiError(400, "100", "Could not find value for parameter {taskId}")
+        raw = p["taskId"]
+        if isinstance(raw, (bool, dict, list)) or not re.fullmatch(r"\s*\d+\s*", _php_str(raw)) or int(raw) <= 0:
+            raise ApiError(400, "0", "Wrong task ID")
+        return int(raw)
+
+    @staticmethod
+    def _task_select(value: Any) -> list[str]:
+        if value in (None, "", [], {}):
+            return list(_TASK_FIELDS)
+        items = _php_list(value)
+        out: list[str] = []
+        for item in ([value] if items is None else items):
+            name = _php_str(item)
+            for field in (_TASK_FIELDS if name == "*" else (name,)):  # "*" still leaves UF_* out
+                if field not in _TASK_FIELDS and field not in _TASK_UF:
+                    raise ApiError(400, "100", f"Invalid select field {name} (select takes UPPER_CASE names)")
+                if field not in out:
+                    out.append(field)
+        return out
+
+    def _sub_status(self, rec: dict) -> str:
+        """subStatus: -1 for an open task past its deadline, else the real status."""
+        if rec["STATUS"] in ("1", "2", "3") and rec["DEADLINE"] and \
+                datetime.fromisoformat(rec["DEADLINE"]).timestamp() < self.clock():
+            return "-1"
+        return rec["STATUS"]
+
+    def _task_out(self, rec: dict, fields: list[str]) -> dict:
+        out: dict[str, Any] = {"id": rec["ID"]}
+        for field in fields:
+            if field == "ID":
+                continue
+            if field == "SUB_STATUS":
+                value: Any = self._sub_status(rec)
+            elif field == "UF_CRM_TASK":
+                value = list(rec["UF_CRM_TASK"]) or False  # PHP answers false for an empty binding
+            else:
+                value = rec[field]
+            out[_camel(field)] = value
+        return out
+
+    def _task_condition(self, key: str, wanted: Any) -> Callable[[dict], bool]:
+        """One tasks.task.list filter entry as a predicate; bad entries raise before any row is read."""
+        m = _TASK_FILTER_KEY.match(key)
+        field = m.group(2) if m else ""
+        if field not in _TASK_INT | _TASK_DATES | {"TITLE", "UF_CRM_TASK"}:
+            raise ApiError(400, "0", f"Unknown filter field {key} (filter keys are UPPER_CASE)")
+        op = {"!=": "!", "": "="}.get(m.group(1) or "", m.group(1))
+        negate = op == "!"
+        many = _php_list(wanted)
+        if many is not None and (op not in ("=", "!") or field in _TASK_DATES or field == "TITLE"):
+            raise ApiError(400, "0", f"Filter {key}: a list of values is only taken by = and ! on ids and statuses")
+        values = [wanted] if many is None else many
+        if op == "%" and field != "TITLE":
+            raise ApiError(400, "0", f"Filter {key}: % is for TITLE only")
+
+        if field in _TASK_INT:
+            nums = [_php_int(v) for v in values]
+            src = "STATUS" if field == "REAL_STATUS" else field
+            if op in ("<", "<=", ">", ">="):
+                return lambda rec: _compare(op, int(rec[src]), nums[0])
+            if field == "STATUS":  # negative values are the meta-statuses (subStatus), e.g. -1 overdue
+                def hit(rec: dict) -> bool:
+                    real, sub = int(rec["STATUS"]), int(self._sub_status(rec))
+                    return any(sub == n if n < 0 else real == n for n in nums)
+            else:
+                def hit(rec: dict) -> bool:
+                    return int(rec[src]) in nums
+            return lambda rec: hit(rec) != negate
+
+        if field in _TASK_DATES:
+            if wanted in (None, "", False):  # "no date" / "has a date"
+                if op not in ("=", "!"):
+                    raise ApiError(400, "0", f"Filter {key}: an empty date only works with = or !")
+                return lambda rec: (rec[field] is None) != negate
+            when = _parse_iso(wanted)
+            if when is None:
+                raise ApiError(400, "0", f"Filter {key}: the date must be ISO 8601 with an offset, "
+                                         f"e.g. 2026-03-10T23:59:59+03:00; got {_php_str(wanted)!r}")
+
+            def dated(rec: dict) -> bool:
+                if rec[field] is None:
+                    return negate  # NULL never compares; only "!" keeps such tasks
+                return _compare(op, datetime.fromisoformat(rec[field]), when)
+            return dated
+
+        if field == "UF_CRM_TASK":
+            if op not in ("=", "!"):
+                raise ApiError(400, "0", f"Filter {key}: UF_CRM_TASK takes = or ! only")
+            if wanted in (None, "", False):
+                return lambda rec: (not rec["UF_CRM_TASK"]) != negate
+            bindings = {_php_str(v) for v in values}
+            return lambda rec: bool(bindings & set(rec["UF_CRM_TASK"])) != negate
+
+        text = _php_str(wanted)  # TITLE: = exact or a LIKE pattern with % and _, % = substring
+        if op == "%":
+            return lambda rec: text.lower() in rec["TITLE"].lower()
+        if op not in ("=", "!"):
+            raise ApiError(400, "0", f"Filter {key}: TITLE takes =, ! or %")
+        like = re.compile("".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in text), re.I | re.S)
+        return lambda rec: (like.fullmatch(rec["TITLE"]) is not None) != negate
+
+    @staticmethod
+    def _task_sort(rows: list[dict], order: Any) -> None:
+        if order in (None, "", [], {}):
+            order = {"ID": "desc"}
+        if not isinstance(order, dict):
+            raise ApiError(400, "0", "Invalid sorting key")
+        steps = []
+        for key, direction in order.items():
+            if key not in _TASK_ORDER:
+                raise ApiError(400, "0", "Invalid sorting key")
+            way = _php_str(direction).lower()
+            if way not in ("asc", "desc"):
+                raise ApiError(400, "0", "Invalid sorting direction")
+            steps.append((key, way == "desc"))
+
+        def sort_key(field: str) -> Callable[[dict], tuple]:
+            def key(rec: dict) -> tuple:
+                if field in _TASK_DATES:  # NULL sorts first ascending, as in SQL
+                    value = rec[field]
+                    return (0, 0.0) if value is None else (1, datetime.fromisoformat(value).timestamp())
+                if field == "TITLE":
+                    return (1, rec["TITLE"].lower())
+                return (1, int(rec["STATUS" if field == "REAL_STATUS" else field]))
+            return key
+
+        rows.sort(key=lambda r: int(r["ID"]))  # ties stay in ID order so pages are stable
+        for field, desc in reversed(steps):
+            rows.sort(key=sort_key(field), reverse=desc)
+
+    def _m_task_list(self, p: dict, ctx: _Ctx) -> _Page:
+        self._task_params("tasks.task.list", p)
+        flt = p.get("filter")
+        if flt in (None, "", []):
+            flt = {}
+        if not isinstance(flt, dict):
+            raise ApiError(400, "0", "filter must be an object")
+        conditions = [self._task_condition(str(k), v) for k, v in flt.items()]
+        select = self._task_select(p.get("select"))
+        rows = [rec for rec in self._tasks.values() if all(c(rec) for c in conditions)]
+        self._task_sort(rows, p.get("order"))
+        page = _paginate(rows, p.get("start"))
+        return _Page({"tasks": [self._task_out(rec, select) for rec in page.rows]}, page.total, page.next)
+
+    def _m_task_get(self, p: dict, ctx: _Ctx) -> Any:
+        self._task_params("tasks.task.get", p)
+        tid = self._task_id(p)
+        select = self._task_select(p.get("select"))
+        rec = self._tasks.get(tid)
+        return [] if rec is None else {"task": self._task_out(rec, select)}  # [] = missing or no access
+
+    def _m_task_update(self, p: dict, ctx: _Ctx) -> dict:
+        self._task_params("tasks.task.update", p)
+        tid = self._task_id(p)
+        if "fields" not in p:
+            raise ApiError(400, "100", "Could not find value for parameter {fields}")
+        fields = p["fields"]
+        if not isinstance(fields, dict) or not fields:
+            raise ApiError(400, "100", "Invalid value of parameter {fields}: an object with at least one field")
+        rec = self._tasks.get(tid)
+        if rec is None:
+            raise ApiError(400, "0", NOT_ALLOWED_TEXT)
+        changes: dict[str, Any] = {}  # validated first: a failing update changes nothing
+        for name, value in fields.items():
+            if name not in _TASK_UPDATABLE:
+                raise ApiError(400, "0", f"Unknown task field {name} (fields are UPPER_CASE)")
+            if name == "TITLE":
+                if not _opt_str(value).strip():
+                    raise _core("Task title is not specified")
+                changes[name] = _opt_str(value).strip()
+            elif name == "DESCRIPTION":
+                changes[name] = _opt_str(value)
+            elif name == "RESPONSIBLE_ID":
+                user = self._users.get(_php_int(value))
+                if user is None or not user["active"]:
+                    raise _core("The user specified in the Responsible field was not found")
+                changes[name] = str(user["id"])
+            elif name == "DEADLINE":
+                if value in (None, "", False):
+                    changes[name] = None
+                    continue
+                when = _parse_iso(value, naive_ok=True)  # no offset: read in portal time
+                if when is None:
+                    raise _core("DEADLINE should be in the ISO-8601 format")
+                changes[name] = when.astimezone(PORTAL_TZ).isoformat(timespec="seconds")
+            elif name == "STATUS":
+                if not re.fullmatch(r"\s*[1-7]\s*", _php_str(value)):
+                    raise _core("Invalid status")
+                changes[name] = str(int(value))
+            elif name == "GROUP_ID":
+                gid = _php_int(value)
+                if gid and gid not in self._groups:
+                    raise _core("Workgroup not found")
+                changes[name] = str(gid)
+            elif name == "UF_CRM_TASK":
+                bindings = _crm_bindings(value)
+                if bindings is None:
+                    raise _core("UF_CRM_TASK items look like C_12, CO_3, L_7, D_5")
+                changes[name] = bindings
+            elif name == "PRIORITY":
+                if _php_str(value).strip() not in ("0", "1", "2"):
+                    raise _core("Invalid priority")
+                changes[name] = _php_str(value).strip()
+            # SE_PARAMETER is accepted and not modelled.
+        self._change_task(rec, changes, ctx)
+        return {"task": self._task_out(rec, list(_TASK_FIELDS))}
+
+    def _m_task_complete(self, p: dict, ctx: _Ctx) -> dict:
+        self._task_params("tasks.task.complete", p)
+        rec = self._tasks.get(self._task_id(p))
+        if rec is None or rec["STATUS"] == "5":  # completing is not an allowed action on a completed task
+            raise ApiError(400, "0", NOT_ALLOWED_TEXT)
+        self._change_task(rec, {"STATUS": "5"}, ctx)
+        return {"task": self._task_out(rec, list(_TASK_FIELDS))}
+
+    def _change_task(self, rec: dict, changes: dict, ctx: _Ctx) -> None:
+        now = _portal_iso(self.clock())
+        if "STATUS" in changes and changes["STATUS"] != rec["STATUS"]:
+            rec["CLOSED_DATE"] = now if changes["STATUS"] == "5" else None
+        rec.update(changes)
+        rec["CHANGED_DATE"], rec["CHANGED_BY"] = now, str(ctx.user_id)
+
+    def _m_comment_add(self, p: dict, ctx: _Ctx) -> int:
+        task_id, fields = _ordered_args(p, ("TASKID", "FIELDS"))
+        if isinstance(task_id, (bool, dict, list)) or not re.fullmatch(r"\s*\d+\s*", _opt_str(task_id)):
+            raise _core("TASKID must be an integer (arguments: TASKID, FIELDS)")
+        if not isinstance(fields, dict):
+            raise _core("FIELDS must be an object with POST_MESSAGE (arguments: TASKID, FIELDS)")
+        tid = int(task_id)
+        if tid not in self._tasks:
+            raise ApiError(400, "0", NOT_ALLOWED_TEXT)
+        message = fields.get("POST_MESSAGE")
+        if isinstance(message, (dict, list)) or not _opt_str(message).strip():
+            raise _core("POST_MESSAGE is empty")
+        author = ctx.user_id
+        if fields.get("AUTHOR_ID") not in (None, ""):
+            author = _php_int(fields["AUTHOR_ID"])
+            if author not in self._users or not self._users[author]["active"]:
+                raise _core("AUTHOR_ID: the user is not found or is not active")
+        posted = fields.get("POST_DATE")
+        if posted in (None, ""):
+            post_date = _portal_iso(self.clock())
+        else:
+            when = _parse_iso(posted)
+            if when is None:
+                raise _core("POST_DATE should be in the ISO-8601 format")
+            post_date = when.astimezone(PORTAL_TZ).isoformat(timespec="seconds")
+        self._seq["comment"] += 1
+        self._comments.setdefault(tid, []).append({"ID": self._seq["comment"], "POST_MESSAGE": _opt_str(message),
+                                                   "AUTHOR_ID": author, "POST_DATE": post_date})
+        return self._seq["comment"]
+
+    # ------------------------------------------------------------------ notifications
+
+    def _notify(self, p: dict, ctx: _Ctx, method: str, kind: str) -> int:
+        up = {str(k).upper(): v for k, v in p.items()}  # im upper-cases parameter names
+        uid = _php_int(up.get("USER_ID"))
+        if uid <= 0:
+            raise ApiError(400, "USER_ID_EMPTY", "Recipient user ID can't be empty")
+        user = self._users.get(uid)
+        if user is None or not user["active"]:
+            raise ApiError(400, "USER_NOT_FOUND", f"User {uid} is not found or is not active")
+        raw = up.get("MESSAGE")
+        message = "" if isinstance(raw, (dict, list)) else _opt_str(raw).strip()
+        if not message:
+            raise ApiError(400, "MESSAGE_EMPTY", "Message can't be empty")
+        tag, sub_tag = _opt_str(up.get("TAG")), _opt_str(up.get("SUB_TAG"))
+        # TAG uniqueness is per application; a webhook has none, so it must name one (reference 9).
+        client = _opt_str(up.get("CLIENT_ID")) if ctx.auth == "webhook" else self.client_id
+        if (tag or sub_tag) and not client:
+            raise ApiError(400, "CLIENT_ID_EMPTY", "CLIENT_ID is required with TAG or SUB_TAG over a webhook")
+        attach = up.get("ATTACH")
+        if attach in (None, ""):
+            attach = None
+        else:
+            if isinstance(attach, str):
+                try:
+                    attach = json.loads(attach)
+                except ValueError:
+                    raise ApiError(400, "ATTACH_ERROR", "Incorrect attach params") from None
+            if not isinstance(attach, (dict, list)):
+                raise ApiError(400, "ATTACH_ERROR", "Incorrect attach params")
+            if len(json.dumps(attach, ensure_ascii=False)) > 60000:
+                raise ApiError(400, "ATTACH_OVERSIZE", "You have exceeded the maximum allowable size of attach")
+        if tag:  # a new notification with the same TAG removes the previous one
+            self._notifications = [n for n in self._notifications
+                                   if not (n["TAG"] == tag and n["CLIENT_ID"] == client)]
+        self._seq["notify"] += 1
+        self._notifications.append({
+            "ID": self._seq["notify"], "METHOD": method, "TYPE": kind, "USER_ID": uid,
+            "AUTHOR_ID": 0 if kind == "SYSTEM" else ctx.user_id, "MESSAGE": message,
+            "MESSAGE_OUT": _opt_str(up.get("MESSAGE_OUT")), "TAG": tag, "SUB_TAG": sub_tag, "ATTACH": attach,
+            "CLIENT_ID": client, "DATE": _portal_iso(self.clock()),
+        })
+        return self._seq["notify"]
+
+    def _m_notify(self, p: dict, ctx: _Ctx) -> int:
+        kind = _opt_str({str(k).upper(): v for k, v in p.items()}.get("TYPE")).upper()
+        return self._notify(p, ctx, "im.notify", "SYSTEM" if kind == "SYSTEM" else "USER")
+
+    def _m_notify_system(self, p: dict, ctx: _Ctx) -> int:
+        return self._notify(p, ctx, "im.notify.system.add", "SYSTEM")
+
+    def _m_notify_personal(self, p: dict, ctx: _Ctx) -> int:
+        return self._notify(p, ctx, "im.notify.personal.add", "USER")
+
+    # ------------------------------------------------------------------ workday
+
+    def _m_timeman_status(self, p: dict, ctx: _Ctx) -> dict:
+        up = {str(k).upper(): v for k, v in p.items()}
+        uid = _php_int(up["USER_ID"]) if "USER_ID" in up else ctx.user_id
+        user = self._users.get(uid)
+        if user is None:
+            raise ApiError(400, "", "User not found")
+        state = user["timeman"] if user["timeman"] in ("OPENED", "CLOSED", "PAUSED", "EXPIRED") else "CLOSED"
+        start, finish = user["day_start"], user["day_finish"]
+        closed = state == "CLOSED" and start is not None and finish is not None
+        return {"STATUS": state, "TIME_START": _portal_iso(start) if start is not None else None,
+                "TIME_FINISH": _portal_iso(finish) if closed else None,
+                "DURATION": _hms(finish - start) if closed else "00:00:00", "TIME_LEAKS": "00:00:00",
+                "ACTIVE": True, "IP_OPEN": "", "IP_CLOSE": "", "LAT_OPEN": 0, "LON_OPEN": 0, "LAT_CLOSE": 0,
+                "LON_CLOSE": 0, "TZ_OFFSET": 10800}
+
 
 # --------------------------------------------------------------------------- module helpers
 
@@ -1344,6 +2035,27 @@ def _filter_match(row: dict, key: str, wanted: Any) -> bool:
     except ValueError:
         return False
     return {">": a > b, "<": a < b, ">=": a >= b, "<=": a <= b}[op]
+
+
+def _compare(op: str, a: Any, b: Any) -> bool:
+    return {"=": a == b, "!": a != b, ">": a > b, "<": a < b, ">=": a >= b, "<=": a <= b}[op]
+
+
+def _ordered_args(p: dict, names: tuple[str, ...]) -> list[Any]:
+    """Arguments of a legacy task.* method, by position ("0", "1", ...) or by name. The server reads
+    them in order, so named arguments out of signature order (or unknown names) are refused."""
+    by_key: dict[str, Any] = {}
+    named: list[str] = []
+    for key, value in p.items():
+        k = str(key).upper()
+        if not re.fullmatch(r"\d+", k):
+            if k not in names:
+                raise _core(f"Unknown argument {key}; expected {', '.join(names)} or positions 0..{len(names) - 1}")
+            named.append(k)
+        by_key[k] = value
+    if named != sorted(named, key=names.index):
+        raise _core(f"Arguments must come in the order {', '.join(names)}")
+    return [by_key[str(i)] if str(i) in by_key else by_key.get(name) for i, name in enumerate(names)]
 
 
 def _fetch_loopback(url: str) -> bytes:
@@ -1446,6 +2158,9 @@ def main(argv: list[str] | None = None) -> int:
     emulator.add_user("Anna", "Operator", inner="101")
     emulator.add_user("Boris", "Operator", inner="102")
     emulator.add_contact("Ivan Petrov", ["+79161234567"], assigned_by_id=2)
+    emulator.add_group("CallCenter", [2, 3], owner_id=1)
+    emulator.add_task("Call the client", 2, group_id=1, crm=["C_1"],
+                      deadline=datetime.now(PORTAL_TZ).replace(microsecond=0))
     tokens = emulator.issue_tokens()
     print(f"Bitrix24 emulator on {emulator.base_url}", flush=True)
     print(f"  webhook_url   = {emulator.webhook_url}")
@@ -1454,6 +2169,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  oauth_url     = {emulator.oauth_url}")
     print(f"  refresh_token = {tokens['refresh_token']}")
     print("  users: 1 Portal Admin (100), 2 Anna (101), 3 Boris (102); contact +79161234567 -> Anna")
+    print("  workgroup 1 CallCenter (Anna, Boris); task 1 'Call the client' -> Anna, bound to C_1, due now")
     print("Ctrl-C to stop.", flush=True)
     try:
         while True:

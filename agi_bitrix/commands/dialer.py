@@ -1,0 +1,103 @@
+"""`agi-bitrix dialer run [--once]` and `agi-bitrix dialer status`."""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from datetime import datetime
+from typing import Any, List
+
+from agi_bitrix import settings as settings_mod
+
+
+def _open(args: Any) -> Any:
+    from agi_bitrix import log as log_mod
+    from agi_bitrix.bitrix.factory import NotConfigured, make_client
+    from agi_bitrix.store import Store, StoreError
+
+    try:
+        settings = settings_mod.load(getattr(args, "settings", None))
+        store = Store(settings.storage.state_dir)
+    except (settings_mod.SettingsError, StoreError) as exc:
+        raise SystemExit(str(exc))
+    logger = log_mod.configure(settings.logging.file, settings.logging.level, settings.secrets())
+    if args.action == "status":
+        return settings, store, None, logger
+    try:
+        client = make_client(settings)
+    except NotConfigured as exc:
+        raise SystemExit(str(exc))
+    client.timeout = max(settings.bitrix24.timeout, 10.0)
+    return settings, store, client, logger
+
+
+def status(store: Any) -> int:
+    from agi_bitrix.dialer.state import DialerState
+
+    rows = DialerState(store).tasks()
+    if not rows:
+        print("the dialer has not worked on any task yet")
+        return 0
+    print(f"{'task':>8}  {'client':<24} {'operator':<9} {'attempts':>8}  {'next try':<16} last outcome")
+    for st in rows:
+        when = "done" if st.final else (datetime.fromtimestamp(st.next_try).strftime("%d.%m %H:%M")
+                                        if st.next_try > time.time() else "now")
+        print(f"{st.task_id:>8}  {st.client[:24]:<24} {st.operator[:9]:<9} {st.attempts:>8}  {when:<16} "
+              f"{st.last_outcome or '-'}")
+    return 0
+
+
+def run(args: Any) -> int:
+    try:
+        settings, store, client, logger = _open(args)
+    except SystemExit as exc:
+        print(f"agi-bitrix dialer: {exc.code}", file=sys.stderr)
+        return 1
+    if args.action == "status":
+        return status(store)
+    from agi_bitrix.bitrix.errors import BitrixError
+    from agi_bitrix.dialer.engine import Dialer, DialerBusy, DialerLock
+    from agi_bitrix.pbx.ami import AMIClient, AMIError
+
+    ast = settings.asterisk
+    if not ast.ami_user:
+        print("agi-bitrix dialer: set [asterisk] ami_user and ami_secret (the dialer dials through AMI)",
+              file=sys.stderr)
+        return 1
+    stopping: List[int] = []
+    if not args.once:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stopping.append(signum))
+    try:
+        with DialerLock(settings.storage.state_dir):
+            ami = AMIClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
+            while True:
+                fields: dict = {}
+                started = time.monotonic()
+                try:
+                    report = Dialer(settings, store, client, ami, fields).run_once()
+                    fields.update(free=report.operators_free, due=report.due, dialed=len(report.dialed),
+                                  outcomes=report.outcomes, skipped=report.skipped, note=report.note or None)
+                    logger.info("dialer_pass", ms=int((time.monotonic() - started) * 1000), **fields)
+                    if args.once:
+                        print(f"due tasks {report.due}, free operators {report.operators_free}, "
+                              f"dialed {len(report.dialed)}" + (f": {report.note}" if report.note else ""))
+                        for task_id, reason in sorted(report.skipped.items()):
+                            print(f"  task {task_id}: {reason}")
+                        for attempt, outcome in report.outcomes.items():
+                            print(f"  {attempt}: {outcome}")
+                except (BitrixError, AMIError) as exc:
+                    logger.error("dialer_pass", reason=str(exc), **fields)
+                    if args.once:
+                        print(f"agi-bitrix dialer: {exc}", file=sys.stderr)
+                        return 1
+                if args.once or stopping:
+                    break
+                end = time.monotonic() + settings.dialer.poll_interval
+                while not stopping and time.monotonic() < end:
+                    time.sleep(0.2)
+            ami.close()
+    except DialerBusy as exc:
+        print(f"agi-bitrix dialer: {exc}", file=sys.stderr)
+        return 1
+    return 0

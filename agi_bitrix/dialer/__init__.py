@@ -1,0 +1,1 @@
+"""The auto-dialer: works through the call tasks of a Bitrix24 workgroup (seed 004)."""
