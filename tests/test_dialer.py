@@ -282,3 +282,16 @@ def test_failed_extension_step_records_the_outcome_once(center, emulator):
     assert run.set_variables["BITRIX_STATUS"] == "OK"
     assert "already recorded" in center.pbx.log()[-1].get("note", "")
     assert len([c for c in comments(emulator, task) if "занят" in c]) == 1
+
+
+def test_operator_without_inner_number_and_english_texts(center, emulator):
+    emulator.set_user(center.boris, inner="")
+    center.pbx.set("dialer", "language", "en")
+    center.pbx.set("dialer", "reassign_after", "0s")
+    task = center.task("Call: John", ["89161818181"], responsible=center.boris)
+    center.run()
+    texts = comments(emulator, task)
+    assert any("has no inner number" in c for c in texts)
+    assert any("goes to operator" in c for c in texts)
+    assert [o.get("Channel") for o in center.ami.originates] == ["PJSIP/+79161818181@provider"]
+    assert center.last_answered.set_variables["DIALER_DIAL"] == "PJSIP/101"

@@ -71,11 +71,12 @@ def run(args: Any) -> int:
     try:
         with DialerLock(settings.storage.state_dir):
             ami = AMIClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
+            dialer = Dialer(settings, store, client, ami)
             while True:
                 fields: dict = {}
                 started = time.monotonic()
                 try:
-                    report = Dialer(settings, store, client, ami, fields).run_once()
+                    report = dialer.run_once(log=fields)
                     fields.update(free=report.operators_free, due=report.due, dialed=len(report.dialed),
                                   outcomes=report.outcomes, skipped=report.skipped, note=report.note or None)
                     logger.info("dialer_pass", ms=int((time.monotonic() - started) * 1000), **fields)

@@ -76,7 +76,8 @@ def caller_name(client: str, prefix: str) -> str:
 
 
 class Dialer:
-    def __init__(self, settings: Settings, store: Store, client: Bitrix24, ami: Any, log: Dict[str, Any]) -> None:
+    def __init__(self, settings: Settings, store: Store, client: Bitrix24, ami: Any,
+                 log: Optional[Dict[str, Any]] = None) -> None:
         self.settings = settings
         self.d = settings.dialer
         self.store = store
@@ -84,15 +85,19 @@ class Dialer:
         self.client = client
         self.portal = Portal(client)
         self.ami = ami
-        self.log = log
-        self.outbox = Outbox(store, client, settings.calls.recording_url, log=log)
+        self.log: Dict[str, Any] = log if log is not None else {}
+        self.outbox = Outbox(store, client, settings.calls.recording_url, log=self.log)
         self._line_ready = False
         self._touched: set = set()  # outbox keys of task writes queued in this pass
 
     # -- the pass -------------------------------------------------------------------------------
-    def run_once(self, now: Optional[datetime] = None) -> PassReport:
+    def run_once(self, now: Optional[datetime] = None, log: Optional[Dict[str, Any]] = None) -> PassReport:
+        """One pass; `log` collects this pass's fields for its log line."""
+        if log is not None:
+            self.log = self.outbox.log = log
         now = now or datetime.now().astimezone()
         report = PassReport()
+        self._touched = set()
         self._ensure_line()
         group_id = self.portal.group_id(self.d.group)
         operators = self.portal.operators(group_id, self.d.use_timeman)
