@@ -104,6 +104,9 @@ class Dialer:
         live = self.state.live_attempts()
         free = self._free_operators(operators, {a.operator for a in live})
         report.operators_free = len(free)
+        self.log["operators"] = {op.inner or f"#{uid}": ("free" if uid in free else "online" if op.online else
+                                                        f"offline since {op.last_activity or '?'}")
+                                 for uid, op in operators.items()}
         channels = self.d.max_channels - len(live)
         if not free or channels <= 0:
             report.note = "no operator online and free: nothing dialed" if not free else "all channels busy"

@@ -24,6 +24,7 @@ class Operator:
     name: str
     inner: Optional[str]
     online: bool
+    last_activity: str = ""        # as the portal writes it (portal format, not ISO)
     workday: Optional[str] = None  # timeman status when asked for
 
 
@@ -101,7 +102,9 @@ class Portal:
             for row in rows:
                 inner = str(row.get("UF_PHONE_INNER") or "").strip() or None
                 name = " ".join(p for p in (row.get("NAME"), row.get("LAST_NAME")) if p) or f"#{row.get('ID')}"
-                found[int(row["ID"])] = Operator(int(row["ID"]), name, inner, row.get("IS_ONLINE") == "Y")
+                last = row.get("LAST_ACTIVITY_DATE")
+                found[int(row["ID"])] = Operator(int(row["ID"]), name, inner, row.get("IS_ONLINE") == "Y",
+                                                 last if isinstance(last, str) else "")
         for uid, op in found.items():
             status = result.results.get(f"t{uid}")
             if isinstance(status, dict):
