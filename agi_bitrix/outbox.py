@@ -140,8 +140,15 @@ class Outbox:
         return "waiting"
 
     def _deliver_register(self, entry: Entry, deadline: Deadline) -> str:
+        params = dict(entry.payload)
+        call = self.store.call(entry.linkedid)
+        if call is not None and call.finish_claimed is not None and params.get("SHOW"):
+            # Replayed after the call ended: log it without popping a card for a call long gone
+            # (SHOW is not part of the portal's dedup key, so a repeat still finds the same call).
+            params["SHOW"] = 0
+            self.store.card_not_live(entry.linkedid)
         self.store.mark_sending(entry.id)
-        result = self.client.call(payloads.REGISTER, entry.payload, deadline)
+        result = self.client.call(payloads.REGISTER, params, deadline)
         try:
             call_id = payloads.call_id_of(result)
         except ValueError as exc:
@@ -156,17 +163,25 @@ class Outbox:
         call = self.store.call(entry.linkedid)
         if call is None or not call.call_id:
             return self._waits_for_register(entry)
-        if call.finish_claimed is not None:
-            # Replayed after the call ended: the finish attributes the call, a card would only flash.
+        show, hide = list(entry.payload.get("show", [])), list(entry.payload.get("hide", []))
+        if not call.card_live:
+            show = hide = []  # registered after the call ended: nobody has a card
+        elif call.finished_at is not None or (call.finish_claimed is not None and entry.id < self._finish_id(entry)):
+            show = []  # replayed after the call ended: a card would only flash
+        if not show and not hide:
             self.store.mark_done(entry)
             return "done"
         self.store.mark_sending(entry.id)
-        self._move_card(call.call_id, entry.payload["to"], entry.payload.get("away_from", []), deadline)
+        self._change_card(call.call_id, show, hide, deadline)
         self.store.mark_done(entry)
         return "done"
 
-    def _move_card(self, call_id: str, to: str, away_from: List[str], deadline: Deadline) -> None:
-        """Show the card to `to`, hide it from `away_from`: one batch request.
+    def _finish_id(self, entry: Entry) -> int:
+        ids = [e.id for e in self.store.entries(entry.linkedid) if e.kind == "finish"]
+        return min(ids) if ids else 0
+
+    def _change_card(self, call_id: str, show: List[str], hide: List[str], deadline: Deadline) -> None:
+        """Show the card to `show`, hide it from `hide`: one batch request.
 
         User ids come from the local cache; unknown ones are looked up inside the same batch and
         referenced as `$result[...]`.
@@ -180,11 +195,12 @@ class Outbox:
             commands[f"u{inner}"] = ("user.get", {"FILTER": {"UF_PHONE_INNER": inner, "ACTIVE": "true"}})
             return f"$result[u{inner}][0][ID]"
 
-        show_to = user_ref(to)
-        hide_from = [user_ref(inner) for inner in away_from]
-        commands["show"] = (payloads.SHOW, {"CALL_ID": call_id, "USER_ID": show_to})
-        if hide_from:
-            commands["hide"] = (payloads.HIDE, {"CALL_ID": call_id, "USER_ID": hide_from})
+        show_ids = [user_ref(inner) for inner in show]
+        hide_ids = [user_ref(inner) for inner in hide]
+        if show_ids:
+            commands["show"] = (payloads.SHOW, {"CALL_ID": call_id, "USER_ID": show_ids})
+        if hide_ids:
+            commands["hide"] = (payloads.HIDE, {"CALL_ID": call_id, "USER_ID": hide_ids})
         result = self.client.batch(commands, deadline=deadline)
         for key in [k for k in commands if k.startswith("u")]:
             rows = result.results.get(key)

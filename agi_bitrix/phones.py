@@ -112,3 +112,13 @@ def extension_from_channel(channel: Optional[str]) -> Optional[str]:
     """`PJSIP/102-0000001a` -> 102, `Local/101@operators-00000022;1` -> 101, trunks -> None."""
     match = re.match(r"^[A-Za-z0-9_]+/([^@/;\-]+)", channel or "")
     return inner_number(match.group(1)) if match else None
+
+
+def ringing(text: Optional[str]) -> list:
+    """Inner numbers named by a ring list: `PJSIP/101&PJSIP/102`, `101,102`, `Local/103@queue/n`."""
+    found = []
+    for piece in re.split(r"[&,\s]+", text or ""):
+        inner = inner_number(piece) or extension_from_channel(piece)
+        if inner and inner not in found:
+            found.append(inner)
+    return found[:50]

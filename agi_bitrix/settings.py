@@ -88,13 +88,17 @@ class CallsSettings(_Section):
     anonymous_number: str = "0000"
     region: str = "RU"
     recording_url: str = ""
+    missed_calls_user: str = ""          # inner number that owns unanswered incoming calls
+    route_cache: float = Field(300.0, ge=0, le=86400)   # seconds a manager lookup per number is reused
+    route_timeout: float = Field(0.8, gt=0, le=30)      # seconds the lookup may take on the ring path
+    route_only_workday: bool = False     # route to the manager only while his workday is open
 
-    @field_validator("crm_create", "route_to_responsible", mode="before")
+    @field_validator("crm_create", "route_to_responsible", "route_only_workday", mode="before")
     @classmethod
     def _flags(cls, value: object) -> object:
         return _yes_no(value)
 
-    @field_validator("default_user")
+    @field_validator("default_user", "missed_calls_user")
     @classmethod
     def _inner(cls, value: str) -> str:
         if value and not re.fullmatch(r"[0-9*#]{1,20}", value):

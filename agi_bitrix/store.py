@@ -40,12 +40,18 @@ CREATE TABLE IF NOT EXISTS calls (
     finish_claimed  REAL,                      -- the one hangup that queued the finish
     finished_at     REAL,
     status_code     TEXT,
-    duration        INTEGER
+    duration        INTEGER,
+    card_live       INTEGER NOT NULL DEFAULT 1 -- 0: registered after it ended, nobody has a card
 );
 CREATE INDEX IF NOT EXISTS calls_started ON calls (started_at);
 CREATE TABLE IF NOT EXISTS users (
     inner       TEXT PRIMARY KEY,
     user_id     INTEGER NOT NULL,
+    fetched_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS routes (
+    phone       TEXT PRIMARY KEY,          -- client number
+    inner       TEXT NOT NULL,             -- his manager's inner number, '' = none
     fetched_at  REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS outbox (
@@ -88,6 +94,7 @@ class Call:
     finished_at: Optional[float]
     status_code: Optional[str]
     duration: Optional[int]
+    card_live: int = 1
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Call":
@@ -195,21 +202,29 @@ class Store:
                            (inner, time.time(), linkedid))
             return before
 
-    def move_card(self, linkedid: str, to: str, away_from: List[str], owner: str, lease: float) -> int:
+    def move_card(self, linkedid: str, show: List[str], hide: List[str], shown_after: List[str],
+                  owner: str, lease: float) -> int:
+        """Queue one card change (show to some, hide from others) and remember who sees it."""
         with self._tx() as db:
-            db.execute("UPDATE calls SET shown = ? WHERE linkedid = ?", (json.dumps([to]), linkedid))
-            return self._enqueue(db, linkedid, "card", {"to": to, "away_from": away_from}, owner, lease)
+            db.execute("UPDATE calls SET shown = ? WHERE linkedid = ?", (json.dumps(shown_after), linkedid))
+            return self._enqueue(db, linkedid, "card", {"show": show, "hide": hide}, owner, lease)
 
     def queue_finish(self, linkedid: str, finish: Dict[str, Any], record: Optional[Dict[str, Any]],
-                     owner: str, lease: float) -> Optional[List[int]]:
-        """Queue the call's finish (and recording) exactly once; None when another leg already did."""
+                     owner: str, lease: float, hide: Optional[List[str]] = None) -> Optional[List[int]]:
+        """Queue the call's finish (and recording) exactly once; None when another leg already did.
+
+        `hide`: cards still up for others than the finishing employee (finish hides only his).
+        """
         with self._tx() as db:
             cur = db.execute("UPDATE calls SET finish_claimed = ?, status_code = ?, duration = ?"
                              " WHERE linkedid = ? AND finish_claimed IS NULL",
                              (time.time(), finish["STATUS_CODE"], finish["DURATION"], linkedid))
             if cur.rowcount != 1:
                 return None
-            ids = [self._enqueue(db, linkedid, "finish", finish, owner, lease)]
+            ids = []
+            if hide:
+                ids.append(self._enqueue(db, linkedid, "card", {"show": [], "hide": hide}, owner, lease))
+            ids.append(self._enqueue(db, linkedid, "finish", finish, owner, lease))
             if record:
                 ids.append(self._enqueue(db, linkedid, "record", record, owner, lease))
             return ids
@@ -267,6 +282,10 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE outbox SET sending_at = ?, attempts = attempts + 1 WHERE id = ?",
                        (time.time(), entry_id))
+
+    def card_not_live(self, linkedid: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE calls SET card_live = 0 WHERE linkedid = ?", (linkedid,))
 
     def mark_done(self, entry: Entry, call_id: Optional[str] = None) -> None:
         now = time.time()
@@ -328,6 +347,19 @@ class Store:
         last = self.db.execute("SELECT last_error FROM outbox WHERE last_error IS NOT NULL AND state != ?"
                                " ORDER BY COALESCE(next_try, 0) DESC LIMIT 1", (DONE,)).fetchone()
         return {"counts": counts, "oldest_pending": oldest, "last_error": last[0] if last else None}
+
+    # -- routing cache ---------------------------------------------------------------------------
+    def route(self, phone: str, max_age: float) -> Optional[str]:
+        """The cached manager of `phone` ('' = known to have none), or None when not cached."""
+        row = self.db.execute("SELECT inner, fetched_at FROM routes WHERE phone = ?", (phone,)).fetchone()
+        if row and time.time() - row["fetched_at"] < max_age:
+            return str(row["inner"])
+        return None
+
+    def remember_route(self, phone: str, inner: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO routes (phone, inner, fetched_at) VALUES (?, ?, ?)",
+                       (phone, inner, time.time()))
 
     # -- employees -----------------------------------------------------------------------------
     def user_id(self, inner: str, max_age: float = USER_CACHE_SECONDS) -> Optional[int]:

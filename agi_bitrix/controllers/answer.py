@@ -19,6 +19,8 @@ def handle(ctx: EventContext) -> Outcome:
         return Outcome()
     # An outgoing call is answered by the client: only the talk time starts.
     if before.direction == "incoming" and ext and before.shown != [ext]:
-        away = [u for u in before.shown if u != ext]
-        ctx.queued.append(ctx.store.move_card(ctx.linkedid, ext, away, ctx.outbox.owner, ctx.lease))
+        # The card moves to whoever answered: shown to him (unless it is up already), hidden from the rest.
+        show = [] if ext in before.shown else [ext]
+        hide = [u for u in before.shown if u != ext]
+        ctx.queued.append(ctx.store.move_card(ctx.linkedid, show, hide, [ext], ctx.outbox.owner, ctx.lease))
     return Outcome()

@@ -12,6 +12,7 @@ from agi_bitrix.controllers.base import EventContext, Outcome, Refused
 from agi_bitrix.statuses import status_code
 
 MAX_SECONDS = 7 * 24 * 3600
+_NOT_ANSWERED = {"NOANSWER", "CANCEL", "BUSY", "CHANUNAVAIL", "CONGESTION"}
 
 
 def _seconds(raw: str) -> int:
@@ -44,19 +45,30 @@ def handle(ctx: EventContext) -> Outcome:
     if call is None:
         raise Refused("no call is known for this linkedid (did `incoming` or `outgoing` run?)")
     answered = call.answered_at is not None
+    if answered and dialstatus.upper() in _NOT_ANSWERED:
+        # A leg that never reached an employee (a queue member's unanswered ring, an IVR branch)
+        # must not overwrite the outcome of the leg that answered: its hangup finishes the call.
+        ctx.log["note"] = f"{dialstatus} from a leg that did not answer; the answered leg finishes the call"
+        return Outcome()
     if answered:
         duration = int(math.ceil(max(0.0, time.time() - call.answered_at)))
     else:
         duration = _seconds(answered_time) if dialstatus.upper() == "ANSWER" else 0
     code = status_code(dialstatus, call.direction, answered)
-    user = call.answered_inner if (answered and call.answered_inner and call.direction == "incoming") \
-        else call.user_inner
+    if answered and call.answered_inner and call.direction == "incoming":
+        user = call.answered_inner
+    elif not answered and call.direction == "incoming" and ctx.settings.calls.missed_calls_user:
+        user = ctx.settings.calls.missed_calls_user  # who follows up missed calls
+    else:
+        user = call.user_inner
     ctx.log.update(direction=call.direction, dialstatus=dialstatus, status_code=code, duration=duration, user=user)
     finish = payloads.Finish(CALL_ID="", USER_PHONE_INNER=user, DURATION=duration, STATUS_CODE=code,
                              FAILED_REASON=None if code == "200" else dialstatus or None)
     params = finish.params()
     del params["CALL_ID"]  # known only once the register is delivered
-    ids = ctx.store.queue_finish(ctx.linkedid, params, recording, ctx.outbox.owner, ctx.lease)
+    # finish hides the card of its own employee only; everyone else who still sees it is hidden here.
+    hide = [u for u in call.shown if u != user] if call.direction == "incoming" else []
+    ids = ctx.store.queue_finish(ctx.linkedid, params, recording, ctx.outbox.owner, ctx.lease, hide=hide)
     if ids is None:
         ctx.log["note"] = "finish already queued by another leg"
     else:

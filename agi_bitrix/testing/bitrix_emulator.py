@@ -4,7 +4,10 @@ It is a real HTTP server (standard library only) speaking the parts of the Bitri
 project uses: webhook and OAuth auth, the rotating OAuth token endpoint, ``telephony.externalcall.*``
 and ``telephony.externalLine.*``, ``user.get``, CRM look-ups, workgroups (``sonet_group.*``), tasks
 (``tasks.task.*``, ``task.commentitem.add``), ``im.notify*``, ``timeman.status`` and ``batch``, plus
-the leaky-bucket and operating limits and fault injection. Where the public facts are unsure it is
+the leaky-bucket and operating limits and fault injection. It also plays the portal's side of REST
+events: ``event.bind``/``get``/``unbind``, the offline queue (``event.offline.get``/``clear``/``error``),
+the application's installation callback and the click-to-call / website-callback events, which it
+POSTs form-encoded to bound handlers on loopback (it never reaches out to the internet). Where the public facts are unsure it is
 deliberately strict (the harsher behaviour), so a client bug shows up here instead of on a customer's
 portal.
 
@@ -47,10 +50,18 @@ CODE_TTL = 30                   # authorization code lifetime
 ACCESS_TTL = 3600
 REFRESH_TTL = 180 * 86400
 FINDBYCOMM_MAX = 20
+OFFLINE_LIMIT = 50              # event.offline.get batch size (default, and the most one call returns)
+DELIVERY_TIMEOUT = 5.0          # seconds an online event delivery waits for the handler
 # Stable portal id, like the real member_id that survives domain renames.
 MEMBER_ID = hashlib.md5(b"agi-bitrix-emulator-portal").hexdigest()
 
 _CRM_TYPES = ("CONTACT", "COMPANY", "LEAD")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Events this portal knows -> the scope an application needs to see (and bind) them; None = any app.
+_EVENTS: dict[str, str | None] = {"ONEXTERNALCALLSTART": "telephony", "ONEXTERNALCALLBACKSTART": "telephony",
+                                  "ONAPPINSTALL": None, "ONAPPUNINSTALL": None, "ONCRMLEADADD": "crm"}
+_OFFLINE_FIELDS = ("ID", "TIMESTAMP_X", "EVENT_NAME", "MESSAGE_ID")  # documented filter/order fields
+_OFFLINE_FILTER_KEY = re.compile(r"^(!=|>=|<=|!|=|>|<)?([A-Za-z_]+)$")
 _PHONE_DROP = re.compile(r"[^0-9#*+,;]")
 _ATOM = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})([+-])(\d{2}):(\d{2})$")
 _PHP_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
@@ -394,10 +405,20 @@ _METHODS: dict[str, tuple[tuple[str, ...] | None, str]] = {
     "im.notify.system.add": (("im",), "_m_notify_system"),
     "im.notify.personal.add": (("im",), "_m_notify_personal"),
     "timeman.status": (("timeman",), "_m_timeman_status"),
+    "event.bind": (None, "_m_event_bind"),
+    "event.get": (None, "_m_event_get"),
+    "event.unbind": (None, "_m_event_unbind"),
+    "event.offline.get": (None, "_m_offline_get"),
+    "event.offline.clear": (None, "_m_offline_clear"),
+    "event.offline.error": (None, "_m_offline_error"),
 }
 # The docs call these application-only; public server code accepts webhooks too (reference 5.0).
 _APP_ONLY = {"telephony.externalcall.register", "telephony.externalcall.finish", "telephony.externalline.add",
              "telephony.externalline.get", "telephony.externalline.update", "telephony.externalline.delete"}
+# The docs say these work only with application auth; unlike telephony nothing contradicts that, so a
+# webhook always gets WRONG_AUTH_TYPE (ONEXTERNALCALLSTART cannot reach a webhook at all, reference 1.1).
+_EVENT_METHODS = {"event.bind", "event.get", "event.unbind", "event.offline.get", "event.offline.clear",
+                  "event.offline.error"}
 # Legacy methods that bind arguments by position, so their body may be a JSON array (reference 7.6).
 _POSITIONAL_BODY = {"task.commentitem.add"}
 # Handlers that take the lock themselves (they do network I/O that must not hold it).
@@ -460,6 +481,16 @@ class Bitrix24Emulator:
         self._access: dict[str, dict] = {}
         self._refresh: dict[str, dict] = {}
         self._codes: dict[str, float] = {}
+
+        # REST events: the single installed application's bindings, offline queue and deliveries.
+        self.application_token = secrets.token_hex(16)  # per-app secret in every event's auth[application_token]
+        self.member_id = MEMBER_ID
+        self.delivery_timeout = DELIVERY_TIMEOUT
+        self._bindings: list[dict] = []
+        self._offline: list[dict] = []
+        self._deliveries: list[dict] = []
+        self._delivered = threading.Condition(self._lock)
+        self._seq.update({"handler": 0, "offline": 0})
 
         self.count_503 = 0
         self.refresh_count = 0
@@ -543,6 +574,11 @@ class Bitrix24Emulator:
     @property
     def server_endpoint(self) -> str:
         return f"{self.base_url}/oauth/"
+
+    @property
+    def domain(self) -> str:
+        """The portal host as events carry it in auth[domain] ("127.0.0.1:PORT")."""
+        return urllib.parse.urlsplit(self.base_url).netloc
 
     # ------------------------------------------------------------------ directory and CRM seeding
 
@@ -811,8 +847,11 @@ class Bitrix24Emulator:
 
     def revoke_app(self) -> None:
         """The administrator removed the application: its refresh tokens answer invalid_grant, its
-        live access tokens invalid_token (one already expired still answers expired_token)."""
+        live access tokens invalid_token (one already expired still answers expired_token). Its event
+        bindings and offline queue go with it."""
         with self._lock:
+            self._bindings.clear()
+            self._offline.clear()
             for rec in self._refresh.values():
                 rec["state"] = "revoked"
             for rec in self._access.values():
@@ -834,9 +873,9 @@ class Bitrix24Emulator:
                                   "expires": now + REFRESH_TTL}
         return {
             "access_token": access, "expires": int(now + ACCESS_TTL), "expires_in": ACCESS_TTL,
-            "scope": ",".join(self.scopes), "domain": urllib.parse.urlsplit(self.base_url).netloc,
+            "scope": ",".join(self.scopes), "domain": self.domain,
             "server_endpoint": self.server_endpoint, "status": "L", "client_endpoint": self.client_endpoint,
-            "member_id": MEMBER_ID, "user_id": user_id, "refresh_token": refresh,
+            "member_id": self.member_id, "user_id": user_id, "refresh_token": refresh,
         }
 
     # ------------------------------------------------------------------ limits
@@ -1052,7 +1091,8 @@ class Bitrix24Emulator:
         if scopes is not None and not set(scopes) & set(self.scopes):
             kind = "webhook token" if ctx.auth == "webhook" else "access token"
             raise ApiError(403, "insufficient_scope", f"The request requires higher privileges than provided by the {kind}")
-        if method in _APP_ONLY and ctx.auth == "webhook" and not self.allow_webhook_telephony:
+        if ctx.auth == "webhook" and (method in _EVENT_METHODS or
+                                      (method in _APP_ONLY and not self.allow_webhook_telephony)):
             raise ApiError(403, "WRONG_AUTH_TYPE", "Current authorization type is denied for this method")
         self._check_operating(method)
         t0 = time.perf_counter()
@@ -1265,7 +1305,7 @@ class Bitrix24Emulator:
 
     # ------------------------------------------------------------------ telephony
 
-    def _m_register(self, p: dict, ctx: _Ctx) -> dict:
+    def _m_register(self, p: dict, ctx: _Ctx, dedup: bool = True) -> dict:
         uid = self._resolve_user(p)
         phone = sanitize_phone(p.get("PHONE_NUMBER"))
         if not phone:
@@ -1285,7 +1325,7 @@ class Bitrix24Emulator:
 
         # Dedup on user+phone+type+line+external id within 30 min, even for finished calls.
         key = (uid, phone, call_type, line, external_id)
-        prior = self._dedup.get(key)
+        prior = self._dedup.get(key) if dedup else None
         if prior is not None and now - prior[1] < DEDUP_WINDOW and prior[0] in self._calls:
             call = self._calls[prior[0]]
             call["register_count"] += 1
@@ -1327,7 +1367,8 @@ class Bitrix24Emulator:
             "auth": ctx.auth, "crm_activity_id": None, "finished_at": None,
         }
         self._calls[call_id] = call
-        self._dedup[key] = (call_id, now)
+        if dedup:
+            self._dedup[key] = (call_id, now)
         if show:
             self._show_card(call, [uid])
         return {"CALL_ID": call_id, "CRM_CREATED_LEAD": created_lead, "CRM_CREATED_ENTITIES": created,
@@ -1974,6 +2015,371 @@ class Bitrix24Emulator:
                 "ACTIVE": True, "IP_OPEN": "", "IP_CLOSE": "", "LAT_OPEN": 0, "LON_OPEN": 0, "LAT_CLOSE": 0,
                 "LON_CLOSE": 0, "TZ_OFFSET": 10800}
 
+    # ------------------------------------------------------------------ REST events: Python API
+
+    @property
+    def event_bindings(self) -> list[dict]:
+        with self._lock:
+            return [{k: b[k] for k in ("event", "handler", "event_type", "auth_type")} for b in self._bindings]
+
+    @property
+    def offline_events(self) -> list[dict]:
+        """The offline queue as event.offline.get shows it, plus PROCESS_ID (taken by a clear=0 call,
+        else None) and ERROR (marked by event.offline.error)."""
+        with self._lock:
+            return [dict(self._offline_row(r), PROCESS_ID=r["PROCESS_ID"], ERROR=r["ERROR"])
+                    for r in self._offline]
+
+    @property
+    def event_deliveries(self) -> list[dict]:
+        """Finished online deliveries: {"url", "event", "status" (None: no answer), "seconds", "error"}."""
+        with self._lock:
+            return copy.deepcopy(self._deliveries)
+
+    def wait_deliveries(self, count: int, timeout: float = 5.0) -> bool:
+        """Block until at least ``count`` online deliveries have finished; False on timeout."""
+        with self._delivered:
+            return self._delivered.wait_for(lambda: len(self._deliveries) >= count, timeout)
+
+    def click_to_call(self, user_id: int, phone: str, *, crm: tuple[str, int] | None = None,
+                      line_number: str = "", call_list_id: int = 0, is_mobile: bool = False) -> dict:
+        """A user clicks ``phone`` in the CRM with this app as his outgoing line: the portal registers
+        the call itself (TYPE 1) and sends ONEXTERNALCALLSTART with its CALL_ID. Returns the event data."""
+        crm_arg = _crm_arg(crm)
+        with self._lock:
+            uid = int(user_id)
+            user = self._users.get(uid)
+            if user is None or not user["active"]:
+                raise ValueError(f"user {user_id} is not found or is not active")
+            line = self._lines.get(line_number) if line_number else None
+            auto = line["CRM_AUTO_CREATE"] if line is not None else "Y"  # the line setting's default
+            params: dict[str, Any] = {"USER_ID": uid, "PHONE_NUMBER": phone, "TYPE": 1, "LINE_NUMBER": line_number,
+                                      "CRM_CREATE": 1 if auto == "Y" else 0, "SHOW": 1,
+                                      "CALL_LIST_ID": int(call_list_id)}
+            if crm_arg is not None:
+                params["CRM_ENTITY_TYPE"], params["CRM_ENTITY_ID"] = crm_arg
+            try:
+                # The portal's own registration: not de-duplicated, so every click is a new call.
+                reg = self._m_register(params, _Ctx(uid, "portal"), dedup=False)
+            except ApiError as err:
+                raise ValueError(err.description) from None
+            digits = normalize_digits(phone)
+            data = {
+                "PHONE_NUMBER": str(phone), "PHONE_NUMBER_INTERNATIONAL": "+" + digits if digits else "",
+                "EXTENSION": user["inner"] or "", "USER_ID": str(uid), "CALL_LIST_ID": str(int(call_list_id)),
+                "LINE_NUMBER": line_number, "IS_MOBILE": "1" if is_mobile else "0", "CALL_ID": reg["CALL_ID"],
+                "CRM_ENTITY_TYPE": reg["CRM_ENTITY_TYPE"] or "",
+                "CRM_ENTITY_ID": "" if reg["CRM_ENTITY_ID"] is None else str(reg["CRM_ENTITY_ID"]),
+            }
+            jobs = self._emit("ONEXTERNALCALLSTART", data, uid)
+        self._start_deliveries(jobs)
+        return dict(data)
+
+    def callback_request(self, phone: str, *, text: str = "", crm: tuple[str, int] | None = None,
+                         line_number: str = "") -> dict:
+        """A site visitor fills the CRM callback form whose line is this app: ONEXTERNALCALLBACKSTART
+        (no CALL_ID: the app registers the call itself). No user triggered it, so handlers bound
+        without auth_type get no tokens. Returns the event data."""
+        crm_arg = _crm_arg(crm)
+        data = {"PHONE_NUMBER": str(phone), "TEXT": text, "VOICE": "",
+                "CRM_ENTITY_TYPE": crm_arg[0] if crm_arg else "", "CRM_ENTITY_ID": str(crm_arg[1]) if crm_arg else "",
+                "LINE_NUMBER": line_number}
+        with self._lock:
+            jobs = self._emit("ONEXTERNALCALLBACKSTART", data, None)
+        self._start_deliveries(jobs)
+        return dict(data)
+
+    def install_app(self, handler_url: str) -> int:
+        """The administrator installs the app: its old bindings are dropped (re-bind in the installer)
+        and the installation callback is POSTed with a fresh token pair. Returns the handler's HTTP
+        status (0 when it did not answer)."""
+        _require_loopback(handler_url)
+        with self._lock:
+            self._bindings.clear()
+            tokens = self._issue_pair(self.webhook_user_id)
+            auth = self._event_auth(tokens["access_token"])
+            auth["refresh_token"] = tokens["refresh_token"]  # long-term access only comes with install
+            pairs = self._event_pairs("ONAPPINSTALL", None,
+                                      {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "en"}, auth)
+        status, _ = _post_form(handler_url, pairs, self.delivery_timeout)
+        return status or 0
+
+    def post_event(self, url: str, event: str, data: dict, *, application_token: str | None = None,
+                   member_id: str | None = None, auth_extra: dict | None = None) -> int:
+        """POST an event in the portal's format, as given (forged tokens included: refusing them is the
+        receiver's job). auth carries no OAuth tokens unless ``auth_extra`` adds them; a None value in
+        ``auth_extra`` drops that key. Returns the HTTP status (0 when nothing answered)."""
+        _require_loopback(url)
+        with self._lock:
+            auth = self._event_auth(None)
+            auth["member_id"] = self.member_id if member_id is None else member_id
+            auth["application_token"] = self.application_token if application_token is None else application_token
+            for key, value in (auth_extra or {}).items():
+                if value is None:
+                    auth.pop(key, None)
+                else:
+                    auth[key] = value
+            name = str(event).upper()
+            bound = [b for b in self._bindings if b["event"] == name and b["handler"] == url]
+            pairs = self._event_pairs(name, bound[0]["id"] if bound else None, data, auth)
+        status, _ = _post_form(url, pairs, self.delivery_timeout)
+        return status or 0
+
+    # ------------------------------------------------------------------ REST events: delivery
+
+    def _event_auth(self, access_token: str | None) -> dict[str, Any]:
+        """auth[...] of an event; without a user's token only the portal/app identity is sent."""
+        auth: dict[str, Any] = {}
+        if access_token is not None:
+            auth.update({"access_token": access_token, "expires_in": str(ACCESS_TTL), "scope": ",".join(self.scopes)})
+        auth.update({"domain": self.domain, "server_endpoint": self.server_endpoint,
+                     "client_endpoint": self.client_endpoint, "member_id": self.member_id})
+        if access_token is not None:
+            auth["status"] = "L"
+        auth["application_token"] = self.application_token
+        return auth
+
+    def _event_pairs(self, event: str, handler_id: int | None, data: Any, auth: dict) -> list[tuple[str, str]]:
+        pairs = [("event", event)]
+        if handler_id is not None:
+            pairs.append(("event_handler_id", str(handler_id)))
+        pairs += _form_pairs("data", data)
+        pairs.append(("ts", str(int(self.clock()))))
+        pairs += _form_pairs("auth", auth)
+        return pairs
+
+    def _issue_access(self, user_id: int) -> str:
+        """An access token for an event (no refresh token: call events give none)."""
+        token = secrets.token_hex(24)
+        self._access[token] = {"user_id": user_id, "expires": self.clock() + ACCESS_TTL, "state": "ok"}
+        return token
+
+    def _emit(self, event: str, data: dict, user_id: int | None) -> list[tuple[str, str, list]]:
+        """Under the lock: queue offline copies and build online deliveries (sent by the caller after
+        releasing the lock, since a handler may call straight back into this portal)."""
+        jobs: list[tuple[str, str, list]] = []
+        for b in self._bindings:
+            if b["event"] != event:
+                continue
+            if b["event_type"] == "offline":
+                self._queue_offline(event, data)
+                continue
+            # auth_type names whose tokens the handler gets; 0 = the user who triggered the event.
+            uid = b["auth_type"] or user_id
+            auth = self._event_auth(self._issue_access(uid) if uid else None)
+            jobs.append((b["handler"], event, self._event_pairs(event, b["id"], data, auth)))
+        return jobs
+
+    def _queue_offline(self, event: str, data: dict) -> None:
+        message_id = hashlib.md5(f"{event}|{json.dumps(data, sort_keys=True)}".encode()).hexdigest()
+        now = self.clock()
+        for rec in self._offline:
+            # The queue keeps one record per change: a repeat not yet taken only refreshes it.
+            if (rec["EVENT_NAME"] == event and rec["MESSAGE_ID"] == message_id and rec["PROCESS_ID"] is None
+                    and not rec["ERROR"]):
+                rec["ts"], rec["EVENT_DATA"] = now, copy.deepcopy(data)
+                return
+        self._seq["offline"] += 1
+        self._offline.append({"ID": self._seq["offline"], "ts": now, "EVENT_NAME": event,
+                              "EVENT_DATA": copy.deepcopy(data), "EVENT_ADDITIONAL": False,
+                              "MESSAGE_ID": message_id, "PROCESS_ID": None, "ERROR": False})
+
+    def _start_deliveries(self, jobs: list[tuple[str, str, list]]) -> None:
+        for url, event, pairs in jobs:
+            threading.Thread(target=self._deliver, args=(url, event, pairs), daemon=True,
+                             name=f"bitrix24-emulator-event:{event}").start()
+
+    def _deliver(self, url: str, event: str, pairs: list[tuple[str, str]]) -> None:
+        t0 = time.perf_counter()
+        status, error = _post_form(url, pairs, self.delivery_timeout)
+        with self._delivered:
+            # No retries, like the portal's queue: a failed delivery is only recorded.
+            self._deliveries.append({"url": url, "event": event, "status": status,
+                                     "seconds": round(time.perf_counter() - t0, 6), "error": error})
+            self._delivered.notify_all()
+
+    # ------------------------------------------------------------------ REST events: methods
+
+    @staticmethod
+    def _upper_keys(p: dict) -> dict[str, Any]:
+        return {str(k).upper(): v for k, v in p.items()}  # event.* read parameter names in any case
+
+    def _m_event_bind(self, p: dict, ctx: _Ctx) -> bool:
+        up = self._upper_keys(p)
+        event = _opt_str(up.get("EVENT")).strip().upper()
+        if not event:
+            raise ApiError(400, "INVALID_ARGUMENT", "event is required")
+        if event not in _EVENTS or (_EVENTS[event] is not None and _EVENTS[event] not in self.scopes):
+            raise ApiError(400, "ERROR_EVENT_NOT_FOUND", "Event not found")
+        event_type = _opt_str(up.get("EVENT_TYPE")).strip().lower() or "online"
+        if event_type not in ("online", "offline"):
+            raise ApiError(400, "INVALID_ARGUMENT", "event_type must be online or offline")
+        handler = ""
+        if event_type == "online":  # offline events are fetched by the app: no handler
+            handler = _opt_str(up.get("HANDLER")).strip()
+            if not handler:
+                raise ApiError(400, "INVALID_ARGUMENT", "handler is required")
+            parts = urllib.parse.urlsplit(handler)
+            if not parts.hostname or not (parts.scheme == "https" or
+                                          (parts.scheme == "http" and parts.hostname in _LOOPBACK)):
+                raise ApiError(400, "INVALID_ARGUMENT", "Wrong handler URL: https is required (http only on loopback)")
+        auth_type = max(0, _php_int(up.get("AUTH_TYPE")))
+        for b in self._bindings:
+            if (b["event"], b["handler"], b["auth_type"], b["event_type"]) == (event, handler, auth_type, event_type):
+                raise _core("Handler already binded")
+        self._seq["handler"] += 1
+        self._bindings.append({"id": self._seq["handler"], "event": event, "handler": handler,
+                               "event_type": event_type, "auth_type": auth_type})
+        return True
+
+    def _m_event_get(self, p: dict, ctx: _Ctx) -> list[dict]:
+        return [{"event": b["event"], "handler": b["handler"], "auth_type": str(b["auth_type"]),
+                 "offline": 1 if b["event_type"] == "offline" else 0} for b in self._bindings]
+
+    def _m_event_unbind(self, p: dict, ctx: _Ctx) -> dict:
+        up = self._upper_keys(p)
+        event = _opt_str(up.get("EVENT")).strip().upper()
+        if not event:
+            raise ApiError(400, "INVALID_ARGUMENT", "event is required")
+        event_type = _opt_str(up.get("EVENT_TYPE")).strip().lower() or "online"
+        if event_type not in ("online", "offline"):
+            raise ApiError(400, "INVALID_ARGUMENT", "event_type must be online or offline")
+        handler = _opt_str(up.get("HANDLER")).strip()
+        # Strict: the docs mark handler required, so no mass removal of online handlers by event alone.
+        if event_type == "online" and not handler:
+            raise ApiError(400, "INVALID_ARGUMENT", "handler is required")
+        auth_type = max(0, _php_int(up["AUTH_TYPE"])) if "AUTH_TYPE" in up else None
+
+        def hit(b: dict) -> bool:
+            return (b["event"] == event and b["event_type"] == event_type
+                    and (event_type == "offline" or b["handler"] == handler)
+                    and (auth_type is None or b["auth_type"] == auth_type))
+
+        kept = [b for b in self._bindings if not hit(b)]
+        count = len(self._bindings) - len(kept)
+        self._bindings = kept
+        return {"count": count}
+
+    def _offline_row(self, rec: dict) -> dict:
+        return {"ID": str(rec["ID"]), "TIMESTAMP_X": _portal_iso(rec["ts"]), "EVENT_NAME": rec["EVENT_NAME"],
+                "EVENT_DATA": copy.deepcopy(rec["EVENT_DATA"]), "EVENT_ADDITIONAL": copy.deepcopy(rec["EVENT_ADDITIONAL"]),
+                "MESSAGE_ID": rec["MESSAGE_ID"]}
+
+    @staticmethod
+    def _offline_value(rec: dict, field: str) -> Any:
+        return {"ID": rec["ID"], "TIMESTAMP_X": rec["ts"], "EVENT_NAME": rec["EVENT_NAME"],
+                "MESSAGE_ID": rec["MESSAGE_ID"]}[field]
+
+    @staticmethod
+    def _offline_operand(field: str, value: Any) -> Any:
+        if isinstance(value, (dict, list)):
+            raise ApiError(400, "INVALID_ARGUMENT", f"filter value for {field} must be a scalar")
+        if field == "ID":
+            text = _opt_str(value).strip()
+            if not re.fullmatch(r"\d+", text):
+                raise ApiError(400, "INVALID_ARGUMENT", f"filter value for ID must be an integer, got {value!r}")
+            return int(text)
+        if field == "TIMESTAMP_X":
+            when = _parse_iso(value)
+            if when is None:
+                raise ApiError(400, "INVALID_ARGUMENT", "filter value for TIMESTAMP_X must be ISO 8601 with an offset")
+            return when.timestamp()
+        return _opt_str(value).upper() if field == "EVENT_NAME" else _opt_str(value)
+
+    def _offline_filter(self, flt: Any) -> Callable[[dict], bool]:
+        if flt in (None, "", []):
+            return lambda rec: True
+        if not isinstance(flt, dict):
+            raise ApiError(400, "INVALID_ARGUMENT", "filter must be an object")
+        tests: list[Callable[[dict], bool]] = []
+        for key, wanted in flt.items():
+            m = _OFFLINE_FILTER_KEY.match(str(key))
+            field = m.group(2).upper() if m else ""
+            if field not in _OFFLINE_FIELDS:  # strict: only the documented fields
+                raise ApiError(400, "INVALID_ARGUMENT", f"Unknown filter field {key}")
+            op = (m.group(1) if m else "") or "="
+            operand = self._offline_operand(field, wanted)
+            tests.append(lambda rec, f=field, o=op, w=operand: _compare("!" if o == "!=" else o,
+                                                                         self._offline_value(rec, f), w))
+        return lambda rec: all(t(rec) for t in tests)
+
+    def _offline_sort(self, rows: list[dict], order: Any) -> None:
+        if order in (None, "", []):
+            order = {"TIMESTAMP_X": "ASC"}
+        if not isinstance(order, dict):
+            raise ApiError(400, "INVALID_ARGUMENT", "order must be an object")
+        rows.sort(key=lambda r: r["ID"])
+        for field, direction in reversed(list(order.items())):
+            name, how = str(field).upper(), _opt_str(direction).upper()
+            if name not in _OFFLINE_FIELDS or how not in ("ASC", "DESC"):
+                raise ApiError(400, "INVALID_ARGUMENT", f"Wrong order {field}: {direction}")
+            rows.sort(key=lambda r, n=name: self._offline_value(r, n), reverse=how == "DESC")
+
+    def _m_offline_get(self, p: dict, ctx: _Ctx) -> dict:
+        up = self._upper_keys(p)
+        clear = _php_int(up.get("CLEAR", 1)) != 0
+        with_errors = _php_int(up.get("ERROR", 0)) != 0
+        limit = _php_int(up.get("LIMIT", OFFLINE_LIMIT))
+        limit = OFFLINE_LIMIT if limit <= 0 else min(limit, OFFLINE_LIMIT)  # strict: never more than 50
+        process_id = _opt_str(up.get("PROCESS_ID")).strip() or None
+        wanted = self._offline_filter(up.get("FILTER"))
+        # Records taken by another process (clear=0) stay hidden until cleared or marked as errors.
+        fresh = [r for r in self._offline
+                 if r["PROCESS_ID"] is None and (with_errors or not r["ERROR"]) and wanted(r)]
+        self._offline_sort(fresh, up.get("ORDER"))
+        taken = fresh[:limit]
+        if clear:  # default: what is returned is gone from the queue at once
+            chosen = taken + [r for r in self._offline if process_id is not None and r["PROCESS_ID"] == process_id]
+            self._offline = [r for r in self._offline if not any(r is c for c in chosen)]
+            self._offline_sort(chosen, up.get("ORDER"))
+            return {"process_id": process_id, "events": [self._offline_row(r) for r in chosen]}
+        # clear=0: the records stay, hidden under a process id until event.offline.clear/error.
+        pid = process_id or secrets.token_hex(16)
+        for rec in taken:
+            rec["PROCESS_ID"] = pid
+        # A known process_id gets its earlier, still uncleared records again together with the new ones.
+        mine = [r for r in self._offline if r["PROCESS_ID"] == pid]
+        self._offline_sort(mine, up.get("ORDER"))
+        return {"process_id": pid, "events": [self._offline_row(r) for r in mine]}
+
+    @staticmethod
+    def _offline_process(up: dict) -> str:
+        pid = up.get("PROCESS_ID")
+        if isinstance(pid, (dict, list)) or not _opt_str(pid).strip():
+            raise ApiError(400, "INVALID_ARGUMENT", "process_id is required")
+        return _opt_str(pid).strip()
+
+    def _m_offline_clear(self, p: dict, ctx: _Ctx) -> bool:
+        up = self._upper_keys(p)
+        pid = self._offline_process(up)
+        ids = _int_list(up.get("ID")) if up.get("ID") not in (None, "", []) else None
+        raw_messages = up.get("MESSAGE_ID")
+        messages = None
+        if ids is None and raw_messages not in (None, "", []):  # message_id is ignored when id is given
+            listed = _php_list(raw_messages)
+            messages = {_opt_str(m) for m in (listed if listed is not None else [raw_messages])}
+
+        def hit(r: dict) -> bool:
+            return (r["PROCESS_ID"] == pid and (ids is None or r["ID"] in ids)
+                    and (messages is None or r["MESSAGE_ID"] in messages))
+
+        self._offline = [r for r in self._offline if not hit(r)]
+        return True
+
+    def _m_offline_error(self, p: dict, ctx: _Ctx) -> bool:
+        up = self._upper_keys(p)
+        pid = self._offline_process(up)
+        raw_messages = up.get("MESSAGE_ID")
+        messages = None
+        if raw_messages not in (None, "", []):
+            listed = _php_list(raw_messages)
+            messages = {_opt_str(m) for m in (listed if listed is not None else [raw_messages])}
+        for r in self._offline:
+            if r["PROCESS_ID"] == pid and (messages is None or r["MESSAGE_ID"] in messages):
+                # Released from the process with an error mark: event.offline.get error=1 returns it.
+                r["PROCESS_ID"], r["ERROR"] = None, True
+        return True
+
 
 # --------------------------------------------------------------------------- module helpers
 
@@ -2074,6 +2480,65 @@ def _fetch_loopback(url: str) -> bytes:
         raise _core("Server returns HTTP error code 0") from None
 
 
+def _crm_arg(crm: tuple[str, int] | None) -> tuple[str, int] | None:
+    """Validate a ``(type, id)`` CRM binding given to click_to_call / callback_request."""
+    if crm is None:
+        return None
+    etype, eid = str(crm[0]).upper(), int(crm[1])
+    if etype not in _CRM_TYPES or eid <= 0:
+        raise ValueError(f"crm must be (CONTACT|COMPANY|LEAD, id > 0), got {crm!r}")
+    return etype, eid
+
+
+def _require_loopback(url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or parts.hostname not in _LOOPBACK:
+        raise ValueError(f"the emulator only posts to loopback handlers, got {url!r}")
+
+
+def _form_pairs(key: str, value: Any) -> list[tuple[str, str]]:
+    """PHP-style form pairs, as http_build_query writes them: ``data[FIELDS][ID]=5``."""
+    if isinstance(value, dict):
+        items: Iterable[tuple[Any, Any]] = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return [(key, _php_str(value))]
+    out: list[tuple[str, str]] = []
+    for k, v in items:  # an empty array yields no pair at all, as in PHP
+        out += _form_pairs(f"{key}[{k}]", v)
+    return out
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """The queue server reports a redirect as the handler's answer; it does not follow it."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _post_form(url: str, pairs: list[tuple[str, str]], timeout: float) -> tuple[int | None, str | None]:
+    """POST form-encoded to a loopback handler -> (HTTP status or None, error text or None)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or parts.hostname not in _LOOPBACK:
+        return None, "not delivered: the emulator only reaches loopback handlers"
+    request = urllib.request.Request(url, data=urllib.parse.urlencode(pairs).encode("utf-8"), method="POST",
+                                     headers={"Content-Type": "application/x-www-form-urlencoded",
+                                              "User-Agent": "Bitrix24 Webhook Engine"})
+    # No proxies: a proxy from the environment must not see (or swallow) loopback traffic.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+    try:
+        with opener.open(request, timeout=timeout) as resp:  # noqa: S310 (loopback only)
+            resp.read()
+            return resp.status, None
+    except urllib.error.HTTPError as err:
+        err.close()
+        return err.code, None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        return None, f"{type(reason).__name__}: {reason}"
+
+
 # --------------------------------------------------------------------------- HTTP plumbing
 
 class _Server(ThreadingHTTPServer):
@@ -2168,6 +2633,7 @@ def main(argv: list[str] | None = None) -> int:
           f"client_secret = {emulator.client_secret}")
     print(f"  oauth_url     = {emulator.oauth_url}")
     print(f"  refresh_token = {tokens['refresh_token']}")
+    print(f"  application_token = {emulator.application_token}  member_id = {emulator.member_id}")
     print("  users: 1 Portal Admin (100), 2 Anna (101), 3 Boris (102); contact +79161234567 -> Anna")
     print("  workgroup 1 CallCenter (Anna, Boris); task 1 'Call the client' -> Anna, bound to C_1, due now")
     print("Ctrl-C to stop.", flush=True)
