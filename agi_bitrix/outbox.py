@@ -141,6 +141,14 @@ class Outbox:
 
     def _deliver_register(self, entry: Entry, deadline: Deadline) -> str:
         params = dict(entry.payload)
+        parent_key = params.pop("_bind_from", None)
+        if parent_key:
+            # A transfer part is bound to the client the first part was bound to.
+            parent = self.store.call(parent_key)
+            if parent is None or not parent.call_id:
+                return "waiting"
+            if parent.crm_type and parent.crm_id:
+                params.update(CRM_ENTITY_TYPE=parent.crm_type, CRM_ENTITY_ID=parent.crm_id)
         call = self.store.call(entry.linkedid)
         if call is not None and call.finish_claimed is not None and params.get("SHOW"):
             # Replayed after the call ended: log it without popping a card for a call long gone
@@ -155,6 +163,8 @@ class Outbox:
             self._dead(entry, str(exc))
             return "dead"
         self.store.mark_done(entry, call_id)
+        if isinstance(result, dict) and result.get("CRM_ENTITY_TYPE") and str(result.get("CRM_ENTITY_ID") or "").isdigit():
+            self.store.set_crm(entry.linkedid, str(result["CRM_ENTITY_TYPE"]), int(result["CRM_ENTITY_ID"]))
         if isinstance(result, dict) and result.get("CRM_CREATED_LEAD"):
             self.log["lead_created"] = result["CRM_CREATED_LEAD"]
         return "done"

@@ -41,7 +41,10 @@ CREATE TABLE IF NOT EXISTS calls (
     finished_at     REAL,
     status_code     TEXT,
     duration        INTEGER,
-    card_live       INTEGER NOT NULL DEFAULT 1 -- 0: registered after it ended, nobody has a card
+    card_live       INTEGER NOT NULL DEFAULT 1, -- 0: registered after it ended, nobody has a card
+    crm_type        TEXT,                      -- the client the portal bound the call to
+    crm_id          INTEGER,
+    active_part     TEXT                       -- after a transfer: the key of the part now going on
 );
 CREATE INDEX IF NOT EXISTS calls_started ON calls (started_at);
 CREATE TABLE IF NOT EXISTS users (
@@ -95,6 +98,9 @@ class Call:
     status_code: Optional[str]
     duration: Optional[int]
     card_live: int = 1
+    crm_type: Optional[str] = None
+    crm_id: Optional[int] = None
+    active_part: Optional[str] = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Call":
@@ -189,6 +195,29 @@ class Store:
             if cur.rowcount != 1:
                 return None
             return self._enqueue(db, linkedid, "register", register, owner, lease)
+
+    def active_key(self, linkedid: str) -> str:
+        """The key of the call's part now going on: the linkedid, or its latest transfer part."""
+        row = self.db.execute("SELECT active_part FROM calls WHERE linkedid = ?", (linkedid,)).fetchone()
+        return row["active_part"] if row and row["active_part"] else linkedid
+
+    def start_part(self, linkedid: str, key: str, direction: str, phone: str, line: str, user_inner: str,
+                   register: Dict[str, Any], owner: str, lease: float) -> Optional[int]:
+        """A transfer: the call goes on as a new part for another employee (its own CALL_ID)."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO calls (linkedid, direction, phone, line, user_inner, shown, started_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, direction, phone, line, user_inner, json.dumps([user_inner]), now))
+            if cur.rowcount != 1:
+                return None
+            db.execute("UPDATE calls SET active_part = ? WHERE linkedid = ?", (key, linkedid))
+            return self._enqueue(db, key, "register", register, owner, lease)
+
+    def set_crm(self, linkedid: str, crm_type: Optional[str], crm_id: Optional[int]) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE calls SET crm_type = ?, crm_id = ? WHERE linkedid = ?", (crm_type, crm_id, linkedid))
 
     def mark_answered(self, linkedid: str, inner: Optional[str]) -> Optional[Call]:
         """The first answer of a call wins; returns the call as it was before this answer."""

@@ -88,3 +88,67 @@ def test_slow_lookup_falls_back_to_the_default_route_fast(pbx, emulator):
     assert run.duration < 2.0
     assert only_call(emulator)["register"]["USER_PHONE_INNER"] == "101"
     assert "routing_error" in pbx.log()[-1]
+
+
+def _parts(emulator):
+    return sorted(emulator.calls.values(), key=lambda c: c["registered_at"])
+
+
+def test_blind_transfer_both_halves_in_crm(pbx, emulator):
+    people = emulator.people
+    lid = "1795600600.1"
+    pbx.run(["incoming", "+79161234567"], linkedid=lid)  # a known client (contact)
+    pbx.run(["answer"], linkedid=lid, channel="PJSIP/101-00000021")
+    time.sleep(1.05)
+    # 101 presses the blind-transfer code: the caller goes to [bitrix-transfer] with EXTEN=103.
+    run = pbx.run(["transfer", "103"], linkedid=lid, channel="PJSIP/provider-00000020", context="bitrix-transfer")
+    assert run.set_variables["BITRIX_STATUS"] == "OK"
+    first, second = _parts(emulator)
+    assert first["finished"] and first["status_code"] == "200" and first["finish_user_id"] == people["101"]
+    assert first["duration"] >= 1
+    assert second["register"]["EXTERNAL_CALL_ID"] == f"{lid}-t2" and second["CALL_ID"] != first["CALL_ID"]
+    assert second["user_id"] == people["103"] and not second["finished"]
+    assert (second["crm_entity_type"], second["crm_entity_id"]) == (first["crm_entity_type"], first["crm_entity_id"])
+    assert run.set_variables["BITRIX_CALL_ID"] == second["CALL_ID"]
+    pbx.run(["answer"], linkedid=lid, channel="PJSIP/103-00000023")
+    time.sleep(1.05)
+    pbx.run(["hangup", "ANSWER", "30"], linkedid=lid, dead=True, channel="PJSIP/provider-00000020")
+    first, second = _parts(emulator)
+    assert second["finished"] and second["status_code"] == "200" and second["finish_user_id"] == people["103"]
+    assert 1 <= second["duration"] <= 3
+    assert len(emulator.requests_for("telephony.externalcall.finish")) == 2
+
+
+def test_attended_transfer_to_nobody_answering(pbx, emulator):
+    people = emulator.people
+    lid = "1795600700.1"
+    pbx.run(["incoming", "89035557777"], linkedid=lid)
+    pbx.run(["answer", "102"], linkedid=lid)
+    # 102 consults 103 (*2): the consultation leg runs `transfer 103` on a channel of the same call.
+    pbx.run(["transfer", "103"], linkedid=lid, channel="PJSIP/102-00000031")
+    pbx.run(["hangup", "NOANSWER", ""], linkedid=lid, dead=True)
+    first, second = _parts(emulator)
+    assert first["finish_user_id"] == people["102"] and first["status_code"] == "200"
+    assert second["finish_user_id"] == people["103"] and second["status_code"] == "304"
+
+
+def test_transfer_while_portal_down_replays_both_parts_in_order(pbx, emulator):
+    lid = "1795600800.1"
+    emulator.stop()
+    pbx.run(["incoming", "+79161234567"], linkedid=lid)
+    pbx.run(["answer", "101"], linkedid=lid)
+    pbx.run(["transfer", "102"], linkedid=lid)
+    pbx.run(["answer", "102"], linkedid=lid)
+    pbx.run(["hangup", "ANSWER", "20"], linkedid=lid, dead=True)
+    emulator.start()
+    res = pbx.cli("outbox", "flush")
+    assert res.returncode == 0 and "dead-lettered 0" in res.stdout, res.stdout
+    first, second = _parts(emulator)
+    assert first["finished"] and second["finished"]
+    assert second["crm_entity_type"] == "CONTACT"
+
+
+def test_transfer_refuses_a_hostile_target(pbx, emulator):
+    pbx.run(["incoming", "89035558888"], linkedid="1795600900.1")
+    run = pbx.run(["transfer", "103&PJSIP/evil"], linkedid="1795600900.1")
+    assert run.set_variables["BITRIX_STATUS"] == "ERROR" and len(emulator.calls) == 1

@@ -7,6 +7,7 @@ EVENTS = {
     "answer": "agi_bitrix.controllers.answer",
     "hangup": "agi_bitrix.controllers.hangup",
     "dial": "agi_bitrix.controllers.dial",
+    "transfer": "agi_bitrix.controllers.transfer",
     # the auto-dialer's dialplan (extensions.conf.sample, [bitrix-dialer])
     "dialer-answered": "agi_bitrix.controllers.dialer_answered",
     "dialer-connected": "agi_bitrix.controllers.dialer_connected",

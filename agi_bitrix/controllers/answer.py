@@ -10,7 +10,8 @@ def handle(ctx: EventContext) -> Outcome:
     ext = phones.inner_number(raw) if raw else phones.extension_from_channel(ctx.env("agi_channel"))
     if raw and not ext:
         ctx.log["ext_note"] = f"{raw[:40]!r} is not an inner number"
-    before = ctx.store.mark_answered(ctx.linkedid, ext)
+    key = ctx.store.active_key(ctx.linkedid)  # after a transfer, the part now going on
+    before = ctx.store.mark_answered(key, ext)
     if before is None:
         raise Refused("no call is known for this linkedid (did `incoming` or `outgoing` run?)")
     ctx.log.update(answered_by=ext, direction=before.direction)
@@ -22,5 +23,6 @@ def handle(ctx: EventContext) -> Outcome:
         # The card moves to whoever answered: shown to him (unless it is up already), hidden from the rest.
         show = [] if ext in before.shown else [ext]
         hide = [u for u in before.shown if u != ext]
-        ctx.queued.append(ctx.store.move_card(ctx.linkedid, show, hide, [ext], ctx.outbox.owner, ctx.lease))
+        ctx.queued.append(ctx.store.move_card(key, show, hide, [ext], ctx.outbox.owner, ctx.lease))
+        ctx.keys = [key]
     return Outcome()

@@ -36,6 +36,7 @@ class EventContext:
     linkedid: str
     log: Dict[str, Any] = field(default_factory=dict)  # extra fields for the event's log line
     queued: List[int] = field(default_factory=list)    # outbox entries this event wrote
+    keys: List[str] = field(default_factory=list)      # outbox keys to deliver (default: the linkedid)
 
     def arg(self, index: int) -> str:
         """Positional argument (1-based); missing = empty, as the contract's defaults expect."""
@@ -60,9 +61,10 @@ class EventContext:
         OK: everything this step queued reached Bitrix24. QUEUED: kept in the outbox for later
         delivery. ERROR: an entry was dead-lettered (reason in the log).
         """
-        self.outbox.deliver_call(self.linkedid, self.deadline, lease=self.lease)
+        for key in self.keys or [self.linkedid]:
+            self.outbox.deliver_call(key, self.deadline, lease=self.lease)
         entries = self.store.entry_states(self.queued)
-        call = self.store.call(self.linkedid)
+        call = self.store.call(self.store.active_key(self.linkedid))
         outcome.call_id = call.call_id if call else None
         dead = [e for e in entries.values() if e.state == DEAD]
         if dead:

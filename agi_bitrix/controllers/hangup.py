@@ -31,25 +31,10 @@ def _recording(ctx: EventContext, path: str) -> Optional[Dict[str, Any]]:
     return {"path": path, "name": name}
 
 
-def handle(ctx: EventContext) -> Outcome:
-    # No arguments: read what Dial left on the channel (works on a dead channel too).
-    dialstatus = ctx.arg(1) if ctx.args else (ctx.session.get_variable("DIALSTATUS") or "")
-    answered_time = ctx.arg(2) if len(ctx.args) >= 2 else (ctx.session.get_variable("ANSWEREDTIME") or "")
-    recording = _recording(ctx, ctx.arg(3)) if ctx.arg(3) else None
-    if not re.fullmatch(r"[A-Za-z]{0,20}", dialstatus):
-        ctx.log["dialstatus_note"] = f"ignored DIALSTATUS {dialstatus[:40]!r}"
-        dialstatus = "?"
-    if ctx.linkedid.startswith("dialer-"):
-        return _dialer_hangup(ctx, dialstatus)
-    call = ctx.store.call(ctx.linkedid)
-    if call is None:
-        raise Refused("no call is known for this linkedid (did `incoming` or `outgoing` run?)")
+def queue_part_finish(ctx: EventContext, key: str, call: Any, dialstatus: str, answered_time: str = "",
+                      recording: Optional[Dict[str, Any]] = None) -> None:
+    """Queue the finish of one call (or call part), exactly once, for the right employee."""
     answered = call.answered_at is not None
-    if answered and dialstatus.upper() in _NOT_ANSWERED:
-        # A leg that never reached an employee (a queue member's unanswered ring, an IVR branch)
-        # must not overwrite the outcome of the leg that answered: its hangup finishes the call.
-        ctx.log["note"] = f"{dialstatus} from a leg that did not answer; the answered leg finishes the call"
-        return Outcome()
     if answered:
         duration = int(math.ceil(max(0.0, time.time() - call.answered_at)))
     else:
@@ -68,11 +53,35 @@ def handle(ctx: EventContext) -> Outcome:
     del params["CALL_ID"]  # known only once the register is delivered
     # finish hides the card of its own employee only; everyone else who still sees it is hidden here.
     hide = [u for u in call.shown if u != user] if call.direction == "incoming" else []
-    ids = ctx.store.queue_finish(ctx.linkedid, params, recording, ctx.outbox.owner, ctx.lease, hide=hide)
+    ids = ctx.store.queue_finish(key, params, recording, ctx.outbox.owner, ctx.lease, hide=hide)
     if ids is None:
         ctx.log["note"] = "finish already queued by another leg"
     else:
         ctx.queued.extend(ids)
+
+
+def handle(ctx: EventContext) -> Outcome:
+    # No arguments: read what Dial left on the channel (works on a dead channel too).
+    dialstatus = ctx.arg(1) if ctx.args else (ctx.session.get_variable("DIALSTATUS") or "")
+    answered_time = ctx.arg(2) if len(ctx.args) >= 2 else (ctx.session.get_variable("ANSWEREDTIME") or "")
+    recording = _recording(ctx, ctx.arg(3)) if ctx.arg(3) else None
+    if not re.fullmatch(r"[A-Za-z]{0,20}", dialstatus):
+        ctx.log["dialstatus_note"] = f"ignored DIALSTATUS {dialstatus[:40]!r}"
+        dialstatus = "?"
+    if ctx.linkedid.startswith("dialer-"):
+        return _dialer_hangup(ctx, dialstatus)
+    key = ctx.store.active_key(ctx.linkedid)  # after a transfer, the part now going on
+    ctx.keys = [key]
+    call = ctx.store.call(key)
+    if call is None:
+        raise Refused("no call is known for this linkedid (did `incoming` or `outgoing` run?)")
+    answered = call.answered_at is not None
+    if answered and dialstatus.upper() in _NOT_ANSWERED:
+        # A leg that never reached an employee (a queue member's unanswered ring, an IVR branch)
+        # must not overwrite the outcome of the leg that answered: its hangup finishes the call.
+        ctx.log["note"] = f"{dialstatus} from a leg that did not answer; the answered leg finishes the call"
+        return Outcome()
+    queue_part_finish(ctx, key, call, dialstatus, answered_time, recording)
     return Outcome()
 
 

@@ -6,7 +6,7 @@ import time
 from agi_bitrix.bitrix import payloads
 from agi_bitrix.controllers.base import EventContext
 
-_TYPES = {"incoming": payloads.CallType.INCOMING, "outgoing": payloads.CallType.OUTGOING}
+TYPES = {"incoming": payloads.CallType.INCOMING, "outgoing": payloads.CallType.OUTGOING}
 
 
 def register_call(ctx: EventContext, direction: str, user: str, phone: str, line: str) -> None:
@@ -18,7 +18,7 @@ def register_call(ctx: EventContext, direction: str, user: str, phone: str, line
     """
     calls = ctx.settings.calls
     payload = payloads.Register(
-        USER_PHONE_INNER=user, PHONE_NUMBER=phone, TYPE=_TYPES[direction],
+        USER_PHONE_INNER=user, PHONE_NUMBER=phone, TYPE=TYPES[direction],
         CALL_START_DATE=payloads.iso(time.time()),
         CRM_CREATE=int(calls.crm_create and phone != calls.anonymous_number),  # no lead for "nobody"
         LINE_NUMBER=line or None, EXTERNAL_CALL_ID=ctx.linkedid, SHOW=1)

@@ -7,9 +7,9 @@ and ``telephony.externalLine.*``, ``user.get``, CRM look-ups, workgroups (``sone
 the leaky-bucket and operating limits and fault injection. It also plays the portal's side of REST
 events: ``event.bind``/``get``/``unbind``, the offline queue (``event.offline.get``/``clear``/``error``),
 the application's installation callback and the click-to-call / website-callback events, which it
-POSTs form-encoded to bound handlers on loopback (it never reaches out to the internet). Where the public facts are unsure it is
-deliberately strict (the harsher behaviour), so a client bug shows up here instead of on a customer's
-portal.
+POSTs form-encoded to bound handlers on loopback (it never reaches out to the internet).
+Where the public facts are unsure it is deliberately strict (the harsher behaviour), so a client bug
+shows up here instead of on a customer's portal.
 
 Tests start it in-process, point the real ``agi-bitrix`` script at ``webhook_url`` (or the OAuth
 endpoints) and then read ``calls``, ``leads``, ``tasks``, ``requests`` ... which are deep copies taken
@@ -2262,7 +2262,8 @@ class Bitrix24Emulator:
 
     def _offline_row(self, rec: dict) -> dict:
         return {"ID": str(rec["ID"]), "TIMESTAMP_X": _portal_iso(rec["ts"]), "EVENT_NAME": rec["EVENT_NAME"],
-                "EVENT_DATA": copy.deepcopy(rec["EVENT_DATA"]), "EVENT_ADDITIONAL": copy.deepcopy(rec["EVENT_ADDITIONAL"]),
+                "EVENT_DATA": copy.deepcopy(rec["EVENT_DATA"]),
+                "EVENT_ADDITIONAL": copy.deepcopy(rec["EVENT_ADDITIONAL"]),
                 "MESSAGE_ID": rec["MESSAGE_ID"]}
 
     @staticmethod
