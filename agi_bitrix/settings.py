@@ -147,6 +147,7 @@ class AsteriskSettings(_Section):
     dial_timeout: int = Field(60, ge=1, le=3600)
     dial_options: str = ""
     number_format: Literal["e164", "e164_digits", "national"] = "e164"
+    phone_channel: str = "PJSIP/{inner}"  # an employee's phone, for click-to-call and the callback form
     ami_host: str = "127.0.0.1"
     ami_port: int = Field(5038, ge=1, le=65535)
     ami_user: str = ""
@@ -159,6 +160,13 @@ class AsteriskSettings(_Section):
             raise ValueError("must contain {number} exactly once, e.g. PJSIP/{number}@provider")
         if re.search(r"[\s,&\"\\]", value):
             raise ValueError("must not contain spaces, commas, '&', quotes or backslashes")
+        return value
+
+    @field_validator("phone_channel")
+    @classmethod
+    def _phone_channel(cls, value: str) -> str:
+        if value.count("{inner}") != 1 or re.search(r"[\s,&\"\\]", value):
+            raise ValueError("must contain {inner} once and no spaces, commas or '&', e.g. PJSIP/{inner}")
         return value
 
     @field_validator("dial_options")
@@ -256,6 +264,35 @@ class DialerSettings(_Section):
         return value
 
 
+class EventsSettings(_Section):
+    """Click-to-call and the website callback form: how Bitrix24's events reach agi-bitrix."""
+    delivery: Literal["offline", "online"] = "offline"   # offline: the worker polls, no public URL needed
+    handler_url: str = ""           # public https address of `agi-bitrix serve` (online delivery, install)
+    listen: str = "127.0.0.1:8077"  # where `agi-bitrix serve` listens (behind your https proxy)
+    click_dedup: float = Field(5.0, ge=0, le=120)  # seconds in which a second click on a number is a repeat
+    callback_user: str = ""         # inner number rung for the website callback form (default: default_user)
+
+    @field_validator("handler_url")
+    @classmethod
+    def _handler(cls, value: str) -> str:
+        return checked_url(value) if value else value
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:8077")
+        return value
+
+    @field_validator("callback_user")
+    @classmethod
+    def _inner(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[0-9]{1,15}", value):
+            raise ValueError("must be an inner (extension) number such as 101")
+        return value
+
+
 class Settings(_Section):
     bitrix24: Bitrix24Settings = Bitrix24Settings()
     calls: CallsSettings = CallsSettings()
@@ -263,6 +300,7 @@ class Settings(_Section):
     logging: LoggingSettings = LoggingSettings()
     asterisk: AsteriskSettings = AsteriskSettings()
     dialer: DialerSettings = DialerSettings()
+    events: EventsSettings = EventsSettings()
     path: str = ""
 
     def secrets(self) -> list[str]:

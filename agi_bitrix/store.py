@@ -196,6 +196,23 @@ class Store:
                 return None
             return self._enqueue(db, linkedid, "register", register, owner, lease)
 
+    def adopt_call(self, key: str, call_id: str, direction: str, phone: str, line: str, user_inner: str) -> bool:
+        """A call Bitrix24 registered itself (click-to-call): known CALL_ID, no register to send."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO calls (linkedid, direction, phone, line, user_inner, shown, started_at, call_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, direction, phone, line, user_inner, json.dumps([user_inner] if user_inner else []),
+                 time.time(), call_id))
+            return cur.rowcount == 1
+
+    def recent_click(self, key: str, user_inner: str, phone: str, seconds: float) -> bool:
+        """Another click by the same employee on the same number moments ago (a double click)."""
+        row = self.db.execute(
+            "SELECT 1 FROM calls WHERE linkedid LIKE 'click-%' AND linkedid != ? AND user_inner = ? AND phone = ?"
+            " AND started_at > ?", (key, user_inner, phone, time.time() - seconds)).fetchone()
+        return row is not None
+
     def active_key(self, linkedid: str) -> str:
         """The key of the call's part now going on: the linkedid, or its latest transfer part."""
         row = self.db.execute("SELECT active_part FROM calls WHERE linkedid = ?", (linkedid,)).fetchone()

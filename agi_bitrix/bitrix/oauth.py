@@ -74,6 +74,7 @@ class Tokens:
     domain: str = ""
     obtained_at: float = 0.0
     refused: str = ""  # set when the OAuth server refused refresh_token for good
+    application_token: str = field(default="", repr=False)  # from the install callback: events carry it
 
     @classmethod
     def from_grant(cls, body: Dict[str, Any], fallback_endpoint: str) -> "Tokens":
@@ -358,7 +359,8 @@ class OAuthAuth:
                 return latest  # rotated concurrently by a writer outside this lock: use its pair
             self.store.save(replace(current, refused=f"{exc.code} at {time.strftime('%Y-%m-%d %H:%M:%S')}"))
             raise
-        tokens = Tokens.from_grant(body, current.client_endpoint)
+        tokens = replace(Tokens.from_grant(body, current.client_endpoint),
+                         application_token=current.application_token)
         try:
             self.store.save(tokens)
         except OSError as exc:  # checked writable a moment ago: a full disk, most likely
@@ -389,8 +391,28 @@ def authorize(settings: Bitrix24Settings, state_dir: str, code: Optional[str] = 
                 raise ValueError("authorize needs a code or a refresh token")
             url = token_url(previous.server_endpoint if previous else "", settings.oauth_url)
             tokens = Tokens.from_grant(grant(url, params), settings.portal_url + "rest/")
+            if previous is not None:
+                tokens = replace(tokens, application_token=previous.application_token)
             store.save(tokens)
             return tokens
     except _LockTimeout:
         raise BitrixError("REFRESH_BUSY", "another process holds the token lock; try again", None,
                           TOKEN_METHOD) from None
+
+
+def install(state_dir: str, auth: Dict[str, Any], fallback_endpoint: str) -> Tokens:
+    """Store what the installation callback brought: the token pair and the application_token."""
+    store = TokenStore(state_dir)
+    token = str(auth.get("application_token") or "")
+    if not token:
+        raise PortalError("NO_APPLICATION_TOKEN", "the installation callback carried no application_token",
+                          None, "install")
+    tokens = replace(Tokens.from_grant(auth, fallback_endpoint), application_token=token)
+    try:
+        with store.locked(LOCK_WAIT):
+            store.check_writable()
+            store.save(tokens)
+    except _LockTimeout:
+        raise BitrixError("REFRESH_BUSY", "another process holds the token lock; try again", None,
+                          TOKEN_METHOD) from None
+    return tokens

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator, Tuple
+import re
+import urllib.parse
+from typing import Any, Dict, Iterable, Iterator, Tuple
 from urllib.parse import quote
 
 # A whole value like `$result[u101][0][ID]`; anything looser (a caller ID that merely starts
@@ -35,3 +37,57 @@ def build(params: dict) -> str:
         encoded = value if _REFERENCE.fullmatch(value) else quote(value, safe="")
         out.append(f"{quote(key, safe='[]')}={encoded}")
     return "&".join(out)
+
+
+# Reading PHP-style keys: what Bitrix24 POSTs to event handlers (`data[CALL_ID]=...`, `auth[...]`).
+_PHP_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+_BRACKETS = re.compile(r"\[([^\[\]]*)\]")
+
+
+def parse_php_pairs(pairs: Iterable[Tuple[str, str]]) -> Dict[str, Any]:
+    """Build nested params from PHP-style keys: ``a[b][]=1`` -> ``{"a": {"b": ["1"]}}``.
+
+    Containers whose keys are exactly 0..n-1 in order become lists, as PHP's json_encode does.
+    """
+    root: Dict[str, Any] = {}
+    for key, value in pairs:
+        m = _PHP_KEY.match(key)
+        if not m:
+            if key:
+                root[key] = value
+            continue
+        path = [m.group(1)] + _BRACKETS.findall(m.group(2))
+        node = root
+        for i, seg in enumerate(path):
+            if seg == "":
+                seg = str(_next_index(node))
+            if i == len(path) - 1:
+                node[seg] = value
+            else:
+                child = node.get(seg)
+                if not isinstance(child, dict):
+                    child = {}
+                    node[seg] = child
+                node = child
+    return {k: _listify(v) for k, v in root.items()}
+
+
+def parse_php_query(query: str) -> Dict[str, Any]:
+    """Parse a query string / form body with PHP-style nested keys."""
+    return parse_php_pairs(urllib.parse.parse_qsl(query, keep_blank_values=True))
+
+
+def _next_index(node: dict) -> int:
+    ints = [int(k) for k in node if re.fullmatch(r"-?\d+", k)]
+    return max(ints) + 1 if ints else 0
+
+
+def _listify(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    out = {k: _listify(v) for k, v in value.items()}
+    if out and list(out) == [str(i) for i in range(len(out))]:
+        return list(out.values())
+    return out
+
+

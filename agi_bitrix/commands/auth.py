@@ -56,6 +56,15 @@ def run(args: Any) -> int:
         notes.append(f"the application lacks scope(s) {', '.join(lacking)}")
     if b24.mode == "webhook":
         notes.append("webhook_url is set, so the webhook stays in use until you empty it")
+    else:
+        # Click-to-call needs its events bound to this application (reference §5.7).
+        from agi_bitrix.bitrix.factory import make_client
+        from agi_bitrix.events import bind_events
+
+        try:
+            notes.append(f"events bound ({settings.events.delivery}): {', '.join(bind_events(make_client(settings), settings))}")
+        except Exception as exc:
+            notes.append(f"click-to-call events not bound: {getattr(exc, 'summary', lambda: str(exc))()}")
     until = time.strftime("%H:%M", time.localtime(tokens.expires))
     print(f"OAuth tokens stored in {TokenStore(settings.storage.state_dir).path} for "
           f"{urlsplit(tokens.client_endpoint).netloc} (member_id {tokens.member_id or '?'}), "

@@ -11,7 +11,7 @@ from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT, open_outbox
 
 def run(args: Any) -> int:
     try:
-        _settings, outbox, logger = open_outbox(args)
+        settings, outbox, logger = open_outbox(args)
     except SystemExit as exc:
         print(f"agi-bitrix worker: {exc.code}", file=sys.stderr)
         return 1
@@ -19,8 +19,11 @@ def run(args: Any) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
     logger.info("worker_started", interval=args.interval)
+    poller = _event_poller(settings, outbox, logger)
     while not stopping:
         started = time.monotonic()
+        if poller is not None:
+            poller()
         try:
             stats = outbox.flush(per_call=FLUSH_REQUEST_TIMEOUT * 3, force=False)
             if stats.calls:
@@ -35,3 +38,25 @@ def run(args: Any) -> int:
     logger.info("worker_stopped")
     outbox.store.close()
     return 0
+
+
+def _event_poller(settings: Any, outbox: Any, logger: Any) -> Any:
+    """Offline events (click-to-call without a public URL): polled on every pass in OAuth mode."""
+    if settings.bitrix24.mode != "oauth" or settings.events.delivery != "offline":
+        return None
+    from agi_bitrix.commands.serve import SharedAMI
+    from agi_bitrix.events import EventProcessor, poll_offline
+
+    ami = SharedAMI(settings)
+
+    def poll() -> None:
+        fields: dict = {}
+        try:
+            count, outcomes = poll_offline(outbox.client, EventProcessor(settings, outbox.store, outbox.client,
+                                                                         ami, fields))
+            if count:
+                logger.info("offline_events", count=count, outcomes=outcomes, **fields)
+        except Exception as exc:  # the portal may be down; the events wait there
+            logger.error("offline_events", reason=f"{type(exc).__name__}: {exc}", **fields)
+
+    return poll

@@ -8,6 +8,7 @@ EVENTS = {
     "hangup": "agi_bitrix.controllers.hangup",
     "dial": "agi_bitrix.controllers.dial",
     "transfer": "agi_bitrix.controllers.transfer",
+    "click-answered": "agi_bitrix.controllers.click_answered",
     # the auto-dialer's dialplan (extensions.conf.sample, [bitrix-dialer])
     "dialer-answered": "agi_bitrix.controllers.dialer_answered",
     "dialer-connected": "agi_bitrix.controllers.dialer_connected",

@@ -38,6 +38,8 @@ from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
+from agi_bitrix.bitrix.query import parse_php_pairs, parse_php_query
+
 __all__ = ["Bitrix24Emulator", "ApiError", "parse_php_query", "parse_php_pairs", "DEFAULT_SCOPES"]
 
 DEFAULT_SCOPES = ("telephony", "crm", "user", "task", "im", "sonet_group", "timeman", "basic",
@@ -64,7 +66,6 @@ _OFFLINE_FIELDS = ("ID", "TIMESTAMP_X", "EVENT_NAME", "MESSAGE_ID")  # documente
 _OFFLINE_FILTER_KEY = re.compile(r"^(!=|>=|<=|!|=|>|<)?([A-Za-z_]+)$")
 _PHONE_DROP = re.compile(r"[^0-9#*+,;]")
 _ATOM = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})([+-])(\d{2}):(\d{2})$")
-_PHP_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 _BRACKETS = re.compile(r"\[([^\[\]]*)\]")
 _RESULT_REF = re.compile(r"\$result\[([^\[\]]*)\]((?:\[[^\[\]]*\])*)")
 _FILTER_KEY = re.compile(r"^(!@|!=|!%|>=|<=|@|!|=|>|<|%)?(.+)$")
@@ -135,53 +136,6 @@ class _Ctx:
 
 
 # --------------------------------------------------------------------------- parsing helpers
-
-def parse_php_pairs(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
-    """Build nested params from PHP-style keys: ``a[b][]=1`` -> ``{"a": {"b": ["1"]}}``.
-
-    Containers whose keys are exactly 0..n-1 in order become lists, as PHP's json_encode does.
-    """
-    root: dict[str, Any] = {}
-    for key, value in pairs:
-        m = _PHP_KEY.match(key)
-        if not m:
-            if key:
-                root[key] = value
-            continue
-        path = [m.group(1)] + _BRACKETS.findall(m.group(2))
-        node = root
-        for i, seg in enumerate(path):
-            if seg == "":
-                seg = str(_next_index(node))
-            if i == len(path) - 1:
-                node[seg] = value
-            else:
-                child = node.get(seg)
-                if not isinstance(child, dict):
-                    child = {}
-                    node[seg] = child
-                node = child
-    return {k: _listify(v) for k, v in root.items()}
-
-
-def parse_php_query(query: str) -> dict[str, Any]:
-    """Parse a query string / form body with PHP-style nested keys."""
-    return parse_php_pairs(urllib.parse.parse_qsl(query, keep_blank_values=True))
-
-
-def _next_index(node: dict) -> int:
-    ints = [int(k) for k in node if re.fullmatch(r"-?\d+", k)]
-    return max(ints) + 1 if ints else 0
-
-
-def _listify(value: Any) -> Any:
-    if not isinstance(value, dict):
-        return value
-    out = {k: _listify(v) for k, v in value.items()}
-    if out and list(out) == [str(i) for i in range(len(out))]:
-        return list(out.values())
-    return out
-
 
 def _parse_multipart(body: bytes, content_type: str) -> tuple[list[tuple[str, str]], dict[str, tuple[str, bytes]]]:
     """Split multipart/form-data into text fields and files (name -> (filename, bytes))."""

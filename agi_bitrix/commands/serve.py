@@ -1,0 +1,167 @@
+"""`agi-bitrix serve`: the HTTP handler for Bitrix24 events and the application's install callback.
+
+Put it behind your https proxy and give its public address to Bitrix24 (`[events] handler_url`).
+Every event must carry the application_token stored from the install callback and our portal's
+member_id; anything else is refused with a log line and nothing is dialed. Bitrix24 does not
+retry slow deliveries, so the answer is immediate and the work happens in a thread.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Dict, Optional
+from urllib.parse import urlsplit
+
+from agi_bitrix import settings as settings_mod
+
+MAX_BODY = 64 * 1024
+
+
+class SharedAMI:
+    """One AMI connection for the whole server, opened on first use."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.lock = threading.Lock()
+        self.client: Any = None
+
+    def __call__(self) -> Any:
+        from agi_bitrix.pbx.ami import AMIClient
+
+        with self.lock:
+            if self.client is None:
+                ast = self.settings.asterisk
+                self.client = AMIClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
+            return self.client
+
+
+def process_event(settings: Any, ami: Any, logger: Any, event: str, data: Any) -> None:
+    """Handle one verified event with this thread's own store and client."""
+    from agi_bitrix.bitrix.factory import make_client
+    from agi_bitrix.events import EventProcessor, EventRefused
+    from agi_bitrix.store import Store
+
+    fields: Dict[str, Any] = {}
+    started = time.monotonic()
+    store = Store(settings.storage.state_dir)
+    try:
+        outcome = EventProcessor(settings, store, make_client(settings), ami, fields).handle(event, data)
+        logger.info(event.lower(), outcome=outcome, ms=int((time.monotonic() - started) * 1000), **fields)
+    except EventRefused as exc:
+        logger.error(event.lower(), reason=str(exc), **fields)
+    except Exception as exc:  # one bad event must not take the server down
+        logger.error(event.lower(), reason=f"{type(exc).__name__}: {exc}", **fields)
+    finally:
+        store.close()
+
+
+def install(settings: Any, logger: Any, auth: Any) -> str:
+    """The installation callback: store the tokens and application_token, bind the events."""
+    from agi_bitrix.bitrix import oauth
+    from agi_bitrix.bitrix.factory import make_client
+    from agi_bitrix.events import EventRefused, bind_events
+
+    if settings.bitrix24.mode != "oauth":
+        raise EventRefused("install callback, but [bitrix24] is not set up as a local application")
+    auth = auth if isinstance(auth, dict) else {}
+    portal = urlsplit(settings.bitrix24.portal_url).netloc
+    if portal and str(auth.get("domain") or "") != portal:
+        raise EventRefused(f"install callback for another portal ({str(auth.get('domain'))[:60]!r})")
+    try:
+        known = oauth.TokenStore(settings.storage.state_dir).load()
+    except oauth.TokenStoreError:
+        known = None
+    if known is not None and known.member_id and str(auth.get("member_id") or "") != known.member_id:
+        raise EventRefused("install callback from a foreign portal (member_id)")
+    oauth.install(settings.storage.state_dir, auth, settings.bitrix24.portal_url + "rest/")
+    bound = bind_events(make_client(settings), settings)
+    logger.info("install", bound=bound)
+    return "installed"
+
+
+def make_handler(settings: Any, logger: Any, ami: Any) -> type:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "agi-bitrix"
+
+        def log_message(self, fmt: str, *args: Any) -> None:  # our own log, not stderr
+            return
+
+        def _answer(self, status: int, text: str) -> None:
+            body = text.encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self._answer(200, "agi-bitrix event handler\n")
+
+        def do_POST(self) -> None:
+            from agi_bitrix.bitrix import oauth
+            from agi_bitrix.bitrix.query import parse_php_query
+            from agi_bitrix.events import BOUND_EVENTS, EventRefused, verify
+
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                if not 0 < length <= MAX_BODY:
+                    raise ValueError("empty or oversized body")
+                form = parse_php_query(self.rfile.read(length).decode("utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                logger.error("event_refused", reason=f"malformed request: {exc}", peer=self.client_address[0])
+                self._answer(400, "malformed\n")
+                return
+            event = str(form.get("event") or "").upper()
+            try:
+                if event in ("ONAPPINSTALL", "ONAPPUPDATE") or (not event and isinstance(form.get("auth"), dict)):
+                    self._answer(200, install(settings, logger, form.get("auth")) + "\n")
+                    return
+                if event not in BOUND_EVENTS:
+                    raise EventRefused(f"unexpected event {event[:40]!r}")
+                tokens = oauth.TokenStore(settings.storage.state_dir).load()
+                verify(form.get("auth"), tokens.application_token if tokens else "",
+                       tokens.member_id if tokens else "")
+            except EventRefused as exc:
+                logger.error("event_refused", bitrix_event=event[:40] or None, reason=str(exc), peer=self.client_address[0])
+                self._answer(403, "refused\n")
+                return
+            except Exception as exc:
+                logger.error("event_failed", bitrix_event=event[:40], reason=f"{type(exc).__name__}: {exc}")
+                self._answer(500, "failed\n")
+                return
+            self._answer(200, "ok\n")  # Bitrix24 gets its answer now; the call is set up after
+            threading.Thread(target=process_event, args=(settings, ami, logger, event, form.get("data")),
+                             daemon=True).start()
+
+    return Handler
+
+
+def run(args: Any) -> int:
+    from agi_bitrix import log as log_mod
+
+    try:
+        settings = settings_mod.load(getattr(args, "settings", None))
+    except settings_mod.SettingsError as exc:
+        print(f"agi-bitrix serve: {exc}", file=sys.stderr)
+        return 1
+    logger = log_mod.configure(settings.logging.file, settings.logging.level, settings.secrets())
+    host, _, port = settings.events.listen.rpartition(":")
+    try:
+        server = ThreadingHTTPServer((host.strip("[]"), int(port)), make_handler(settings, logger, SharedAMI(settings)))
+    except OSError as exc:
+        print(f"agi-bitrix serve: cannot listen on {settings.events.listen}: {exc.strerror}", file=sys.stderr)
+        return 1
+    server.daemon_threads = True
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    logger.info("serve_started", listen=settings.events.listen)
+    print(f"listening on {settings.events.listen}", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    server.server_close()
+    logger.info("serve_stopped")
+    return 0

@@ -1,0 +1,190 @@
+"""Click-to-call and the website callback form, through `agi-bitrix serve` / `worker`, the fake AMI,
+the dialplan's AGI steps and the Bitrix24 emulator (OAuth application)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import ENTRY
+from agi_bitrix.testing.fake_ami import FakeAMI, OriginateOutcome, originate_variables
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Desk:
+    """The PBX with an OAuth application, an AMI, and the click-to-call dialplan."""
+
+    def __init__(self, pbx, emulator, ami, delivery: str) -> None:
+        self.pbx, self.emu, self.ami = pbx, emulator, ami
+        self.port = free_port()
+        pbx.values["bitrix24"] = {"portal_url": emulator.base_url, "client_id": emulator.client_id,
+                                  "client_secret": emulator.client_secret, "oauth_url": emulator.oauth_url,
+                                  "timeout": "2"}
+        pbx.values["asterisk"].update(ami_port=str(ami.port), ami_user=ami.username, ami_secret=ami.secret)
+        pbx.values["events"] = {"delivery": delivery, "listen": f"127.0.0.1:{self.port}",
+                                "handler_url": f"http://127.0.0.1:{self.port}/", "click_dedup": "5"}
+        pbx.values["dialer"] = {"ring_timeout": "10"}
+        pbx.write()
+        self.client_status = "ANSWER"
+        self.runs = []
+        self.procs = []
+        ami.on_originate(self._decide)
+        self.script = {}
+
+    def _decide(self, action):
+        for needle, outcome in self.script.items():
+            if needle in (action.get("Channel") or ""):
+                return outcome
+        return OriginateOutcome(reason=4, on_answer=lambda: self.dialplan(action))
+
+    def dialplan(self, action) -> None:
+        """[bitrix-click2call]: the employee answered; dial the client; then the call ends."""
+        lid = action.get("ChannelId")
+        run = self.pbx.run(["click-answered"], linkedid=lid, uniqueid=lid, context="bitrix-click2call",
+                           variables=dict(originate_variables(action)), channel=action.get("Channel") + "-01")
+        self.runs.append(run)
+        if not run.set_variables.get("BITRIX_DIAL"):
+            return
+        if self.client_status == "ANSWER":
+            self.pbx.run(["answer"], linkedid=lid, channel="PJSIP/provider-000000a1")
+            time.sleep(1.05)
+            self.pbx.run(["hangup", "ANSWER", "1"], linkedid=lid, dead=True)
+        else:
+            self.pbx.run(["hangup", self.client_status, ""], linkedid=lid, dead=True)
+
+    def start(self, *args: str) -> subprocess.Popen:
+        env = dict(os.environ, AGI_BITRIX_SETTINGS=str(self.pbx.settings_file))
+        env.pop("AST_AGI_DIR", None)
+        proc = subprocess.Popen([str(ENTRY), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True)
+        self.procs.append(proc)
+        return proc
+
+    def serve(self) -> None:
+        proc = self.start("serve")
+        assert proc.stdout.readline().startswith("listening"), proc.stderr.read()
+        assert self.emu.install_app(f"http://127.0.0.1:{self.port}/") == 200
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+
+    def finished(self, call_id: str, timeout: float = 15.0) -> dict:
+        end = time.time() + timeout
+        while time.time() < end:
+            call = self.emu.calls.get(call_id)
+            if call and call["finished"]:
+                return call
+            time.sleep(0.05)
+        raise AssertionError(f"{call_id} was not finished; log: {self.pbx.log()[-3:]}")
+
+
+@pytest.fixture
+def online(pbx, emulator):
+    with FakeAMI(username="crm", secret="ami-secret-2") as ami:
+        desk = Desk(pbx, emulator, ami, "online")
+        desk.serve()
+        yield desk
+        desk.stop()
+
+
+def test_click_to_call_answered_finishes_the_same_call_id(online, emulator):
+    data = emulator.click_to_call(emulator.people["101"], "8 (916) 765-43-21")
+    call = online.finished(data["CALL_ID"])
+    assert call["status_code"] == "200" and call["duration"] >= 1
+    assert call["finish_user_id"] == emulator.people["101"]
+    originate = online.ami.originates[0]
+    assert originate.get("Channel") == "PJSIP/101" and originate.get("Context") == "bitrix-click2call"
+    assert online.runs[0].set_variables["BITRIX_DIAL"] == "PJSIP/+79167654321@provider"
+    assert emulator.requests_for("telephony.externalcall.register") == []  # never a second register
+    assert len(emulator.calls) == 1
+
+
+def test_busy_client(online, emulator):
+    online.client_status = "BUSY"
+    data = emulator.click_to_call(emulator.people["102"], "+79167654322")
+    call = online.finished(data["CALL_ID"])
+    assert call["status_code"] == "486" and call["finish_user_id"] == emulator.people["102"]
+
+
+def test_employee_does_not_answer(online, emulator):
+    online.script["PJSIP/103"] = OriginateOutcome(reason=3)
+    data = emulator.click_to_call(emulator.people["103"], "+79167654323")
+    call = online.finished(data["CALL_ID"])
+    assert call["status_code"] == "304" and "did not answer" in call["finish"]["FAILED_REASON"]
+
+
+def test_duplicate_click_dials_once(online, emulator):
+    first = emulator.click_to_call(emulator.people["101"], "+79167654324")
+    time.sleep(0.3)
+    second = emulator.click_to_call(emulator.people["101"], "+79167654324")
+    repeat = online.finished(second["CALL_ID"])
+    assert repeat["status_code"] == "603-S" and "repeated click" in repeat["finish"]["FAILED_REASON"]
+    online.finished(first["CALL_ID"])
+    assert len(online.ami.originates) == 1
+
+
+def test_forged_events_are_refused(online, emulator):
+    url = f"http://127.0.0.1:{online.port}/"
+    data = {"CALL_ID": "externalCall.forged.1", "USER_ID": str(emulator.people["101"]),
+            "PHONE_NUMBER_INTERNATIONAL": "+79160000000"}
+    assert emulator.post_event(url, "ONEXTERNALCALLSTART", data, application_token="wrong") == 403
+    assert emulator.post_event(url, "ONEXTERNALCALLSTART", data, member_id="someone-else") == 403
+    # Genuine, but malformed: accepted by the handler, refused by the processing.
+    assert emulator.post_event(url, "ONEXTERNALCALLSTART", {"CALL_ID": "x\ny", "USER_ID": "1"}) == 200
+    time.sleep(0.5)
+    assert online.ami.originates == []
+    refused = [e for e in online.pbx.log() if e["event"] == "event_refused"]
+    assert len(refused) == 2 and emulator.application_token not in online.pbx.log_text()
+    assert any("without a usable CALL_ID" in (e.get("reason") or "") for e in online.pbx.log())
+
+
+def test_employee_without_inner_number_and_a_hostile_number(online, emulator):
+    emulator.set_user(emulator.people["103"], inner="")
+    data = emulator.click_to_call(emulator.people["103"], "+79167654325")
+    call = online.finished(data["CALL_ID"])
+    assert call["status_code"] == "480" and "no inner number" in call["finish"]["FAILED_REASON"]
+    url = f"http://127.0.0.1:{online.port}/"
+    hostile = {"CALL_ID": emulator.click_to_call(emulator.people["101"], "+79167654326")["CALL_ID"]}
+    online.finished(hostile["CALL_ID"])  # the real click went through
+    data = {"CALL_ID": "externalCall.bad.2", "USER_ID": str(emulator.people["101"]), "EXTENSION": "101",
+            "PHONE_NUMBER_INTERNATIONAL": "100&PJSIP/evil", "PHONE_NUMBER": "100&PJSIP/evil"}
+    assert emulator.post_event(url, "ONEXTERNALCALLSTART", data) == 200
+    time.sleep(0.8)
+    assert [o.get("Channel") for o in online.ami.originates] == ["PJSIP/101"]
+    assert any("cannot be dialed" in (e.get("failed") or "") for e in online.pbx.log())
+
+
+def test_callback_form_rings_an_employee_then_the_visitor(online, emulator):
+    emulator.callback_request("+7 903 555-12-12", text="Перезвоните мне")
+    deadline = time.time() + 15
+    while time.time() < deadline and not any(c["finished"] for c in emulator.calls.values()):
+        time.sleep(0.05)
+    call = next(iter(emulator.calls.values()))
+    assert call["type"] == 4 and call["register"]["PHONE_NUMBER"] == "+79035551212"
+    assert call["finished"] and call["status_code"] == "200" and call["user_id"] == emulator.people["101"]
+
+
+def test_offline_events_through_the_worker(pbx, emulator):
+    with FakeAMI(username="crm", secret="ami-secret-3") as ami:
+        desk = Desk(pbx, emulator, ami, "offline")
+        res = pbx.cli("auth", "--code", emulator.authorization_code())
+        assert res.returncode == 0 and "events bound (offline)" in res.stdout, res.stdout + res.stderr
+        data = emulator.click_to_call(emulator.people["102"], "+79167654327")
+        assert emulator.offline_events
+        desk.start("worker", "--interval", "0.2")
+        try:
+            call = desk.finished(data["CALL_ID"])
+        finally:
+            desk.stop()
+        assert call["status_code"] == "200" and not emulator.offline_events
