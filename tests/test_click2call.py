@@ -188,3 +188,11 @@ def test_offline_events_through_the_worker(pbx, emulator):
         finally:
             desk.stop()
         assert call["status_code"] == "200" and not emulator.offline_events
+
+
+def test_employee_phone_offline(online, emulator):
+    online.ami.set_extension_state("102", 4)
+    data = emulator.click_to_call(emulator.people["102"], "+79167654329")
+    call = online.finished(data["CALL_ID"])
+    assert call["status_code"] == "480" and "offline" in call["finish"]["FAILED_REASON"]
+    assert online.ami.originates == []

@@ -152,3 +152,12 @@ def test_transfer_refuses_a_hostile_target(pbx, emulator):
     pbx.run(["incoming", "89035558888"], linkedid="1795600900.1")
     run = pbx.run(["transfer", "103&PJSIP/evil"], linkedid="1795600900.1")
     assert run.set_variables["BITRIX_STATUS"] == "ERROR" and len(emulator.calls) == 1
+
+
+def test_fired_manager_is_not_routed_to(pbx, emulator):
+    pbx.set("calls", "route_to_responsible", "yes")
+    emulator.set_user(emulator.people["102"], active=False)
+    run = pbx.run(["incoming", "+79161234567"], linkedid="1795601000.1")
+    assert run.set_variables["BITRIX_STATUS"] == "OK" and run.set_variables["BITRIX_RESPONSIBLE"] == ""
+    assert only_call(emulator)["register"]["USER_PHONE_INNER"] == "101"
+    assert "not an active employee" in pbx.log()[-1]["route_note"]

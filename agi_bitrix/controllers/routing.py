@@ -39,18 +39,26 @@ def responsible_for(ctx: EventContext, phone: str) -> Optional[str]:
         ctx.log["route"] = "cached"
         return cached or None
     budget = Deadline(min(calls.route_timeout, ctx.deadline.remaining()))
+    # One request: the client's entities, and whether the first one's manager is an active user
+    # (a fired manager keeps his clients and his inner number until someone reassigns them).
+    commands = {"s": (payloads.SEARCH_CRM, {"PHONE_NUMBER": phone}),
+                "u": ("user.get", {"FILTER": {"ID": "$result[s][0][ASSIGNED_BY_ID]", "ACTIVE": "true"}})}
     try:
-        found = ctx.bitrix.call(payloads.SEARCH_CRM, {"PHONE_NUMBER": phone}, budget)
+        result = ctx.bitrix.batch(commands, deadline=budget)
     except BitrixError as exc:
         ctx.log["routing_error"] = exc.summary()
         return None
+    found = result.results.get("s")
+    active = result.results.get("u")
     inner = ""
-    for entity in found if isinstance(found, list) else []:
-        candidate = _manager(entity, calls.route_only_workday)
+    entities = found if isinstance(found, list) else []
+    if entities and isinstance(active, list) and active:
+        candidate = _manager(entities[0], calls.route_only_workday)
         if candidate:
-            ctx.log["crm_entity"] = f"{entity.get('CRM_ENTITY_TYPE')}_{entity.get('CRM_ENTITY_ID')}"
+            ctx.log["crm_entity"] = f"{entities[0].get('CRM_ENTITY_TYPE')}_{entities[0].get('CRM_ENTITY_ID')}"
             inner = candidate
-            break
+    elif entities:
+        ctx.log["route_note"] = "the client's manager is not an active employee"
     if calls.route_cache:
         ctx.store.remember_route(phone, inner)
     return inner or None
