@@ -142,6 +142,13 @@ class LoggingSettings(_Section):
         return value.strip().upper() if isinstance(value, str) else value
 
 
+def _inner_template(value: str) -> str:
+    """How an employee's phone is dialed: {inner} once, nothing that could add a Dial target."""
+    if value.count("{inner}") != 1 or re.search(r"[\s,&\"\\]", value):
+        raise ValueError("must contain {inner} once and no spaces, commas or '&', e.g. PJSIP/{inner}")
+    return value
+
+
 class AsteriskSettings(_Section):
     dial_template: str = "PJSIP/{number}@provider"
     dial_timeout: int = Field(60, ge=1, le=3600)
@@ -165,9 +172,7 @@ class AsteriskSettings(_Section):
     @field_validator("phone_channel")
     @classmethod
     def _phone_channel(cls, value: str) -> str:
-        if value.count("{inner}") != 1 or re.search(r"[\s,&\"\\]", value):
-            raise ValueError("must contain {inner} once and no spaces, commas or '&', e.g. PJSIP/{inner}")
-        return value
+        return _inner_template(value)
 
     @field_validator("dial_options")
     @classmethod
@@ -241,9 +246,7 @@ class DialerSettings(_Section):
     @field_validator("operator_channel")
     @classmethod
     def _operator_channel(cls, value: str) -> str:
-        if value.count("{inner}") != 1 or re.search(r"[\s,&\"\\]", value):
-            raise ValueError("must contain {inner} once and no spaces, commas or '&', e.g. PJSIP/{inner}")
-        return value
+        return _inner_template(value)
 
     @field_validator("default_timezone")
     @classmethod

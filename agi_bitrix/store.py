@@ -180,31 +180,32 @@ class Store:
         row = self.db.execute("SELECT * FROM calls WHERE linkedid = ?", (linkedid,)).fetchone()
         return Call.from_row(row) if row else None
 
+    @staticmethod
+    def _insert_call(db: sqlite3.Connection, key: str, direction: str, phone: str, line: str, user_inner: str,
+                     call_id: Optional[str] = None) -> bool:
+        """A new calls row; False when the key exists (another leg or a repeated event got there first)."""
+        cur = db.execute(
+            "INSERT OR IGNORE INTO calls (linkedid, direction, phone, line, user_inner, shown, started_at, call_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, direction, phone, line, user_inner, json.dumps([user_inner] if user_inner else []),
+             time.time(), call_id))
+        return cur.rowcount == 1
+
     def start_call(self, linkedid: str, direction: str, phone: str, line: str, user_inner: str,
                    register: Dict[str, Any], owner: str, lease: float) -> Optional[int]:
         """Record a new call and queue its register, in one transaction.
 
         Returns the outbox id, or None when this linkedid was already started (another leg).
         """
-        now = time.time()
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO calls (linkedid, direction, phone, line, user_inner, shown, started_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (linkedid, direction, phone, line, user_inner, json.dumps([user_inner]), now))
-            if cur.rowcount != 1:
+            if not self._insert_call(db, linkedid, direction, phone, line, user_inner):
                 return None
             return self._enqueue(db, linkedid, "register", register, owner, lease)
 
     def adopt_call(self, key: str, call_id: str, direction: str, phone: str, line: str, user_inner: str) -> bool:
         """A call Bitrix24 registered itself (click-to-call): known CALL_ID, no register to send."""
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO calls (linkedid, direction, phone, line, user_inner, shown, started_at, call_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, direction, phone, line, user_inner, json.dumps([user_inner] if user_inner else []),
-                 time.time(), call_id))
-            return cur.rowcount == 1
+            return self._insert_call(db, key, direction, phone, line, user_inner, call_id)
 
     def recent_click(self, key: str, user_inner: str, phone: str, seconds: float) -> bool:
         """Another click by the same employee on the same number moments ago (a double click)."""
@@ -221,13 +222,8 @@ class Store:
     def start_part(self, linkedid: str, key: str, direction: str, phone: str, line: str, user_inner: str,
                    register: Dict[str, Any], owner: str, lease: float) -> Optional[int]:
         """A transfer: the call goes on as a new part for another employee (its own CALL_ID)."""
-        now = time.time()
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO calls (linkedid, direction, phone, line, user_inner, shown, started_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (key, direction, phone, line, user_inner, json.dumps([user_inner]), now))
-            if cur.rowcount != 1:
+            if not self._insert_call(db, key, direction, phone, line, user_inner):
                 return None
             db.execute("UPDATE calls SET active_part = ? WHERE linkedid = ?", (key, linkedid))
             return self._enqueue(db, key, "register", register, owner, lease)
