@@ -200,6 +200,18 @@ class EventProcessor:
             store.close()
 
 
+def sweep_stale(processor: EventProcessor) -> int:
+    """Finish the click-to-call calls whose setting-up process died before Asterisk answered it
+    (a restart of `serve` or the worker): their CALL_ID must not hang in Bitrix24."""
+    settings = processor.settings
+    limit = time.time() - (settings.dialer.ring_timeout + settings.asterisk.dial_timeout + 120)
+    stale = processor.store.stale_clicks(limit)
+    for row in stale:
+        processor._fail(row["linkedid"], row["user_inner"] or None, "480",
+                        "the call was not completed: agi-bitrix stopped while setting it up")
+    return len(stale)
+
+
 def bind_events(client: Any, settings: Settings) -> List[str]:
     """Bind click-to-call and the callback form (after install or auth). Returns what was bound."""
     done = []

@@ -214,6 +214,12 @@ class Store:
             " AND started_at > ?", (key, user_inner, phone, time.time() - seconds)).fetchone()
         return row is not None
 
+    def stale_clicks(self, before: float) -> List[Any]:
+        """Click-to-call and callback calls never answered nor finished, started before `before`."""
+        return self.db.execute(
+            "SELECT linkedid, user_inner FROM calls WHERE (linkedid LIKE 'click-%' OR linkedid LIKE 'callback-%')"
+            " AND finish_claimed IS NULL AND answered_at IS NULL AND started_at < ?", (before,)).fetchall()
+
     def active_key(self, linkedid: str) -> str:
         """The key of the call's part now going on: the linkedid, or its latest transfer part."""
         row = self.db.execute("SELECT active_part FROM calls WHERE linkedid = ?", (linkedid,)).fetchone()

@@ -196,3 +196,23 @@ def test_employee_phone_offline(online, emulator):
     call = online.finished(data["CALL_ID"])
     assert call["status_code"] == "480" and "offline" in call["finish"]["FAILED_REASON"]
     assert online.ami.originates == []
+
+
+def test_click_left_half_set_up_is_finished_by_the_worker(online, emulator):
+    """`serve` dies before Asterisk says whether the employee answered: the worker closes the CALL_ID."""
+    import sqlite3
+
+    online.script["PJSIP/101"] = OriginateOutcome(reason=3, delay=3.0)
+    data = emulator.click_to_call(emulator.people["101"], "+79167654330")
+    deadline = time.time() + 5
+    while time.time() < deadline and not online.ami.originates:
+        time.sleep(0.05)
+    online.procs[0].send_signal(signal.SIGKILL)
+    online.procs[0].wait(5)
+    db = sqlite3.connect(str(online.pbx.state_dir / "agi-bitrix.sqlite3"))
+    db.execute("UPDATE calls SET started_at = started_at - 3600")  # as if an hour went by
+    db.commit()
+    db.close()
+    online.start("worker", "--interval", "0.2")
+    call = online.finished(data["CALL_ID"])
+    assert call["status_code"] == "480" and "stopped while setting it up" in call["finish"]["FAILED_REASON"]

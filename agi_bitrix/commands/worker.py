@@ -41,19 +41,25 @@ def run(args: Any) -> int:
 
 
 def _event_poller(settings: Any, outbox: Any, logger: Any) -> Any:
-    """Offline events (click-to-call without a public URL): polled on every pass in OAuth mode."""
-    if settings.bitrix24.mode != "oauth" or settings.events.delivery != "offline":
+    """OAuth mode: click-to-call calls left half set up are finished, and offline events (click-to-call
+    without a public URL) are polled, on every pass."""
+    if settings.bitrix24.mode != "oauth":
         return None
     from agi_bitrix.commands.serve import SharedAMI
-    from agi_bitrix.events import EventProcessor, poll_offline
+    from agi_bitrix.events import EventProcessor, poll_offline, sweep_stale
 
     ami = SharedAMI(settings)
 
     def poll() -> None:
         fields: dict = {}
         try:
-            count, outcomes = poll_offline(outbox.client, EventProcessor(settings, outbox.store, outbox.client,
-                                                                         ami, fields))
+            processor = EventProcessor(settings, outbox.store, outbox.client, ami, fields)
+            stale = sweep_stale(processor)
+            if stale:
+                logger.warning("stale_clicks_finished", count=stale, **fields)
+            if settings.events.delivery != "offline":
+                return
+            count, outcomes = poll_offline(outbox.client, processor)
             if count:
                 logger.info("offline_events", count=count, outcomes=outcomes, **fields)
         except Exception as exc:  # the portal may be down; the events wait there
