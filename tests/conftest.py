@@ -80,6 +80,16 @@ def pbx(tmp_path, emulator) -> PBX:
     return PBX(tmp_path, emulator.webhook_url)
 
 
+def webhook_call(emu: Bitrix24Emulator, method: str, params: Any = None, *, form: bool = False):
+    """One REST request to the emulator over its webhook, JSON or form-encoded."""
+    import requests
+
+    url = emu.webhook_url + method
+    if form:
+        return requests.post(url, data=params or {}, timeout=5)
+    return requests.post(url, json=params if params is not None else {}, timeout=5)
+
+
 def only_call(emulator: Bitrix24Emulator) -> Dict[str, Any]:
     calls = list(emulator.calls.values())
     assert len(calls) == 1, f"expected one call in Bitrix24, found {len(calls)}"

@@ -12,6 +12,8 @@ import requests
 
 from agi_bitrix.testing.bitrix_emulator import Bitrix24Emulator, parse_php_query
 
+from conftest import webhook_call as call
+
 REGISTER = "telephony.externalcall.register"
 FINISH = "telephony.externalcall.finish"
 
@@ -25,13 +27,6 @@ def emu() -> Iterator[Bitrix24Emulator]:
         e.add_user("Fired", "Man", inner="199", user_id=4, active=False)
         yield e
         assert e.internal_errors == []
-
-
-def call(emu: Bitrix24Emulator, method: str, params: Any = None, *, form: bool = False) -> requests.Response:
-    url = emu.webhook_url + method
-    if form:
-        return requests.post(url, data=params or {}, timeout=5)
-    return requests.post(url, json=params or {}, timeout=5)
 
 
 def register(emu: Bitrix24Emulator, **extra: Any) -> dict:

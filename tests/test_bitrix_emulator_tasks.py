@@ -11,6 +11,8 @@ import requests
 
 from agi_bitrix.testing.bitrix_emulator import PORTAL_TZ, Bitrix24Emulator
 
+from conftest import webhook_call as call
+
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=PORTAL_TZ).timestamp()
 SELECT = ["ID", "TITLE", "RESPONSIBLE_ID", "DEADLINE", "STATUS", "GROUP_ID", "UF_CRM_TASK"]
 
@@ -26,13 +28,6 @@ def emu() -> Iterator[Bitrix24Emulator]:
         e.add_user("Fired", "Man", inner="199", user_id=5, active=False)
         yield e
         assert e.internal_errors == []
-
-
-def call(emu: Bitrix24Emulator, method: str, params: Any = None, *, form: bool = False) -> requests.Response:
-    url = emu.webhook_url + method
-    if form:
-        return requests.post(url, data=params or {}, timeout=5)
-    return requests.post(url, json=params if params is not None else {}, timeout=5)
 
 
 def result(emu: Bitrix24Emulator, method: str, params: Any = None, **kw: Any) -> Any:
