@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 from agi_bitrix.agi import variables as V
 from agi_bitrix.agi.session import AGISession
-from agi_bitrix.controllers import EVENTS
+from agi_bitrix.controllers import EVENTS, Refused
 
 MAX_ARGS = 8  # no event takes more; the rest is logged as ignored
 FALLBACK_LOG = "/var/log/agi-bitrix/agi-bitrix.log"
@@ -44,26 +44,23 @@ def run(argv: List[str], early_hangups: List[bool], started: Optional[float] = N
             settings = settings_mod.load()
         except settings_mod.SettingsError as exc:
             logger = _fallback_logger()
-            raise _Refusal(str(exc))
+            raise Refused(str(exc))
         from agi_bitrix import log as log_mod
 
         logger = log_mod.configure(settings.logging.file, settings.logging.level, settings.secrets())
         if event not in EVENTS:
-            raise _Refusal(f"unknown event {event[:40]!r} (expected one of: {', '.join(EVENTS)})")
+            raise Refused(f"unknown event {event[:40]!r} (expected one of: {', '.join(EVENTS)})")
         if not linkedid:
-            raise _Refusal("cannot read CHANNEL(linkedid) from Asterisk")
+            raise Refused("cannot read CHANNEL(linkedid) from Asterisk")
         outcome = _dispatch(event, args, session, settings, linkedid, fields, started)
         status, call_id, responsible, reason = outcome.status, outcome.call_id or "", outcome.responsible, outcome.reason
-    except _Refusal as exc:
+    except Refused as exc:
         reason = str(exc)
     except Exception as exc:  # a bug must still end in a safe dialplan outcome
         reason = f"internal error: {type(exc).__name__}: {exc}"
         fields["traceback"] = traceback.format_exc(limit=6)
     finally:
-        session.set_variable(V.STATUS, status)
-        session.set_variable(V.CALL_ID, call_id)
-        if responsible is not None:
-            session.set_variable(V.RESPONSIBLE, responsible)
+        V.publish(session, status, call_id, responsible)
         fields.update(status=status, call_id=call_id or None, hung_up=session.hung_up,
                       ms=int((time.monotonic() - started) * 1000))
         if reason:
@@ -79,10 +76,6 @@ def run(argv: List[str], early_hangups: List[bool], started: Optional[float] = N
     return 0
 
 
-class _Refusal(Exception):
-    pass
-
-
 def _linkedid(session: AGISession) -> str:
     value = session.get_variable(V.LINKEDID) or session.env.get("agi_uniqueid", "")
     # linkedid is `[systemname-]epoch.seq` or an Originate ChannelId: keep it plain.
@@ -93,7 +86,7 @@ def _linkedid(session: AGISession) -> str:
 def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, linkedid: str,
               fields: Dict[str, Any], started: float) -> Any:
     from agi_bitrix.bitrix.factory import NotConfigured, make_client
-    from agi_bitrix.controllers.base import EventContext, Refused
+    from agi_bitrix.controllers.base import EventContext
     from agi_bitrix.deadline import Deadline
     from agi_bitrix.outbox import Outbox
     from agi_bitrix.store import Store, StoreError
@@ -102,7 +95,7 @@ def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, l
         client = make_client(settings)
         store = Store(settings.storage.state_dir)
     except (NotConfigured, StoreError) as exc:
-        raise _Refusal(str(exc))
+        raise Refused(str(exc))
     ctx = EventContext(event=event, args=args, session=session, settings=settings, store=store,
                        outbox=Outbox(store, client, settings.calls.recording_url, log=fields),
                        deadline=Deadline(settings.bitrix24.timeout, started), linkedid=linkedid, log=fields)
@@ -110,10 +103,8 @@ def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, l
     try:
         outcome = controller.handle(ctx)
         return outcome if outcome.status == V.ERROR else ctx.settle(outcome)
-    except Refused as exc:
-        raise _Refusal(str(exc))
     except StoreError as exc:
-        raise _Refusal(f"{exc}; call step not recorded")
+        raise Refused(f"{exc}; call step not recorded")
     finally:
         fields["requests"] = client.requests_made
         store.close()

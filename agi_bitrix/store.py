@@ -21,9 +21,9 @@ USER_CACHE_SECONDS = 3600
 KEEP_SECONDS = 7 * 24 * 3600  # finished calls and delivered entries are kept a week for troubleshooting
 
 PENDING, DONE, DEAD = "pending", "done", "dead"
-# Entry kinds; inside one call they are delivered in creation order. `rest` is any other
-# method call that belongs to the call (task comments, deadlines, notifications of the dialer).
-KINDS = ("register", "card", "finish", "record", "rest")
+# Entry kinds (outbox.py has a _deliver_<kind> for each): register, card, finish, record, and
+# `rest`, any other method call that belongs to the call (the dialer's task comments, deadlines,
+# notifications). Inside one call they are delivered in creation order.
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
 
 from conftest import ENTRY, WEBHOOK_CODE
 

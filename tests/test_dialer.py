@@ -242,7 +242,7 @@ def test_hostile_numbers_from_crm_never_reach_a_dial_string(center, emulator):
     assert center.ami.originates == []
     text = comments(emulator, task)[-1]
     assert "нет номера телефона" in text and "Отклонены номера" in text
-    good = center.task("Позвонить: смешанные номера", ["abc", "+7 916 121-21-21 доб. 5", "8 916 131-31-31"])
+    center.task("Позвонить: смешанные номера", ["abc", "+7 916 121-21-21 доб. 5", "8 916 131-31-31"])
     center.run()
     channels = [o.get("Channel") for o in center.ami.originates]
     assert channels == ["PJSIP/+79161313131@provider"]
@@ -251,7 +251,7 @@ def test_hostile_numbers_from_crm_never_reach_a_dial_string(center, emulator):
 def test_task_without_phone_and_deleted_task_do_not_break_the_loop(center, emulator):
     t1 = center.task("Позвонить: без номера", [])
     t2 = center.task("Позвонить: удалённая", ["89161414141"])
-    t3 = center.task("Позвонить: нормальная", ["89161515151"])
+    center.task("Позвонить: нормальная", ["89161515151"])
     emulator.delete_task(t2)
     res = center.run()
     assert res.returncode == 0

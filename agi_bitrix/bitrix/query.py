@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import re
 import urllib.parse
 from typing import Any, Dict, Iterable, Iterator, Tuple
 from urllib.parse import quote

@@ -8,6 +8,10 @@ from typing import List
 from agi_bitrix import __version__
 
 
+class CommandFailed(Exception):
+    """A command cannot go on; the message is the one line for stderr (exit 1)."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         sys.stderr.write(f"agi-bitrix: {message} (see agi-bitrix --help)\n")
@@ -60,5 +64,8 @@ def main(argv: List[str]) -> int:
     run = importlib.import_module(f"agi_bitrix.commands.{args.command}").run
     try:
         return run(args)
+    except CommandFailed as exc:
+        print(f"agi-bitrix {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 1

@@ -64,7 +64,7 @@ def run(args: Any) -> int:
         try:
             notes.append(f"events bound ({settings.events.delivery}): {', '.join(bind_events(make_client(settings), settings))}")
         except Exception as exc:
-            notes.append(f"click-to-call events not bound: {getattr(exc, 'summary', lambda: str(exc))()}")
+            notes.append(f"click-to-call events not bound: {exc}")
     until = time.strftime("%H:%M", time.localtime(tokens.expires))
     print(f"OAuth tokens stored in {TokenStore(settings.storage.state_dir).path} for "
           f"{urlsplit(tokens.client_endpoint).netloc} (member_id {tokens.member_id or '?'}), "

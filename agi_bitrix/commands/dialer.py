@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from datetime import datetime
 from typing import Any, List
 
 from agi_bitrix import settings as settings_mod
+from agi_bitrix.commands.admin import CommandFailed
 
 
 def _open(args: Any) -> Any:
@@ -19,14 +19,14 @@ def _open(args: Any) -> Any:
         settings = settings_mod.load(getattr(args, "settings", None))
         store = Store(settings.storage.state_dir)
     except (settings_mod.SettingsError, StoreError) as exc:
-        raise SystemExit(str(exc))
+        raise CommandFailed(str(exc)) from None
     logger = log_mod.configure(settings.logging.file, settings.logging.level, settings.secrets())
     if args.action == "status":
         return settings, store, None, logger
     try:
         client = make_client(settings)
     except NotConfigured as exc:
-        raise SystemExit(str(exc))
+        raise CommandFailed(str(exc)) from None
     client.timeout = max(settings.bitrix24.timeout, 10.0)
     return settings, store, client, logger
 
@@ -48,11 +48,7 @@ def status(store: Any) -> int:
 
 
 def run(args: Any) -> int:
-    try:
-        settings, store, client, logger = _open(args)
-    except SystemExit as exc:
-        print(f"agi-bitrix dialer: {exc.code}", file=sys.stderr)
-        return 1
+    settings, store, client, logger = _open(args)
     if args.action == "status":
         return status(store)
     from agi_bitrix.bitrix.errors import BitrixError
@@ -61,9 +57,7 @@ def run(args: Any) -> int:
 
     ast = settings.asterisk
     if not ast.ami_user:
-        print("agi-bitrix dialer: set [asterisk] ami_user and ami_secret (the dialer dials through AMI)",
-              file=sys.stderr)
-        return 1
+        raise CommandFailed("set [asterisk] ami_user and ami_secret (the dialer dials through AMI)")
     stopping: List[int] = []
     if not args.once:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -90,8 +84,7 @@ def run(args: Any) -> int:
                 except (BitrixError, AMIError) as exc:
                     logger.error("dialer_pass", reason=str(exc), **fields)
                     if args.once:
-                        print(f"agi-bitrix dialer: {exc}", file=sys.stderr)
-                        return 1
+                        raise CommandFailed(str(exc)) from None
                 if args.once or stopping:
                     break
                 end = time.monotonic() + settings.dialer.poll_interval
@@ -99,6 +92,5 @@ def run(args: Any) -> int:
                     time.sleep(0.2)
             ami.close()
     except DialerBusy as exc:
-        print(f"agi-bitrix dialer: {exc}", file=sys.stderr)
-        return 1
+        raise CommandFailed(str(exc)) from None
     return 0

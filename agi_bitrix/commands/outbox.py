@@ -5,17 +5,17 @@ entries are leased by one deliverer at a time.
 """
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any, Tuple
 
 from agi_bitrix import settings as settings_mod
+from agi_bitrix.commands.admin import CommandFailed
 
 FLUSH_REQUEST_TIMEOUT = 10.0  # off the call path a request may wait longer than a ringing caller
 
 
 def open_outbox(args: Any) -> Tuple[Any, Any, Any]:
-    """Settings, store and an Outbox for an admin command; SystemExit(reason) when unusable."""
+    """Settings, store and an Outbox for an admin command; CommandFailed(reason) when unusable."""
     from agi_bitrix import log as log_mod
     from agi_bitrix.bitrix.factory import NotConfigured, make_client
     from agi_bitrix.outbox import Outbox
@@ -26,7 +26,7 @@ def open_outbox(args: Any) -> Tuple[Any, Any, Any]:
         store = Store(settings.storage.state_dir)
         client = make_client(settings)
     except (settings_mod.SettingsError, StoreError, NotConfigured) as exc:
-        raise SystemExit(str(exc))
+        raise CommandFailed(str(exc)) from None
     client.timeout = max(settings.bitrix24.timeout, FLUSH_REQUEST_TIMEOUT)
     logger = log_mod.configure(settings.logging.file, settings.logging.level, settings.secrets())
     return settings, Outbox(store, client, settings.calls.recording_url), logger
@@ -56,11 +56,7 @@ def status(outbox: Any) -> int:
 
 
 def run(args: Any) -> int:
-    try:
-        _settings, outbox, logger = open_outbox(args)
-    except SystemExit as exc:
-        print(f"agi-bitrix outbox: {exc.code}", file=sys.stderr)
-        return 1
+    _settings, outbox, logger = open_outbox(args)
     try:
         if args.action == "status":
             return status(outbox)

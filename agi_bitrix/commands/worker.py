@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from typing import Any, List
 
@@ -10,11 +9,7 @@ from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT, open_outbox
 
 
 def run(args: Any) -> int:
-    try:
-        settings, outbox, logger = open_outbox(args)
-    except SystemExit as exc:
-        print(f"agi-bitrix worker: {exc.code}", file=sys.stderr)
-        return 1
+    settings, outbox, logger = open_outbox(args)
     stopping: List[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stopping.append(signum))

@@ -1,5 +1,12 @@
 """One module per AGI event. A controller reads the event, decides, and pushes payloads."""
 
+
+class Refused(Exception):
+    """The event cannot be carried out (bad input, unknown call): BITRIX_STATUS=ERROR, reason logged.
+
+    Kept here, light to import, so the dispatcher can use it before any controller is loaded.
+    """
+
 # event name -> module; imported lazily so an event loads only what it needs.
 EVENTS = {
     "incoming": "agi_bitrix.controllers.incoming",

@@ -6,14 +6,11 @@ from typing import Any, Dict, List, Optional
 
 from agi_bitrix.agi import variables as V
 from agi_bitrix.agi.session import AGISession
+from agi_bitrix.controllers import Refused  # noqa: F401 - controllers raise it from here
 from agi_bitrix.deadline import Deadline
 from agi_bitrix.outbox import Outbox
 from agi_bitrix.settings import Settings
 from agi_bitrix.store import DEAD, PENDING, Store
-
-
-class Refused(Exception):
-    """The event cannot be carried out (bad input, unknown call): BITRIX_STATUS=ERROR, reason logged."""
 
 
 @dataclass
@@ -79,8 +76,5 @@ class EventContext:
         return outcome
 
     def publish(self, outcome: Outcome) -> None:
-        """Set the contract's channel variables (safe on a dead channel)."""
-        self.session.set_variable(V.STATUS, outcome.status)
-        self.session.set_variable(V.CALL_ID, outcome.call_id or "")
-        if outcome.responsible is not None:
-            self.session.set_variable(V.RESPONSIBLE, outcome.responsible)
+        """Set the contract's channel variables now (before a blocking Dial, say)."""
+        V.publish(self.session, outcome.status, outcome.call_id or "", outcome.responsible)

@@ -179,7 +179,7 @@ class Dialer:
             return "responsible not available yet"
         numbers, bad = self._numbers(task)
         if not numbers:
-            if outcomes._note_once(st, "no_phone"):
+            if outcomes.note_once(st, "no_phone"):
                 extra = text(self.d.language, "bad_numbers", numbers=", ".join(bad[:5])) if bad else ""
                 writes.append(outcomes.comment(task.id, text(self.d.language, "no_phone", bad=extra)))
             st.next_try = time.time() + self.d.retry_unreachable
@@ -189,7 +189,7 @@ class Dialer:
         st.client = client.name
         # Checked right before the dial: the list and the hours may have changed since the last pass.
         if number in dnc or policy.flagged_dnc(client.fields, self.d.dnc_field):
-            if outcomes._note_once(st, "dnc"):
+            if outcomes.note_once(st, "dnc"):
                 writes.append(outcomes.comment(task.id, text(self.d.language, "dnc", phone=number)))
             st.final = time.time()
             self._save(st, task, writes)
@@ -225,23 +225,24 @@ class Dialer:
             st.away_since = None
             return responsible
         if responsible is None:  # not a member of the group: hand the task to one who is
-            new = self._least_busy(free)
+            new = self._pick_free(free)
             writes += self._reassign(task, new, text(self.d.language, "outside_group", group=self.d.group,
                                                      new=new.name))
             return new
-        if not responsible.inner and outcomes._note_once(st, "no_inner"):
+        if not responsible.inner and outcomes.note_once(st, "no_inner"):
             writes.append(outcomes.comment(task.id, text(self.d.language, "no_inner", operator=responsible.name)))
         st.away_since = st.away_since or time.time()
         if time.time() - st.away_since < self.d.reassign_after:
             return None
-        new = self._least_busy(free)
+        new = self._pick_free(free)
         st.away_since = None
         writes += self._reassign(task, new, text(self.d.language, "reassigned", old=responsible.name,
                                                  minutes=int(self.d.reassign_after // 60), new=new.name))
         return new
 
     @staticmethod
-    def _least_busy(free: Dict[int, Operator]) -> Operator:
+    def _pick_free(free: Dict[int, Operator]) -> Operator:
+        """A free operator (every free one is idle); the lowest user id keeps the choice predictable."""
         return free[min(free)]
 
     def _reassign(self, task: DueTask, new: Operator, message: str) -> List[Tuple[str, Any]]:

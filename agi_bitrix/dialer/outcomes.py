@@ -52,7 +52,8 @@ def register_attempt(store: Store, settings: Settings, attempt: Attempt, show: b
                      payload.params(), owner, LEASE)
 
 
-def _note_once(state: TaskState, key: str) -> bool:
+def note_once(state: TaskState, key: str) -> bool:
+    """True the first time `key` is noted for the task: a comment is written once, not every pass."""
     if key in state.notes:
         return False
     state.notes.append(key)

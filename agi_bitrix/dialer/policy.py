@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Optional, Set
+from typing import Optional, Set
 from zoneinfo import ZoneInfo
 
 import phonenumbers
@@ -67,7 +67,3 @@ REASONS = {4: "answered", 5: "busy", 3: "noanswer", 0: "unreachable", 8: "conges
 COUNTED = {"busy", "noanswer", "unreachable"}
 STATUS_CODES = {"busy": "486", "noanswer": "304", "unreachable": "480", "congestion": "503", "failed": "OTHER",
                 "nooperator": "304", "connected": "200"}
-
-
-def all_numbers(values: Iterable[str]) -> list:
-    return list(dict.fromkeys(values))
