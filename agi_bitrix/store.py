@@ -238,8 +238,10 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE calls SET crm_type = ?, crm_id = ? WHERE linkedid = ?", (crm_type, crm_id, linkedid))
 
-    def mark_answered(self, linkedid: str, inner: Optional[str]) -> Optional[Call]:
-        """The first answer of a call wins; returns the call as it was before this answer."""
+    def mark_answered(self, linkedid: str, inner: Optional[str], now: Optional[float] = None) -> Optional[Call]:
+        """The first answer of a call wins; returns the call as it was before this answer.
+
+        `now`: when the answer happened (the step's own clock; default the wall clock)."""
         with self._tx() as db:
             row = db.execute("SELECT * FROM calls WHERE linkedid = ?", (linkedid,)).fetchone()
             if row is None:
@@ -247,7 +249,7 @@ class Store:
             before = Call.from_row(row)
             if before.answered_at is None:
                 db.execute("UPDATE calls SET answered_inner = ?, answered_at = ? WHERE linkedid = ?",
-                           (inner, time.time(), linkedid))
+                           (inner, time.time() if now is None else now, linkedid))
             return before
 
     def move_card(self, linkedid: str, show: List[str], hide: List[str], shown_after: List[str],

@@ -11,7 +11,7 @@ def handle(ctx: EventContext) -> Outcome:
     if raw and not ext:
         ctx.log["ext_note"] = f"{raw[:40]!r} is not an inner number"
     key = ctx.store.active_key(ctx.linkedid)  # after a transfer, the part now going on
-    before = ctx.store.mark_answered(key, ext)
+    before = ctx.store.mark_answered(key, ext, ctx.clock())
     if before is None:
         raise Refused("no call is known for this linkedid (did `incoming` or `outgoing` run?)")
     ctx.log.update(answered_by=ext, direction=before.direction)

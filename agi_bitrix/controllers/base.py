@@ -1,8 +1,9 @@
 """What every controller gets (EventContext) and gives back (Outcome)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from agi_bitrix.agi import variables as V
 from agi_bitrix.agi.session import AGISession
@@ -34,6 +35,7 @@ class EventContext:
     log: Dict[str, Any] = field(default_factory=dict)  # extra fields for the event's log line
     queued: List[int] = field(default_factory=list)    # outbox entries this event wrote
     keys: List[str] = field(default_factory=list)      # outbox keys to deliver (default: the linkedid)
+    clock: Callable[[], float] = time.time              # wall clock of answers and talk time (tests move it)
 
     def arg(self, index: int) -> str:
         """Positional argument (1-based); missing = empty, as the contract's defaults expect."""

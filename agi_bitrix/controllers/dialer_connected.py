@@ -11,6 +11,6 @@ def handle(ctx: EventContext) -> Outcome:
     if attempt is None:
         raise Refused("not a dialer call (no attempt with this linkedid)")
     dstate.set_attempt_state(attempt.attempt_id, "connected")
-    ctx.store.mark_answered(ctx.linkedid, attempt.operator)
+    ctx.store.mark_answered(ctx.linkedid, attempt.operator, ctx.clock())
     ctx.log.update(task=attempt.task_id, operator=attempt.operator)
     return Outcome()

@@ -1,22 +1,21 @@
 """`hangup` DIALSTATUS ANSWEREDTIME [RECORDING]: queue the finish exactly once, then the recording."""
 from __future__ import annotations
 
-import math
 import os
 import re
-import time
 from typing import Any, Dict, Optional
 
+from agi_bitrix import talktime
 from agi_bitrix.bitrix import payloads
 from agi_bitrix.controllers.base import EventContext, Outcome, Refused
 from agi_bitrix.statuses import status_code
 
-MAX_SECONDS = 7 * 24 * 3600
 _NOT_ANSWERED = {"NOANSWER", "CANCEL", "BUSY", "CHANUNAVAIL", "CONGESTION"}
-
-
-def _seconds(raw: str) -> int:
-    return min(int(raw), MAX_SECONDS) if re.fullmatch(r"[0-9]{1,9}", raw or "") else 0
+# Queue() sets no DIALSTATUS; QUEUESTATUS says why the caller left it (Asterisk apps/app_queue.c).
+# It stays unset when the caller hung up while waiting, and ABANDONED=TRUE marks any exit
+# without an agent: both together mean the caller gave up.
+_QUEUE_NOBODY = {"TIMEOUT", "FULL", "JOINEMPTY", "LEAVEEMPTY", "JOINUNAVAIL", "LEAVEUNAVAIL", "CONTINUE",
+                 "WITHDRAW"}
 
 
 def _recording(ctx: EventContext, path: str) -> Optional[Dict[str, Any]]:
@@ -31,14 +30,17 @@ def _recording(ctx: EventContext, path: str) -> Optional[Dict[str, Any]]:
     return {"path": path, "name": name}
 
 
-def queue_part_finish(ctx: EventContext, key: str, call: Any, dialstatus: str, answered_time: str = "",
-                      recording: Optional[Dict[str, Any]] = None) -> None:
-    """Queue the finish of one call (or call part), exactly once, for the right employee."""
+def queue_part_finish(ctx: EventContext, key: str, call: Any, dialstatus: str,
+                      answeredtime: Optional[int] = None, recording: Optional[Dict[str, Any]] = None) -> None:
+    """Queue the finish of one call (or call part), exactly once, for the right employee.
+
+    `answeredtime`: Asterisk's ANSWEREDTIME, trusted for an answered part (talktime.py says when).
+    """
     answered = call.answered_at is not None
     if answered:
-        duration = int(math.ceil(max(0.0, time.time() - call.answered_at)))
+        duration = talktime.talk_seconds(call.answered_at, ctx.clock(), answeredtime)
     else:
-        duration = _seconds(answered_time) if dialstatus.upper() == "ANSWER" else 0
+        duration = (answeredtime or 0) if dialstatus.upper() == "ANSWER" else 0
     code = status_code(dialstatus, call.direction, answered)
     if answered and call.answered_inner and call.direction == "incoming":
         user = call.answered_inner
@@ -60,28 +62,57 @@ def queue_part_finish(ctx: EventContext, key: str, call: Any, dialstatus: str, a
         ctx.queued.extend(ids)
 
 
+def read_answeredtime(ctx: EventContext, raw: Optional[str]) -> Optional[int]:
+    """ANSWEREDTIME as given (or read from the channel); junk is logged and ignored."""
+    if raw is None:
+        raw = ctx.session.get_variable("ANSWEREDTIME") or ""
+    seconds = talktime.parse_seconds(raw)
+    if seconds is None and raw.strip():
+        ctx.log["answeredtime_note"] = f"ignored ANSWEREDTIME {raw[:40]!r} (not a number of seconds)"
+    return seconds
+
+
+def _queue_outcome(ctx: EventContext) -> str:
+    """The DIALSTATUS equivalent of how the caller left a Queue(), or '' when no queue ran."""
+    queuestatus = (ctx.session.get_variable("QUEUESTATUS") or "").strip().upper()
+    abandoned = (ctx.session.get_variable("ABANDONED") or "").strip().upper() == "TRUE"
+    if queuestatus:
+        ctx.log["queuestatus"] = queuestatus[:20]
+    if queuestatus in _QUEUE_NOBODY:
+        if queuestatus in ("JOINEMPTY", "LEAVEEMPTY", "JOINUNAVAIL", "LEAVEUNAVAIL"):
+            ctx.log["queue_note"] = f"the queue had no member to take the call ({queuestatus})"
+        return "NOANSWER"
+    if abandoned:
+        return "CANCEL"  # the caller hung up while the members' phones rang
+    return ""
+
+
 def handle(ctx: EventContext) -> Outcome:
     # No arguments: read what Dial left on the channel (works on a dead channel too).
     dialstatus = ctx.arg(1) if ctx.args else (ctx.session.get_variable("DIALSTATUS") or "")
-    answered_time = ctx.arg(2) if len(ctx.args) >= 2 else (ctx.session.get_variable("ANSWEREDTIME") or "")
+    answeredtime = read_answeredtime(ctx, ctx.arg(2) if len(ctx.args) >= 2 else None)
     recording = _recording(ctx, ctx.arg(3)) if ctx.arg(3) else None
     if not re.fullmatch(r"[A-Za-z]{0,20}", dialstatus):
         ctx.log["dialstatus_note"] = f"ignored DIALSTATUS {dialstatus[:40]!r}"
         dialstatus = "?"
     if ctx.linkedid.startswith("dialer-"):
-        return _dialer_hangup(ctx, dialstatus)
+        return _dialer_hangup(ctx, dialstatus, answeredtime)
     key = ctx.store.active_key(ctx.linkedid)  # after a transfer, the part now going on
     ctx.keys = [key]
     call = ctx.store.call(key)
     if call is None:
-        raise Refused("no call is known for this linkedid (did `incoming` or `outgoing` run?)")
+        # A call refused before it was registered (a bad *9 number, say): nothing to finish.
+        ctx.log["note"] = "no call was registered for this linkedid: nothing to finish"
+        return Outcome()
     answered = call.answered_at is not None
     if answered and dialstatus.upper() in _NOT_ANSWERED:
         # A leg that never reached an employee (a queue member's unanswered ring, an IVR branch)
         # must not overwrite the outcome of the leg that answered: its hangup finishes the call.
         ctx.log["note"] = f"{dialstatus} from a leg that did not answer; the answered leg finishes the call"
         return Outcome()
-    queue_part_finish(ctx, key, call, dialstatus, answered_time, recording)
+    if not dialstatus and not answered:
+        dialstatus = _queue_outcome(ctx)
+    queue_part_finish(ctx, key, call, dialstatus, answeredtime, recording)
     return Outcome()
 
 
@@ -89,7 +120,7 @@ def handle(ctx: EventContext) -> Outcome:
 _DIAL_OUTCOMES = {"BUSY": "busy", "NOANSWER": "noanswer", "CHANUNAVAIL": "unreachable", "CONGESTION": "congestion"}
 
 
-def _dialer_hangup(ctx: EventContext, dialstatus: str) -> Outcome:
+def _dialer_hangup(ctx: EventContext, dialstatus: str, answeredtime: Optional[int]) -> Outcome:
     """End of an answered dialer call: connected, or who was missing."""
     from agi_bitrix.dialer import outcomes
     from agi_bitrix.dialer.state import DialerState
@@ -102,7 +133,8 @@ def _dialer_hangup(ctx: EventContext, dialstatus: str) -> Outcome:
     duration = 0
     if attempt.state == "connected" and call is not None and call.answered_at:
         outcome = "connected"
-        duration = int(math.ceil(max(0.0, time.time() - call.answered_at)))
+        duration = talktime.talk_seconds(call.answered_at, ctx.clock(),
+                                         answeredtime if dialstatus.upper() == "ANSWER" else None)
     elif attempt.mode == "client_first":
         outcome = "nooperator"  # the client answered, nobody took him: not the client's attempt
     else:
