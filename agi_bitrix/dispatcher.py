@@ -5,6 +5,7 @@ BITRIX_STATUS, writes one log line with the call's linkedid, and exits 0 so the 
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import signal
@@ -18,6 +19,10 @@ from agi_bitrix.controllers import EVENTS, Refused
 
 MAX_ARGS = 8  # no event takes more; the rest is logged as ignored
 FALLBACK_LOG = "/var/log/agi-bitrix/agi-bitrix.log"
+
+
+class _Released(Exception):
+    """This process gave Asterisk its step back and left the delivery to its child: exit now."""
 
 
 def run(argv: List[str], early_hangups: List[bool], started: Optional[float] = None) -> int:
@@ -35,6 +40,7 @@ def run(argv: List[str], early_hangups: List[bool], started: Optional[float] = N
     linkedid = ""
     status, call_id, responsible, reason = V.ERROR, "", None, ""
     logger = None
+    released = False
     try:
         linkedid = _linkedid(session)
         fields["linkedid"] = linkedid
@@ -54,26 +60,35 @@ def run(argv: List[str], early_hangups: List[bool], started: Optional[float] = N
             raise Refused("cannot read CHANNEL(linkedid) from Asterisk")
         outcome = _dispatch(event, args, session, settings, linkedid, fields, started)
         status, call_id, responsible, reason = outcome.status, outcome.call_id or "", outcome.responsible, outcome.reason
+    except _Released:
+        released = True  # the child logs the step once it has delivered
     except Refused as exc:
         reason = str(exc)
     except Exception as exc:  # a bug must still end in a safe dialplan outcome
         reason = f"internal error: {type(exc).__name__}: {exc}"
         fields["traceback"] = traceback.format_exc(limit=6)
     finally:
-        V.publish(session, status, call_id, responsible)
-        fields.update(status=status, call_id=call_id or None, hung_up=session.hung_up,
-                      ms=int((time.monotonic() - started) * 1000))
-        if reason:
-            fields["reason"] = reason
-        if logger is None:
-            logger = _fallback_logger()
-        try:
-            # The log line's `event` is the AGI event itself (cut and made printable if junk).
-            name = "".join(ch for ch in event[:40] if ch.isprintable()) or "(none)"
-            (logger.info if status != V.ERROR else logger.error)(name, **fields)
-        except Exception:
-            pass
+        if not released:
+            _finish(session, logger, event, fields, status, call_id, responsible, reason, started)
     return 0
+
+
+def _finish(session: AGISession, logger: Any, event: str, fields: Dict[str, Any], status: str, call_id: str,
+            responsible: Optional[str], reason: str, started: float) -> None:
+    """Publish the outcome (a no-op once the process left Asterisk) and write the step's one log line."""
+    V.publish(session, status, call_id, responsible)
+    fields.update(status=status, call_id=call_id or None, hung_up=session.hung_up,
+                  ms=int((time.monotonic() - started) * 1000))
+    if reason:
+        fields["reason"] = reason
+    if logger is None:
+        logger = _fallback_logger()
+    try:
+        # The log line's `event` is the AGI event itself (cut and made printable if junk).
+        name = "".join(ch for ch in event[:40] if ch.isprintable()) or "(none)"
+        (logger.info if status != V.ERROR else logger.error)(name, **fields)
+    except Exception:
+        pass
 
 
 def _linkedid(session: AGISession) -> str:
@@ -102,12 +117,46 @@ def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, l
     controller = importlib.import_module(EVENTS[event])
     try:
         outcome = controller.handle(ctx)
-        return outcome if outcome.status == V.ERROR else ctx.settle(outcome)
+        if outcome.status == V.ERROR:
+            return outcome
+        if getattr(controller, "DELIVER_AFTER_RETURN", False):
+            _release(ctx, outcome, started)
+        return ctx.settle(outcome)
     except StoreError as exc:
         raise Refused(f"{exc}; call step not recorded")
     finally:
         fields["requests"] = client.requests_made
-        store.close()
+        ctx.store.close()
+
+
+def _release(ctx: Any, outcome: Any, started: float) -> None:
+    """Give Asterisk the step's status from the journal alone, then deliver in a child process.
+
+    Returns in the child (with a store, outbox and budget of its own); raises _Released in the
+    parent. Without a fork the journal keeps the entries for the next step or the worker.
+    """
+    from agi_bitrix import background
+    from agi_bitrix.deadline import Deadline
+    from agi_bitrix.outbox import Outbox
+    from agi_bitrix.store import Store
+
+    ctx.publish(ctx.settle(dataclasses.replace(outcome), deliver=False))
+    ctx.log["released_ms"] = int((time.monotonic() - started) * 1000)
+    ctx.store.close()  # a SQLite connection must not cross a fork
+    try:
+        child = background.detach()
+    except OSError as exc:
+        ctx.log["delivery_note"] = f"cannot fork ({exc.strerror}): left in the outbox"
+        ctx.store = Store(ctx.settings.storage.state_dir)
+        ctx.outbox = Outbox(ctx.store, ctx.outbox.client, ctx.settings.calls.recording_url, ctx.outbox.owner, ctx.log)
+        ctx.deadline = Deadline(0.0)
+        return
+    if not child:
+        raise _Released()
+    ctx.session.detach()
+    ctx.store = Store(ctx.settings.storage.state_dir)
+    ctx.outbox = Outbox(ctx.store, ctx.outbox.client, ctx.settings.calls.recording_url, ctx.outbox.owner, ctx.log)
+    ctx.deadline = Deadline(ctx.settings.bitrix24.timeout)  # its own budget, off the call's path
 
 
 def _fallback_logger() -> Any:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -54,10 +56,31 @@ class PBX:
                        for s, keys in self.values.items())
         self.settings_file.write_text(text, encoding="utf-8")
 
-    def run(self, args: List[str], **kw: Any) -> AGIRun:
+    def run(self, args: List[str], wait_delivery: bool = True, **kw: Any) -> AGIRun:
+        """One AGI step. `answer` delivers after it returned (a child process writes its log
+        line when done): unless `wait_delivery` is False, wait for that line too."""
         env = {"AGI_BITRIX_SETTINGS": str(self.settings_file)}
         env.update(kw.pop("env", {}) or {})
-        return FakeAsterisk([str(ENTRY)], args, env=env, **kw).run()
+        before = len(self.log())
+        run = FakeAsterisk([str(ENTRY)], args, env=env, **kw).run()
+        if wait_delivery and args and args[0] == "answer":
+            self.wait_for(lambda: len(self.log()) > before, "the answer step's delivery")
+        return run
+
+    def wait_for(self, condition: Any, what: str, limit: float = 30.0) -> None:
+        """Poll until `condition()` holds (bounded; no assertion on how long it took)."""
+        end = time.monotonic() + limit
+        while not condition():
+            assert time.monotonic() < end, f"gave up waiting for {what}"
+            time.sleep(0.02)
+
+    def advance(self, seconds: float) -> None:
+        """The clock moves on: every recorded answer (and start) happened `seconds` earlier."""
+        db = sqlite3.connect(str(self.state_dir / "agi-bitrix.sqlite3"))
+        with db:
+            db.execute("UPDATE calls SET answered_at = answered_at - ?, started_at = started_at - ?",
+                       (seconds, seconds))
+        db.close()
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """An admin command through the installed entry point, with this PBX's settings."""

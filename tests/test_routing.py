@@ -5,6 +5,8 @@ import time
 
 from conftest import only_call
 
+from agi_bitrix.testing.fake_asterisk import after_dial
+
 GROUP = "PJSIP/101&PJSIP/102&PJSIP/103"
 
 
@@ -21,28 +23,33 @@ def test_ring_group_of_three_second_answers(pbx, emulator):
     assert shown_ids(emulator) == sorted(people[i] for i in ("101", "102", "103"))
     assert len(emulator.requests_for("batch")) == 1
     run = pbx.run(["answer"], linkedid=lid, channel="PJSIP/102-0000000b")
-    assert run.set_variables["BITRIX_STATUS"] == "OK"
+    assert run.set_variables["BITRIX_STATUS"] == "QUEUED"
     assert shown_ids(emulator) == [people["102"]]  # hidden from the two who did not answer
-    time.sleep(1.05)
+    pbx.advance(7.4)
     pbx.run(["hangup", "ANSWER", "7"], linkedid=lid, dead=True)
     call = only_call(emulator)
     assert call["status_code"] == "200" and call["finish_user_id"] == people["102"]
+    assert call["duration"] == 7
 
 
 def test_queue_unanswered_member_legs_do_not_overwrite_the_answered_outcome(pbx, emulator):
     people = emulator.people
     lid = "1795600100.1"
     pbx.run(["incoming", "89035550102"], linkedid=lid, variables={"BITRIX_RING": "PJSIP/101,PJSIP/103"})
+    began = time.monotonic()
     pbx.run(["answer"], linkedid=lid, channel="PJSIP/103-00000011", context="bitrix-answer")
     # A member's leg that rang and never answered reports its own NOANSWER while the call goes on.
     run = pbx.run(["hangup", "NOANSWER", ""], linkedid=lid, dead=True, channel="PJSIP/101-00000010")
     assert run.set_variables["BITRIX_STATUS"] == "OK"
     assert emulator.requests_for("telephony.externalcall.finish") == []
-    time.sleep(1.05)
-    # The caller's hangup after Queue(): no DIALSTATUS, but the answer was seen.
+    pbx.advance(12.5)
+    # The caller's hangup after Queue(): no DIALSTATUS, but the answer was seen; a Queue() of an
+    # Asterisk before the timing variables leaves no ANSWEREDTIME: the span counts, floored.
     pbx.run(["hangup", "", ""], linkedid=lid, dead=True, channel="PJSIP/provider-0000000f")
+    steps = time.monotonic() - began  # real time the steps themselves took
     call = only_call(emulator)
-    assert call["status_code"] == "200" and call["finish_user_id"] == people["103"] and call["duration"] >= 1
+    assert call["status_code"] == "200" and call["finish_user_id"] == people["103"]
+    assert 12 <= call["duration"] <= 12.5 + steps  # floored, never rounded up
 
 
 def test_missed_call_goes_to_missed_calls_user_and_all_cards_close(pbx, emulator):
@@ -99,23 +106,27 @@ def test_blind_transfer_both_halves_in_crm(pbx, emulator):
     lid = "1795600600.1"
     pbx.run(["incoming", "+79161234567"], linkedid=lid)  # a known client (contact)
     pbx.run(["answer"], linkedid=lid, channel="PJSIP/101-00000021")
-    time.sleep(1.05)
-    # 101 presses the blind-transfer code: the caller goes to [bitrix-transfer] with EXTEN=103.
-    run = pbx.run(["transfer", "103"], linkedid=lid, channel="PJSIP/provider-00000020", context="bitrix-transfer")
+    pbx.advance(4.7)
+    # 101 presses the blind-transfer code: the caller goes to [bitrix-transfer] with EXTEN=103,
+    # his Dial to 101 over, its ANSWEREDTIME (4) on his channel.
+    run = pbx.run(["transfer", "103"], linkedid=lid, channel="PJSIP/provider-00000020", context="bitrix-transfer",
+                  variables=after_dial(answered=True, talked=4.2))
     assert run.set_variables["BITRIX_STATUS"] == "OK"
+    assert run.set_variables["BITRIX_DIAL"] == "PJSIP/103"
     first, second = _parts(emulator)
     assert first["finished"] and first["status_code"] == "200" and first["finish_user_id"] == people["101"]
-    assert first["duration"] >= 1
+    assert first["duration"] == 4
     assert second["register"]["EXTERNAL_CALL_ID"] == f"{lid}-t2" and second["CALL_ID"] != first["CALL_ID"]
     assert second["user_id"] == people["103"] and not second["finished"]
     assert (second["crm_entity_type"], second["crm_entity_id"]) == (first["crm_entity_type"], first["crm_entity_id"])
     assert run.set_variables["BITRIX_CALL_ID"] == second["CALL_ID"]
     pbx.run(["answer"], linkedid=lid, channel="PJSIP/103-00000023")
-    time.sleep(1.05)
-    pbx.run(["hangup", "ANSWER", "30"], linkedid=lid, dead=True, channel="PJSIP/provider-00000020")
+    pbx.advance(9.5)
+    # The hangup handler sees the Dial of [bitrix-transfer]: its ANSWEREDTIME is the second part's.
+    pbx.run(["hangup", "ANSWER", "9"], linkedid=lid, dead=True, channel="PJSIP/provider-00000020")
     first, second = _parts(emulator)
     assert second["finished"] and second["status_code"] == "200" and second["finish_user_id"] == people["103"]
-    assert 1 <= second["duration"] <= 3
+    assert first["duration"] == 4 and second["duration"] == 9
     assert len(emulator.requests_for("telephony.externalcall.finish")) == 2
 
 

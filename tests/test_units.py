@@ -86,3 +86,18 @@ def test_settings_overrides_env_then_dotenv(tmp_path):
     assert "aaaa" in s.secrets()
     with pytest.raises(SettingsError, match="dial_template"):
         load(str(ini), environ={"AGI_BITRIX_ASTERISK_DIAL_TEMPLATE": "PJSIP/x,U(evil)"})
+
+
+def test_talk_time_prefers_asterisks_count_and_never_rounds_up():
+    from agi_bitrix import talktime
+
+    clock = 1_000_000.0  # the clock the test moves
+    answered = clock - 6.6  # `answer` ran in U(), before the bridge; hangup 6.6 s later
+    assert talktime.talk_seconds(answered, clock, 6) == 6  # Asterisk's ANSWEREDTIME
+    assert talktime.talk_seconds(answered, clock, None) == 6  # span floored, not 7
+    # ANSWEREDTIME longer than the part itself (attended transfer, pre-answered IVR): not this part's.
+    assert talktime.talk_seconds(answered, clock, 40) == 6
+    assert talktime.talk_seconds(None, clock, 9) == 9  # no answer seen: Asterisk's count alone
+    assert talktime.talk_seconds(None, clock, None) == 0
+    assert [talktime.parse_seconds(v) for v in ("7", " 7 ", "", "7s", "-3", "1e3", None)] == [7, 7, None, None,
+                                                                                             None, None, None]

@@ -139,6 +139,10 @@ class AGISession:
         self._agi._got_sighup = True
         self.dead = True
 
+    def detach(self) -> None:
+        """This process no longer talks to Asterisk (its stdio went to /dev/null)."""
+        self.closed = True
+
     def command(self, name: str, *args: str) -> Response:
         """Send one command (args already quoted) and read its answer."""
         if self.closed:

@@ -1,8 +1,15 @@
-"""`answer` EXT: runs on the answering leg; the card and the call move to that employee."""
+"""`answer` EXT: runs on the answering leg; the card and the call move to that employee.
+
+It runs in Dial's U() gosub (or Queue's gosub), before the bridge: the client hears nothing until
+it returns. So it only journals the card move and gives Asterisk its status (QUEUED when a move
+waits, OK when there is none); a child process delivers the move after the step has returned.
+"""
 from __future__ import annotations
 
 from agi_bitrix import phones
 from agi_bitrix.controllers.base import EventContext, Outcome, Refused
+
+DELIVER_AFTER_RETURN = True  # the dispatcher answers Asterisk before any request
 
 
 def handle(ctx: EventContext) -> Outcome:

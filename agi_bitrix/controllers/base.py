@@ -54,14 +54,16 @@ class EventContext:
         """How long this step may hold its entries before a flusher may take them over."""
         return self.deadline.remaining() + 5.0
 
-    def settle(self, outcome: Outcome) -> Outcome:
+    def settle(self, outcome: Outcome, deliver: bool = True) -> Outcome:
         """Deliver what is due for this call within the budget; status from this event's entries.
 
         OK: everything this step queued reached Bitrix24. QUEUED: kept in the outbox for later
-        delivery. ERROR: an entry was dead-lettered (reason in the log).
+        delivery. ERROR: an entry was dead-lettered (reason in the log). `deliver=False` only
+        reads the journal (no network): the status of a step that delivers after returning.
         """
-        for key in self.keys or [self.linkedid]:
-            self.outbox.deliver_call(key, self.deadline, lease=self.lease)
+        if deliver:
+            for key in self.keys or [self.linkedid]:
+                self.outbox.deliver_call(key, self.deadline, lease=self.lease)
         entries = self.store.entry_states(self.queued)
         call = self.store.call(self.store.active_key(self.linkedid))
         outcome.call_id = call.call_id if call else None

@@ -27,7 +27,8 @@ except ImportError:  # pragma: no cover - non-POSIX
     fcntl = None  # type: ignore[assignment]
     termios = None  # type: ignore[assignment]
 
-__all__ = ["AST_ENV", "AGIProtocolError", "AGIRun", "FakeAsterisk", "parse_args"]
+__all__ = ["AST_ENV", "AGIProtocolError", "AGIRun", "FakeAsterisk", "after_blind_transfer", "after_dial",
+           "after_queue", "hangup_args", "parse_args"]
 
 AST_VERSION = "22.10.1"
 AGI_BUF_LEN = 8192            # res_agi.c reads with fgets(buf, AGI_BUF_LEN, ...)
@@ -201,6 +202,68 @@ def _substring(value: str, spec: str) -> str:
     if length >= 0:
         return rest[:length]
     return rest[:length] if -length < len(rest) else ""
+
+
+# ----------------------------------------------------------------------------- what a call leaves
+
+def _duration_vars(base: str, seconds: float) -> Dict[str, str]:
+    """set_duration_var() of apps/app_dial.c and apps/app_queue.c: whole seconds (truncated) and ms."""
+    ms = int(seconds * 1000)
+    return {base: str(ms // 1000), base + "_MS": str(ms)}
+
+
+def after_dial(answered: bool, talked: float = 0.0, status: str = "NOANSWER") -> Dict[str, str]:
+    """The caller's channel after Dial() (apps/app_dial.c).
+
+    Dial clears DIALSTATUS and ANSWEREDTIME when it starts. The callee's U() gosub runs before
+    the bridge; the caller's channel is answered at the bridge, and when the bridge ends
+    end_bridge_callback sets ANSWEREDTIME to the caller's up time: the talk. Unanswered: DIALSTATUS
+    says why and ANSWEREDTIME stays empty.
+    """
+    if not answered:
+        return {"DIALSTATUS": status, "ANSWEREDTIME": "", "ANSWEREDTIME_MS": ""}
+    return {"DIALSTATUS": "ANSWER", **_duration_vars("ANSWEREDTIME", talked)}
+
+
+# QUEUESTATUS values set when the queue itself ends the wait (apps/app_queue.c queue_results[]).
+QUEUE_EXITS = ("TIMEOUT", "FULL", "JOINEMPTY", "LEAVEEMPTY", "JOINUNAVAIL", "LEAVEUNAVAIL", "CONTINUE", "WITHDRAW")
+
+
+def after_queue(outcome: str, talked: float = 0.0) -> Dict[str, str]:
+    """The caller's channel after Queue() (apps/app_queue.c); `outcome` = answered | abandoned | a QUEUE_EXITS value.
+
+    Queue never sets DIALSTATUS. QUEUESTATUS is set only when the queue ended the wait (reason
+    other than QUEUE_UNKNOWN): it stays unset when the caller hung up or an agent took the call.
+    record_abandoned() sets ABANDONED=TRUE for every exit without an agent (the caller hanging up,
+    TIMEOUT, LEAVEEMPTY, WITHDRAW). ANSWEREDTIME is the time connected to the agent, 0 when
+    there was none. A caller who cannot join (JOINEMPTY, JOINUNAVAIL, FULL) gets QUEUESTATUS only:
+    queue_exec() returns before it sets anything else.
+    """
+    if outcome == "answered":
+        return _duration_vars("ANSWEREDTIME", talked)
+    if outcome == "abandoned":
+        return {"ABANDONED": "TRUE", **_duration_vars("ANSWEREDTIME", 0)}
+    if outcome not in QUEUE_EXITS:
+        raise ValueError(f"unknown queue outcome {outcome!r}")
+    if outcome in ("JOINEMPTY", "JOINUNAVAIL", "FULL"):
+        return {"QUEUESTATUS": outcome}
+    return {"QUEUESTATUS": outcome, "ABANDONED": "TRUE", **_duration_vars("ANSWEREDTIME", 0)}
+
+
+def after_blind_transfer(transferer: str, talked: float) -> Dict[str, str]:
+    """The transferee's channel as it enters the transfer context (main/bridge.c, two-party bridge).
+
+    ast_bridge_transfer_blind() queues an async goto to exten@TRANSFER_CONTEXT on the transferee
+    and sets BLINDTRANSFER to the transferer's name; leaving the bridge ends the Dial that
+    connected the two, whose end_bridge_callback has set ANSWEREDTIME: the first part's talk.
+    """
+    return {**after_dial(True, talked), "BLINDTRANSFER": transferer}
+
+
+def hangup_args(variables: Dict[str, str], recording: str = "") -> List[str]:
+    """The `hangup` step as the sample's [bitrix-hangup] calls it:
+    AGI(agi-bitrix,hangup,${DIALSTATUS},${ANSWEREDTIME},${MIXMONITOR_FILENAME}); unset is empty."""
+    return ["hangup", variables.get("DIALSTATUS", ""), variables.get("ANSWEREDTIME", ""), recording]
 
 
 # ----------------------------------------------------------------------------- built-in apps
