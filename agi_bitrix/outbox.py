@@ -117,6 +117,8 @@ class Outbox:
                 next_try = max(next_try, float(exc.reset_at))
             sent = isinstance(exc, NetworkError) and exc.code == "TIMEOUT"
             self.store.mark_retry(entry.id, exc.summary(), next_try, sent)
+            if sent and entry.kind == "register" and entry.payload.get("SHOW"):
+                self.store.note_maybe_shown(entry.id)  # sticky: later attempts cannot undo it
             self.log.setdefault("delivery_errors", []).append(f"{entry.kind}: {exc.summary()}")
             return "waiting"
         self._dead(entry, exc.summary())
@@ -142,6 +144,7 @@ class Outbox:
     def _deliver_register(self, entry: Entry, deadline: Deadline) -> str:
         params = dict(entry.payload)
         parent_key = params.pop("_bind_from", None)
+        maybe_shown = params.pop("_maybe_shown", None)
         if parent_key:
             # A transfer part is bound to the client the first part was bound to.
             parent = self.store.call(parent_key)
@@ -154,7 +157,10 @@ class Outbox:
             # Replayed after the call ended: log it without popping a card for a call long gone
             # (SHOW is not part of the portal's dedup key, so a repeat still finds the same call).
             params["SHOW"] = 0
-            self.store.card_not_live(entry.linkedid)
+            if not maybe_shown:
+                # Nobody can have its card. One that may have been shown (an earlier attempt
+                # reached the portal, its answer lost) stays live: the card moves still hide it.
+                self.store.card_not_live(entry.linkedid)
         self.store.mark_sending(entry.id)
         result = self.client.call(payloads.REGISTER, params, deadline)
         try:

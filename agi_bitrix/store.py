@@ -357,6 +357,15 @@ class Store:
                        " sending_at = CASE WHEN ? THEN sending_at ELSE NULL END WHERE id = ?",
                        (next_try, error[:500], 1 if sent else 0, entry_id))
 
+    def note_maybe_shown(self, entry_id: int) -> None:
+        """A register with SHOW=1 may have reached the portal: its card may be up for its user."""
+        with self._tx() as db:
+            row = db.execute("SELECT payload FROM outbox WHERE id = ?", (entry_id,)).fetchone()
+            if row is not None:
+                payload = dict(json.loads(row["payload"]), _maybe_shown=1)
+                db.execute("UPDATE outbox SET payload = ? WHERE id = ?",
+                           (json.dumps(payload, ensure_ascii=False), entry_id))
+
     def postpone(self, entry_id: int, note: str, next_try: float) -> None:
         """Not attempted (e.g. the recording is still being written): no attempt is counted."""
         with self._tx() as db:

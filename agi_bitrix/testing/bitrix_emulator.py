@@ -425,6 +425,7 @@ class Bitrix24Emulator:
         self._requests: list[dict] = []
         self._faults: list[dict] = []
         self._delays: list[dict] = []
+        self._gates: dict[str, threading.Event] = {}  # method -> requests wait until it is set
         self._bucket_size = bucket_size
         self._drain = float(drain_per_second)
         self._bucket_level = 0.0
@@ -770,6 +771,14 @@ class Bitrix24Emulator:
             if seconds > 0 and (count is None or count > 0):
                 self._delays.append({"seconds": float(seconds), "method": key, "remaining": count})
 
+    def hold(self, method: str) -> threading.Event:
+        """Keep requests of ``method`` (top level or inside batch) unanswered until the returned
+        event is set (or the emulator stops): a portal that is stuck for as long as the test says."""
+        gate = threading.Event()
+        with self._lock:
+            self._gates[method.lower()] = gate
+        return gate
+
     def fail_next(self, status: int, error: str, description: str = "", method: str | None = None,
                   count: int = 1, body: str | bytes | None = None) -> None:
         """Answer the next ``count`` requests of ``method`` (None = any HTTP request, including the
@@ -893,6 +902,10 @@ class Bitrix24Emulator:
                     break
         if seconds:
             self._stopping.wait(seconds)  # outside the lock; cut short by stop()
+        with self._lock:
+            gate = self._gates.get(method)
+        while gate is not None and not gate.is_set() and not self._stopping.is_set():
+            gate.wait(0.05)
 
     def _raise_fault(self, method: str, top: bool) -> None:
         with self._lock:
@@ -1387,8 +1400,9 @@ class Bitrix24Emulator:
         call.update({"finished": True, "finish": copy.deepcopy(p), "status_code": status_code,
                      "duration": duration, "finish_user_id": uid, "crm_activity_id": activity_id,
                      "finished_at": self.clock()})
-        # finish hides the card of its user (and the registered user); other cards stay up.
-        self._hide_card(call, sorted({uid, call["user_id"]} & call["shown"]))
+        # finish hides the card of its USER_ID only (Bitrix24 REST docs: telephony.externalcall.hide);
+        # everybody else who sees it, the registered user included, keeps it until a hide.
+        self._hide_card(call, sorted({uid} & call["shown"]))
         return {
             "ID": self._seq["stat"], "CALL_ID": call_id, "EXTERNAL_CALL_ID": call["external_call_id"] or None,
             "PORTAL_USER_ID": uid, "PHONE_NUMBER": call["phone"], "PORTAL_NUMBER": call["line"],
