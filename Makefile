@@ -21,6 +21,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/journal_cost.py
 	$(BIN)/python bench/requests_per_call.py
 	$(BIN)/python bench/dialer_requests.py
+	$(BIN)/python bench/answer_step.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
