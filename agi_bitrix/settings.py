@@ -8,6 +8,7 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Dict, Literal, Optional
 from urllib.parse import urlsplit
@@ -317,8 +318,23 @@ class Settings(_Section):
         return [s for s in found if s and len(s) >= 4]
 
 
+def record_file() -> Path:
+    """Where `agi-bitrix install --settings PATH` records PATH for this installation (its Python
+    prefix: the virtualenv, or the system prefix), so every command and unit finds it."""
+    return Path(sys.prefix) / "etc" / "agi-bitrix" / "settings-path"
+
+
+def recorded_path() -> Optional[str]:
+    try:
+        text = record_file().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text.startswith("/") and "\n" not in text else None
+
+
 def settings_path(explicit: Optional[str] = None) -> Path:
-    return Path(explicit or os.environ.get(ENV_PATH_VAR) or DEFAULT_PATH)
+    """--settings, else AGI_BITRIX_SETTINGS, else what install recorded, else the default."""
+    return Path(explicit or os.environ.get(ENV_PATH_VAR) or recorded_path() or DEFAULT_PATH)
 
 
 def _read_ini(path: Path) -> Dict[str, Dict[str, str]]:

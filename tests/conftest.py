@@ -19,6 +19,20 @@ ENTRY = Path(sys.executable).with_name("agi-bitrix")
 WEBHOOK_CODE = "s3cr3t-webhook-code"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def keep_install_record():
+    """`install --settings` records its path in this virtualenv: put back what was there before."""
+    from agi_bitrix.settings import record_file
+
+    record = record_file()
+    before = record.read_bytes() if record.exists() else None
+    yield
+    if before is None:
+        record.unlink(missing_ok=True)
+    else:
+        record.write_bytes(before)
+
+
 @pytest.fixture
 def emulator():
     with Bitrix24Emulator(webhook_code=WEBHOOK_CODE) as emu:

@@ -47,6 +47,26 @@ def test_installed_agi_script_runs_as_asterisk_would(tmp_path, emulator):
     assert run.set_variables["BITRIX_STATUS"] == "OK" and len(emulator.calls) == 1
 
 
+def test_every_command_finds_the_settings_install_was_told(tmp_path, emulator):
+    agi_bin = tmp_path / "agi-bin"
+    agi_bin.mkdir()
+    settings = tmp_path / "conf" / "bitrix.ini"
+    res = cli("install", "--agi-bin", str(agi_bin), "--settings", str(settings))
+    assert res.returncode == 0 and f"recorded {settings}" in res.stdout, res.stdout + res.stderr
+    text = settings.read_text().replace("webhook_url =\n", f"webhook_url = {emulator.webhook_url}\n")
+    text = text.replace("/var/lib/agi-bitrix", str(tmp_path / "state"))
+    text = text.replace("/var/log/agi-bitrix/agi-bitrix.log", str(tmp_path / "log.txt"))
+    settings.write_text(text)
+    clean = {k: v for k, v in os.environ.items() if k != "AGI_BITRIX_SETTINGS"}
+    for command in (["outbox", "status"], ["check"]):
+        res = subprocess.run([str(ENTRY), *command], capture_output=True, text=True, env=clean,
+                             stdin=subprocess.DEVNULL, timeout=60)
+        assert "/etc/agi-bitrix/settings.ini" not in res.stdout + res.stderr
+        if command[0] == "outbox":
+            assert res.returncode == 0, res.stderr
+    assert f"{settings} read" in res.stdout  # check names the file it read
+
+
 def test_install_refuses_missing_agi_bin(tmp_path):
     res = cli("install", "--agi-bin", str(tmp_path / "nope"), "--settings", str(tmp_path / "s.ini"))
     assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1

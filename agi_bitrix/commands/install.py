@@ -77,6 +77,14 @@ def run(args: object) -> int:
             settings_path.chmod(0o600)
             changes.append(f"created {settings_path} (fill in [bitrix24] and [calls])")
         _chown(settings_path, owner)
+        record = settings_mod.record_file()
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            if _write_if_changed(record, f"{settings_path}\n", 0o644):
+                changes.append(f"recorded {settings_path} in {record}: every agi-bitrix command uses it")
+        except OSError as exc:
+            print(f"note: cannot record the settings path in {record} ({exc.strerror}); give the other "
+                  f"commands and units {settings_mod.ENV_PATH_VAR}={settings_path}", file=sys.stderr)
         try:
             settings = settings_mod.load(str(settings_path))
             folders = [Path(settings.storage.state_dir), Path(settings.logging.file).parent]
