@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, Literal, Optional
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 DEFAULT_PATH = "/etc/agi-bitrix/settings.ini"
 ENV_PATH_VAR = "AGI_BITRIX_SETTINGS"
@@ -218,6 +218,7 @@ class DialerSettings(_Section):
     hours: str = "09:00-20:00"              # weekdays, in the client's local time
     hours_weekend: str = ""                 # empty: no calls on Saturday and Sunday
     default_timezone: str = "Europe/Moscow" # when the number does not tell one zone
+    timezone: str = ""                      # times written for operators (task comments); empty: default_timezone
     dnc_file: str = ""
     dnc_field: str = ""                     # a CRM field of the client, e.g. UF_CRM_DNC (Y = do not call)
     use_timeman: bool = False
@@ -249,16 +250,23 @@ class DialerSettings(_Section):
     def _operator_channel(cls, value: str) -> str:
         return _inner_template(value)
 
-    @field_validator("default_timezone")
+    @field_validator("default_timezone", "timezone")
     @classmethod
-    def _tz(cls, value: str) -> str:
+    def _tz(cls, value: str, info: ValidationInfo) -> str:
         from zoneinfo import ZoneInfo
 
+        if not value and info.field_name == "timezone":
+            return value
         try:
             ZoneInfo(value)
         except Exception:
             raise ValueError("must be a time zone name such as Europe/Moscow")
         return value
+
+    @property
+    def operator_timezone(self) -> str:
+        """The zone of the times operators read in task comments (named in the text)."""
+        return self.timezone or self.default_timezone
 
     @field_validator("line_number")
     @classmethod

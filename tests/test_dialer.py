@@ -8,6 +8,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Dict, List, Optional
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -132,6 +133,9 @@ def test_failed_attempt_is_logged_rescheduled_and_counted(center, emulator, reas
     assert abs(new_deadline - (before + retry_h * 3600)) < 120
     text = comments(emulator, task)[-1]
     assert outcome in text and "Попытка 1 из 3" in text
+    # The next try in the operators' zone, named (default: [dialer] default_timezone), not the PBX's.
+    when = datetime.fromtimestamp(new_deadline, ZoneInfo("Europe/Moscow")).strftime("%d.%m.%Y %H:%M")
+    assert f"Следующая попытка: {when} (Europe/Moscow)" in text
     status = center.pbx.cli("dialer", "status").stdout
     assert str(task) in status and " 1 " in status
 

@@ -101,3 +101,16 @@ def test_talk_time_prefers_asterisks_count_and_never_rounds_up():
     assert talktime.talk_seconds(None, clock, None) == 0
     assert [talktime.parse_seconds(v) for v in ("7", " 7 ", "", "7s", "-3", "1e3", None)] == [7, 7, None, None,
                                                                                              None, None, None]
+
+
+def test_operator_times_are_written_in_the_configured_zone_and_name_it(tmp_path):
+    from agi_bitrix.dialer.outcomes import _when
+
+    ini = tmp_path / "s.ini"
+    ini.write_text("[dialer]\ntimezone = Asia/Vladivostok\n", encoding="utf-8")
+    zone = load(str(ini), environ={}).dialer.operator_timezone
+    assert zone == "Asia/Vladivostok"
+    assert _when(1795000000.0, zone) == "18.11.2026 21:06 (Asia/Vladivostok)"  # 11:06 UTC
+    ini.write_text("[dialer]\ntimezone = Mars/Base\n", encoding="utf-8")
+    with pytest.raises(SettingsError, match="timezone"):
+        load(str(ini), environ={})

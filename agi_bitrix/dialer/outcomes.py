@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from zoneinfo import ZoneInfo
 from typing import Any, List, Optional, Tuple
 from urllib.parse import urlsplit
 
@@ -36,8 +37,9 @@ def comment(task_id: int, message: str) -> Tuple[str, Any]:
     return "task.commentitem.add", {"TASKID": task_id, "FIELDS": {"POST_MESSAGE": message}}
 
 
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts).astimezone().strftime("%d.%m.%Y %H:%M")
+def _when(ts: float, zone: str) -> str:
+    """A time as the operator reads it: in [dialer] timezone, the zone named (the PBX may run on UTC)."""
+    return datetime.fromtimestamp(ts, ZoneInfo(zone)).strftime("%d.%m.%Y %H:%M") + f" ({zone})"
 
 
 def register_attempt(store: Store, settings: Settings, attempt: Attempt, show: bool, owner: str) -> None:
@@ -81,7 +83,7 @@ def task_writes_for(outcome: str, attempt: Attempt, state: TaskState, settings: 
         else:
             state.next_try = now + policy.retry_after(outcome, d)
             message += text(d.language, "next", attempt=state.attempts, max=d.max_attempts,
-                            when=_when(state.next_try))
+                            when=_when(state.next_try, d.operator_timezone))
             writes.append(("tasks.task.update", {"taskId": attempt.task_id,
                                                   "fields": {"DEADLINE": payloads.iso(state.next_try)}}))
         writes.append(comment(attempt.task_id, message))
