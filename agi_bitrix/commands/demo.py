@@ -105,7 +105,7 @@ def scenarios(demo: Demo, folder: Path) -> None:
     rec = folder / "call-1.wav"
     rec.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(28))
     os.utime(rec, (time.time() - 10, time.time() - 10))  # a finished recording, as MixMonitor leaves it
-    demo.step(lid, ["hangup", "ANSWER", "2", str(rec)], channel="PJSIP/provider-00000001", dead=True,
+    demo.step(lid, ["hangup", "ANSWER", "1", str(rec)], channel="PJSIP/provider-00000001", dead=True,
               context="bitrix-hangup")
 
     print("2. Missed call from an unknown number (a lead is created)")
