@@ -71,13 +71,13 @@ class PBX:
         self.settings_file.write_text(text, encoding="utf-8")
 
     def run(self, args: List[str], wait_delivery: bool = True, **kw: Any) -> AGIRun:
-        """One AGI step. `answer` delivers after it returned (a child process writes its log
-        line when done): unless `wait_delivery` is False, wait for that line too."""
+        """One AGI step. `answer` and `dialer-connected` deliver after they returned (a child
+        process writes the log line when done): unless `wait_delivery` is False, wait for it."""
         env = {"AGI_BITRIX_SETTINGS": str(self.settings_file)}
         env.update(kw.pop("env", {}) or {})
         before = len(self.log())
         run = FakeAsterisk([str(ENTRY)], args, env=env, **kw).run()
-        if wait_delivery and args and args[0] == "answer":
+        if wait_delivery and args and args[0] in ("answer", "dialer-connected"):
             self.wait_for(lambda: len(self.log()) > before, "the answer step's delivery")
         return run
 

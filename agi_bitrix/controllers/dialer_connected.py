@@ -1,8 +1,14 @@
-"""`dialer-connected`: the second party answered (Dial U() gosub): talk time starts."""
+"""`dialer-connected`: the second party answered (Dial U() gosub): talk time starts.
+
+Like `answer` it runs before the bridge, so whatever it leaves for Bitrix24 is delivered after
+the step has returned.
+"""
 from __future__ import annotations
 
 from agi_bitrix.controllers.base import EventContext, Outcome, Refused
 from agi_bitrix.dialer.state import DialerState
+
+DELIVER_AFTER_RETURN = True
 
 
 def handle(ctx: EventContext) -> Outcome:
