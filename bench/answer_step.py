@@ -24,22 +24,18 @@ ENTRY = Path(sys.executable).with_name("agi-bitrix")
 SLOW = 1.5  # seconds the slow portal takes per request (the step's own budget is 2 s)
 
 
-def _answers(emu: Bitrix24Emulator, env: dict, runs: int, tag: str) -> List[float]:
-    """Wall seconds Asterisk waits for `answer`, one fresh call each."""
-    out = []
-    for i in range(runs):
-        lid = f"1795900000.{tag}{i}"
-        FakeAsterisk([str(ENTRY)], ["incoming", "89161234567"], env=env, linkedid=lid,
-                     variables={"BITRIX_RING": "PJSIP/101&PJSIP/102&PJSIP/103"}).run()
-        run = FakeAsterisk([str(ENTRY)], ["answer"], env=env, linkedid=lid, channel="PJSIP/102-00000001").run()
-        assert run.set_variables.get("BITRIX_STATUS") in ("OK", "QUEUED"), run.set_variables
-        out.append(run.duration)
-        # Let the delivering child finish before the next call (it does not hold Asterisk).
-        end = time.monotonic() + 30
-        while time.monotonic() < end and not any(
-                c["external_call_id"] == lid and len(c["shown"]) == 1 for c in emu.calls.values()):
-            time.sleep(0.02)
-    return out
+def _answer(emu: Bitrix24Emulator, env: dict, lid: str) -> float:
+    """Wall seconds Asterisk waits for `answer` on a fresh ring-group call."""
+    FakeAsterisk([str(ENTRY)], ["incoming", "89161234567"], env=env, linkedid=lid,
+                 variables={"BITRIX_RING": "PJSIP/101&PJSIP/102&PJSIP/103"}).run()
+    run = FakeAsterisk([str(ENTRY)], ["answer"], env=env, linkedid=lid, channel="PJSIP/102-00000001").run()
+    assert run.set_variables.get("BITRIX_STATUS") in ("OK", "QUEUED"), run.set_variables
+    # Let the delivering child finish before the next call (it does not hold Asterisk).
+    end = time.monotonic() + 30
+    while time.monotonic() < end and not any(
+            c["external_call_id"] == lid and len(c["shown"]) == 1 for c in emu.calls.values()):
+        time.sleep(0.02)
+    return run.duration
 
 
 def main() -> int:
@@ -51,10 +47,15 @@ def main() -> int:
         settings.write_text(f"[bitrix24]\nwebhook_url = {emu.webhook_url}\n[calls]\ndefault_user = 101\n"
                             f"[storage]\nstate_dir = {tmp}/state\n[logging]\nfile = {tmp}/log\n")
         env = {"AGI_BITRIX_SETTINGS": str(settings)}
-        base = [FakeAsterisk([sys.executable, "-c", "pass"], env=env).run().duration for _ in range(runs)]
-        normal = _answers(emu, env, runs, "n")
-        emu.set_delay(SLOW)
-        slow = _answers(emu, env, runs, "s")
+        base: List[float] = []
+        normal: List[float] = []
+        slow: List[float] = []
+        for i in range(runs):  # interleaved, so a busy moment of the machine hits all three alike
+            base.append(FakeAsterisk([sys.executable, "-c", "pass"], env=env).run().duration)
+            emu.set_delay(0)
+            normal.append(_answer(emu, env, f"1795900000.{i}"))
+            emu.set_delay(SLOW)
+            slow.append(_answer(emu, env, f"1795900001.{i}"))
     b, n, s = (statistics.median(x) * 1000 for x in (base, normal, slow))
     print(f"`answer` step: time Asterisk waits before the bridge (median of {runs}, process mode)")
     print(f"  python -c pass      : {b:7.1f} ms")

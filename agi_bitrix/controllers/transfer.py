@@ -10,7 +10,8 @@ company talks in it.
 """
 from __future__ import annotations
 
-from typing import Optional
+import re
+from typing import Optional, Tuple
 
 from agi_bitrix import phones
 from agi_bitrix.bitrix import payloads
@@ -21,11 +22,11 @@ from agi_bitrix.controllers.register import TYPES
 INNER_MAX_DIGITS = 6  # as for caller IDs: up to 6 digits is an employee's inner number
 
 
-def _target(ctx: EventContext, raw: str) -> "tuple[Optional[str], str]":
+def _target(ctx: EventContext, raw: str) -> Tuple[Optional[str], str]:
     """(inner number or None for an external number, dial string); Refused when neither."""
-    digits = raw.lstrip("+")
-    if not digits.isdigit():
+    if not re.fullmatch(r"\+?[0-9]{1,20}", raw):
         raise Refused(f"transfer target {raw[:40]!r} is not a number; nothing dialed")
+    digits = raw.lstrip("+")
     ast = ctx.settings.asterisk
     if len(digits) <= INNER_MAX_DIGITS and not raw.startswith("+"):
         return digits, ast.phone_channel.replace("{inner}", digits)
