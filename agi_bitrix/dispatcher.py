@@ -144,19 +144,18 @@ def _release(ctx: Any, outcome: Any, started: float) -> None:
     ctx.log["released_ms"] = int((time.monotonic() - started) * 1000)
     ctx.store.close()  # a SQLite connection must not cross a fork
     try:
-        child = background.detach()
+        in_child = background.detach()
     except OSError as exc:
         ctx.log["delivery_note"] = f"cannot fork ({exc.strerror}): left in the outbox"
-        ctx.store = Store(ctx.settings.storage.state_dir)
-        ctx.outbox = Outbox(ctx.store, ctx.outbox.client, ctx.settings.calls.recording_url, ctx.outbox.owner, ctx.log)
-        ctx.deadline = Deadline(0.0)
-        return
-    if not child:
-        raise _Released()
-    ctx.session.detach()
+        budget = 0.0
+    else:
+        if not in_child:
+            raise _Released()
+        ctx.session.detach()
+        budget = ctx.settings.bitrix24.timeout  # its own budget, off the call's path
     ctx.store = Store(ctx.settings.storage.state_dir)
     ctx.outbox = Outbox(ctx.store, ctx.outbox.client, ctx.settings.calls.recording_url, ctx.outbox.owner, ctx.log)
-    ctx.deadline = Deadline(ctx.settings.bitrix24.timeout)  # its own budget, off the call's path
+    ctx.deadline = Deadline(budget)
 
 
 def _fallback_logger() -> Any:

@@ -38,8 +38,11 @@ def _target(ctx: EventContext, raw: str) -> Tuple[Optional[str], str]:
 
 
 def handle(ctx: EventContext) -> Outcome:
-    ctx.session.set_variable("BITRIX_DIAL", "")  # nothing to dial unless the target is valid
-    target, dial = _target(ctx, ctx.arg(1))
+    try:
+        target, dial = _target(ctx, ctx.arg(1))
+    except Refused:
+        ctx.session.set_variable("BITRIX_DIAL", "")  # nothing to dial
+        raise
     # The transfer goes on in Asterisk whatever Bitrix24 knows of the call.
     ctx.session.set_variable("BITRIX_DIAL", dial)
     ctx.log.update(transfer_to=target or "external", dial=dial)
