@@ -141,11 +141,12 @@ def test_blind_transfer_to_an_external_number_goes_out_by_the_trunk(pbx, emulato
 
 def test_no_card_left_up_after_an_outage_whose_register_reached_the_portal(pbx, emulator):
     people = emulator.people
-    pbx.set("bitrix24", "timeout", "1")
-    emulator.set_delay(2.0, method="telephony.externalcall.register", count=1)  # shown, answer lost
+    pbx.set("bitrix24", "timeout", "5")
+    gate = emulator.hold("telephony.externalcall.register")  # it reaches the portal, its answer does not
     lid = "1795700800.1"
     run = pbx.run(["incoming"], linkedid=lid, variables={"BITRIX_RING": "PJSIP/101&PJSIP/102"}, **CALLER)
-    assert run.set_variables["BITRIX_STATUS"] == "QUEUED"
+    assert run.set_variables["BITRIX_STATUS"] == "QUEUED" and "TIMEOUT" in pbx.log()[-1]["reason"]
+    gate.set()  # the portal now carries it out: the card is up for 101
     pbx.wait_for(lambda: len(emulator.calls) == 1 and shown(emulator) == [people["101"]], "the late register")
     emulator.stop()  # the outage
     pbx.run(["answer"], linkedid=lid, channel="PJSIP/102-00000002")
@@ -186,7 +187,9 @@ def test_hangup_with_junk_answeredtime_and_of_a_call_never_registered(pbx, emula
     assert run.set_variables["BITRIX_STATUS"] == "OK"
     assert "ignored ANSWEREDTIME" in pbx.log()[-1]["answeredtime_note"]
     assert 7 <= only_call(emulator)["duration"] <= 7.2 + steps  # the span, floored
-    # A refused *9 number: never registered, its hangup is a note, not an error.
+    # A refused *9 number: never dialed nor registered, and its hangup is a note, not an error.
+    run = pbx.run(["dial", "12", "101"], linkedid="1795701000.7", channel="PJSIP/101-00000009")
+    assert run.set_variables["BITRIX_STATUS"] == "ERROR" and run.executed_apps() == []
     run = pbx.run(["hangup", "", ""], linkedid="1795701000.7", dead=True, channel="PJSIP/101-00000009")
     assert run.set_variables["BITRIX_STATUS"] == "OK"
     line = pbx.log()[-1]

@@ -60,7 +60,12 @@ class Demo:
         kw.setdefault("uniqueid", f"{linkedid.rsplit('.', 1)[0]}.{self.seq}")
         fake = FakeAsterisk(self.script, args, linkedid=linkedid,
                             env={"AGI_BITRIX_SETTINGS": str(self.settings)}, **kw)
+        lines = self._log_lines()
         run = fake.run()
+        if args[0] == "answer":  # it delivers after returning; its log line comes when it is done
+            end = time.monotonic() + 30
+            while self._log_lines() == lines and time.monotonic() < end:
+                time.sleep(0.05)
         status = run.set_variables.get("BITRIX_STATUS", "?")
         extra = ""
         if run.executed_apps():
@@ -69,6 +74,12 @@ class Demo:
         shown = ", ".join(a if a.isprintable() else repr(a) for a in ["agi-bitrix"] + args)
         print(f"    AGI({shown}) -> BITRIX_STATUS={status}{extra}")
         return run
+
+    def _log_lines(self) -> int:
+        try:
+            return len(self.log.read_text(encoding="utf-8").splitlines())
+        except OSError:
+            return 0
 
 
 def _describe(call: Dict[str, Any], users: Dict[int, str]) -> List[str]:
