@@ -133,13 +133,16 @@ def _release(ctx: Any, outcome: Any, started: float) -> None:
     """Give Asterisk the step's status from the journal alone, then deliver in a child process.
 
     Returns in the child (with a store, outbox and budget of its own); raises _Released in the
-    parent. Without a fork the journal keeps the entries for the next step or the worker.
+    parent. Without a fork the journal keeps the entries for the next step or the worker; with
+    nothing to deliver there is no fork at all.
     """
     from agi_bitrix import background
     from agi_bitrix.deadline import Deadline
     from agi_bitrix.outbox import Outbox
-    from agi_bitrix.store import Store
+    from agi_bitrix.store import PENDING, Store
 
+    if not any(ctx.store.entries(key, PENDING) for key in ctx.keys or [ctx.linkedid]):
+        return  # nothing to deliver: settling needs no network
     ctx.publish(ctx.settle(dataclasses.replace(outcome), deliver=False))
     ctx.log["released_ms"] = int((time.monotonic() - started) * 1000)
     ctx.store.close()  # a SQLite connection must not cross a fork
