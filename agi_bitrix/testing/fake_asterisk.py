@@ -294,8 +294,7 @@ def _app_dial(fa: "FakeAsterisk", options: str) -> int:
     if fa.dead:  # LAB: Dial on a hung-up channel -> -1, DIALSTATUS=CANCEL
         fa.variables["DIALSTATUS"] = "CANCEL"
         return -1
-    fa.variables["DIALSTATUS"] = "ANSWER"
-    fa.variables["ANSWEREDTIME"] = "0"
+    fa.variables.update(after_dial(True))
     return 0
 
 
