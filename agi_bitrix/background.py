@@ -5,7 +5,9 @@ script's stdout, run_agi() in Asterisk res/res_agi.c calls a blocking waitpid() 
 channel does not move on until the process exits. A step that must not hold the call (the
 `answer` step runs in Dial's U() gosub, before the bridge) forks: the parent exits at once, the
 child, in a session of its own and with stdin/stdout/stderr on /dev/null (so Asterisk sees EOF
-and no later write reaches the channel), delivers what the step journaled.
+and no later write reaches the channel), delivers what the step journaled. Orphaned, it is
+reaped by init, or by Asterisk itself where Asterisk is PID 1 (its SIGCHLD handler reaps every
+child: Asterisk main/asterisk.c _child_handler).
 """
 from __future__ import annotations
 
