@@ -7,8 +7,9 @@ serves the live call step (within its time budget), `agi-bitrix outbox flush` an
 
 Exactly once, even when a process dies mid-request:
 - register carries EXTERNAL_CALL_ID = linkedid, so the portal answers a repeat with the same CALL_ID;
-- a finish whose previous attempt may have reached the portal (`sending_at` left set) takes
-  "Call is not found" as proof it was finished already;
+- a finish whose previous attempt may have reached the portal (`sending_at` left set: the process
+  died mid-request, or the answer was a timeout or a 5xx) takes "Call is not found" as proof it
+  was finished already;
 - card moves and attachRecord replace what they set, so a repeat changes nothing.
 """
 from __future__ import annotations
@@ -31,6 +32,12 @@ INLINE_MAX = 5 * 1024 * 1024  # larger recordings go through the two-step upload
 SETTLE_SECONDS = 2.0          # a recording is complete once it stopped changing this long
 MISSING_GRACE = 600.0         # how long a recording may take to appear before it is given up
 MAX_BACKOFF = 600.0
+
+
+def _may_have_reached(exc: BitrixError) -> bool:
+    """A timeout or a 5xx: the portal may have done the work and only its answer was lost (a
+    gateway's 502/504, a 503 that is no rate limit). A refused connection never reached it."""
+    return isinstance(exc, NetworkError) and (exc.code == "TIMEOUT" or (exc.status or 0) >= 500)
 
 
 def new_owner() -> str:
@@ -102,7 +109,7 @@ class Outbox:
     def _deliver(self, entry: Entry, deadline: Deadline) -> str:
         handler = getattr(self, f"_deliver_{entry.kind}", None)
         if handler is None:
-            self.store.mark_dead(entry.id, f"unknown entry kind {entry.kind!r}")
+            self.store.mark_dead(entry.id, f"unknown entry kind {entry.kind!r}", entry.sending_at)
             return "dead"
         try:
             return handler(entry, deadline)
@@ -115,8 +122,8 @@ class Outbox:
             next_try = time.time() + backoff(entry.attempts + 1)
             if isinstance(exc, LimitError) and exc.reset_at:
                 next_try = max(next_try, float(exc.reset_at))
-            sent = isinstance(exc, NetworkError) and exc.code == "TIMEOUT"
-            self.store.mark_retry(entry.id, exc.summary(), next_try, sent)
+            sent = _may_have_reached(exc)
+            self.store.mark_retry(entry.id, exc.summary(), next_try, sent, entry.sending_at)
             if sent and entry.kind == "register" and entry.payload.get("SHOW"):
                 self.store.note_maybe_shown(entry.id)  # sticky: later attempts cannot undo it
             self.log.setdefault("delivery_errors", []).append(f"{entry.kind}: {exc.summary()}")
@@ -125,13 +132,14 @@ class Outbox:
         return "dead"
 
     def _dead(self, entry: Entry, reason: str) -> None:
-        self.store.mark_dead(entry.id, reason)
+        self.store.mark_dead(entry.id, reason, entry.sending_at)
         self.log.setdefault("dead_letters", []).append(f"{entry.kind} #{entry.id}: {reason}")
         if entry.kind == "register":
             # Nothing that needs this call's CALL_ID can be delivered now (other writes still can).
             for later in self.store.entries(entry.linkedid, "pending"):
                 if later.kind in ("card", "finish", "record"):
-                    self.store.mark_dead(later.id, f"waits for the dead-lettered register #{entry.id}")
+                    self.store.mark_dead(later.id, f"waits for the dead-lettered register #{entry.id}",
+                                           later.sending_at)
 
     def _waits_for_register(self, entry: Entry) -> str:
         """No CALL_ID yet: wait for the register, or die with it if it was dead-lettered."""

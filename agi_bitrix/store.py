@@ -350,12 +350,14 @@ class Store:
                            (now - KEEP_SECONDS,))
                 db.execute("DELETE FROM outbox WHERE state = ? AND done_at < ?", (DONE, now - KEEP_SECONDS))
 
-    def mark_retry(self, entry_id: int, error: str, next_try: float, sent: bool) -> None:
-        """Not delivered this time. `sent`: the request may have reached the portal."""
+    def mark_retry(self, entry_id: int, error: str, next_try: float, sent: bool,
+                   before: Optional[float] = None) -> None:
+        """Not delivered this time. `sent`: the request may have reached the portal; if not,
+        `sending_at` goes back to `before` (an earlier attempt may have reached it)."""
         with self._tx() as db:
             db.execute("UPDATE outbox SET next_try = ?, last_error = ?, lease_owner = NULL, lease_until = NULL,"
-                       " sending_at = CASE WHEN ? THEN sending_at ELSE NULL END WHERE id = ?",
-                       (next_try, error[:500], 1 if sent else 0, entry_id))
+                       " sending_at = CASE WHEN ? THEN sending_at ELSE ? END WHERE id = ?",
+                       (next_try, error[:500], 1 if sent else 0, before, entry_id))
 
     def note_maybe_shown(self, entry_id: int) -> None:
         """A register with SHOW=1 may have reached the portal: its card may be up for its user."""
@@ -372,10 +374,13 @@ class Store:
             db.execute("UPDATE outbox SET next_try = ?, last_error = ?, lease_owner = NULL, lease_until = NULL"
                        " WHERE id = ?", (next_try, note[:500], entry_id))
 
-    def mark_dead(self, entry_id: int, reason: str) -> None:
+    def mark_dead(self, entry_id: int, reason: str, before: Optional[float] = None) -> None:
+        """Dead-lettered. `sending_at` goes back to `before` (its value before this attempt): after
+        `outbox retry` a finish an earlier attempt may have delivered still takes "Call is not
+        found" as finished already."""
         with self._tx() as db:
-            db.execute("UPDATE outbox SET state = ?, last_error = ?, sending_at = NULL, lease_owner = NULL,"
-                       " lease_until = NULL WHERE id = ?", (DEAD, reason[:500], entry_id))
+            db.execute("UPDATE outbox SET state = ?, last_error = ?, sending_at = ?, lease_owner = NULL,"
+                       " lease_until = NULL WHERE id = ?", (DEAD, reason[:500], before, entry_id))
 
     def entry_states(self, ids: List[int]) -> Dict[int, Entry]:
         if not ids:
@@ -393,8 +398,12 @@ class Store:
         return [Entry.from_row(r) for r in self.db.execute(sql + " ORDER BY id", args).fetchall()]
 
     def retry_dead(self) -> int:
+        """Put dead letters back in line. A finish tried more than once may have reached the portal
+        on an attempt older versions did not count as such (a 502): it is treated as maybe sent."""
         with self._tx() as db:
-            cur = db.execute("UPDATE outbox SET state = ?, attempts = 0, next_try = ?, last_error = NULL"
+            cur = db.execute("UPDATE outbox SET state = ?, attempts = 0, next_try = ?, last_error = NULL,"
+                             " sending_at = CASE WHEN kind = 'finish' AND attempts > 1"
+                             " THEN COALESCE(sending_at, created_at) ELSE sending_at END"
                              " WHERE state = ?", (PENDING, time.time(), DEAD))
             return cur.rowcount
 

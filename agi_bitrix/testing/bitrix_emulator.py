@@ -780,15 +780,17 @@ class Bitrix24Emulator:
         return gate
 
     def fail_next(self, status: int, error: str, description: str = "", method: str | None = None,
-                  count: int = 1, body: str | bytes | None = None) -> None:
+                  count: int = 1, body: str | bytes | None = None, after: bool = False) -> None:
         """Answer the next ``count`` requests of ``method`` (None = any HTTP request, including the
         token endpoint "oauth.token") with this error. A named method also fails inside batch.
-        ``body`` replaces the JSON error body with raw text (e.g. a proxy's HTML page)."""
+        ``body`` replaces the JSON error body with raw text (e.g. a proxy's HTML page).
+        ``after``: the portal does the work first and only its answer is lost (a gateway's 502
+        after the backend finished), for top-level requests."""
         raw = body.encode("utf-8") if isinstance(body, str) else body
         with self._lock:
             self._faults.append({"status": int(status), "error": error, "description": description,
                                  "method": method.lower() if method else None, "remaining": int(count),
-                                 "raw": raw})
+                                 "raw": raw, "after": bool(after)})
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -907,10 +909,10 @@ class Bitrix24Emulator:
         while gate is not None and not gate.is_set() and not self._stopping.is_set():
             gate.wait(0.05)
 
-    def _raise_fault(self, method: str, top: bool) -> None:
+    def _raise_fault(self, method: str, top: bool, after: bool = False) -> None:
         with self._lock:
             for f in self._faults:
-                if f["method"] == method or (top and f["method"] is None):
+                if f["after"] == after and (f["method"] == method or (top and f["method"] is None)):
                     f["remaining"] -= 1
                     if f["remaining"] <= 0:
                         self._faults.remove(f)
@@ -991,6 +993,7 @@ class Bitrix24Emulator:
             else:
                 ctx = self._authenticate(webhook, token)
                 result = self._invoke(method, params, ctx, sub_call=False)
+            self._raise_fault(method, top=True, after=True)
         except ApiError as err:
             self._close(entry, err.status, err.error)
             return err.status, (err.raw if err.raw is not None else err.body())
