@@ -15,6 +15,8 @@ from typing import Any, Iterable, Optional, TextIO
 
 import structlog
 
+from agi_bitrix.ownership import match_owner
+
 REDACTED = "***"
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR}
 
@@ -61,6 +63,10 @@ def _head(logger: Any, name: str, event: dict) -> dict:
 def _open(path: str) -> TextIO:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        match_owner(fd, Path(path).parent)  # a root command must not lock the Asterisk user out
+    except OSError:
+        pass
     return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
 
 

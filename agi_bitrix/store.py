@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
+from agi_bitrix.ownership import match_owner_quietly
+
 DB_NAME = "agi-bitrix.sqlite3"
 USER_CACHE_SECONDS = 3600
 KEEP_SECONDS = 7 * 24 * 3600  # finished calls and delivered entries are kept a week for troubleshooting
@@ -155,6 +157,8 @@ class Store:
             os.chmod(self.path, 0o600)
         except OSError:
             pass
+        # Made by root (an administrator's command): the Asterisk user's steps must still write them.
+        match_owner_quietly([self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")], self.path.parent)
 
     def close(self) -> None:
         self.db.close()

@@ -52,6 +52,7 @@ class PBX:
         self.settings_file = root / "settings.ini"
         self.state_dir = root / "state"
         self.log_file = root / "log" / "agi-bitrix.log"
+        self.prefix: List[str] = []  # e.g. setpriv ...: run steps and commands as another user
         self.values: Dict[str, Dict[str, str]] = {
             "bitrix24": {"webhook_url": webhook_url, "timeout": "2"},
             "calls": {"default_user": "101", "crm_create": "yes", "anonymous_number": "0000"},
@@ -76,7 +77,7 @@ class PBX:
         env = {"AGI_BITRIX_SETTINGS": str(self.settings_file)}
         env.update(kw.pop("env", {}) or {})
         before = len(self.log())
-        run = FakeAsterisk([str(ENTRY)], args, env=env, **kw).run()
+        run = FakeAsterisk(self.prefix + [str(ENTRY)], args, env=env, **kw).run()
         if wait_delivery and args and args[0] in ("answer", "dialer-connected"):
             self.wait_for(lambda: len(self.log()) > before, "the answer step's delivery")
         return run
@@ -100,7 +101,7 @@ class PBX:
         """An admin command through the installed entry point, with this PBX's settings."""
         env = dict(os.environ, AGI_BITRIX_SETTINGS=str(self.settings_file))
         env.pop("AST_AGI_DIR", None)
-        return subprocess.run([str(ENTRY), *args], capture_output=True, text=True, env=env,
+        return subprocess.run([*self.prefix, str(ENTRY), *args], capture_output=True, text=True, env=env,
                               stdin=subprocess.DEVNULL, timeout=timeout)
 
     def log(self) -> List[Dict[str, Any]]:

@@ -4,10 +4,14 @@ never ran."""
 from __future__ import annotations
 
 import os
+import pwd
 import sqlite3
+import subprocess
 import time
 
-from conftest import only_call
+import pytest
+
+from conftest import ENTRY, only_call
 
 
 def _old_recording(folder, name="call.wav"):
@@ -16,6 +20,27 @@ def _old_recording(folder, name="call.wav"):
     rec.write_bytes(b"RIFF" + bytes(300))
     os.utime(rec, (time.time() - 60, time.time() - 60))
     return rec
+
+
+def _asterisk_user():
+    """uid, gid and the setpriv prefix that run a command as the unprivileged user `nobody`.
+
+    The read-search capability lets it reach the checkout wherever it is (even under /root); it
+    gives no right to write anything, which is what these tests are about."""
+    if os.geteuid() != 0:
+        pytest.skip("acting as root and then as the Asterisk user needs root")
+    entry = pwd.getpwnam("nobody")
+    prefix = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
+              "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+    return entry.pw_uid, entry.pw_gid, prefix
+
+
+def _install_for_nobody(pbx, tmp_path):
+    agi_bin = tmp_path / "agi-bin"
+    agi_bin.mkdir()
+    res = pbx.cli("install", "--agi-bin", str(agi_bin), "--settings", str(pbx.settings_file), "--owner", "nobody")
+    assert res.returncode == 0, res.stderr
+    return agi_bin
 
 
 def _expire_backoff(pbx):
@@ -85,3 +110,64 @@ def test_call_not_found_without_an_earlier_maybe_delivered_attempt_stays_a_dead_
     res = pbx.cli("outbox", "flush")
     assert "dead-lettered 1" in res.stdout, res.stdout
     assert not only_call(emulator)["finished"]
+
+
+# -- root runs a command, the Asterisk user's steps go on ----------------------------------------
+
+def _call_as(pbx, lid, number):
+    return [pbx.run(["incoming", number], linkedid=lid).set_variables["BITRIX_STATUS"],
+            pbx.run(["answer"], linkedid=lid, channel="PJSIP/102-00000002").set_variables["BITRIX_STATUS"],
+            pbx.run(["hangup", "ANSWER", "7"], linkedid=lid, dead=True).set_variables["BITRIX_STATUS"]]
+
+
+def test_files_made_by_root_commands_belong_to_the_asterisk_user(pbx, emulator, tmp_path):
+    uid, _gid, as_asterisk = _asterisk_user()
+    _install_for_nobody(pbx, tmp_path)
+    res = pbx.cli("check")  # as root, as the install output suggests
+    assert res.returncode == 0 and "all good" in res.stdout, res.stdout + res.stderr
+    assert "delivered 0" in pbx.cli("outbox", "flush").stdout
+    # A worker started by hand as root keeps the database open: its -wal and -shm stay.
+    env = dict(os.environ, AGI_BITRIX_SETTINGS=str(pbx.settings_file))
+    env.pop("AST_AGI_DIR", None)
+    worker = subprocess.Popen([str(ENTRY), "worker", "--interval", "0.2"], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        db = pbx.state_dir / "agi-bitrix.sqlite3"
+        for _ in range(300):
+            if any(e["event"] == "worker_started" for e in pbx.log()):
+                break
+            time.sleep(0.05)
+        assert os.path.exists(f"{db}-wal") and os.path.exists(f"{db}-shm")
+        made = [p for p in pbx.state_dir.iterdir()] + [pbx.log_file]
+        assert {p.name: p.stat().st_uid for p in made} == {p.name: uid for p in made}
+        pbx.prefix = as_asterisk
+        assert _call_as(pbx, "1795500300.1", "89161234567") == ["OK", "OK", "OK"]
+    finally:
+        worker.terminate()
+        worker.wait(10)
+    assert only_call(emulator)["finished"]
+    steps = [e for e in pbx.log() if e.get("linkedid") == "1795500300.1"]
+    assert [e["event"] for e in steps] == ["incoming", "answer", "hangup"]  # in the log, not on stderr
+    # Root once more, then the Asterisk user again.
+    pbx.prefix = []
+    assert pbx.cli("outbox", "flush").returncode == 0 and pbx.cli("check").returncode == 0
+    pbx.prefix = as_asterisk
+    assert _call_as(pbx, "1795500300.2", "89161234568") == ["OK", "OK", "OK"]
+
+
+def test_check_names_each_file_the_asterisk_user_cannot_write(pbx, emulator, tmp_path):
+    _uid, _gid, as_asterisk = _asterisk_user()
+    _install_for_nobody(pbx, tmp_path)
+    stray = pbx.state_dir / "oauth-tokens.json"  # e.g. copied in by root from a backup
+    stray.write_text("{}")
+    stray.chmod(0o600)
+    pbx.log_file.write_text("")
+    pbx.log_file.chmod(0o644)
+    for prefix in ([], as_asterisk):  # run by root or by the Asterisk user itself
+        pbx.prefix = prefix
+        res = pbx.cli("check")
+        assert res.returncode == 1, res.stdout
+        line = next(ln for ln in res.stdout.splitlines() if "cannot write" in ln)
+        assert line.startswith("PROBLEM") and "Asterisk user nobody" in line
+        assert str(stray) in line and str(pbx.log_file) in line
+        assert line.endswith(f"run chown -R nobody: {pbx.log_file.parent} {pbx.state_dir}")

@@ -31,8 +31,8 @@ import requests
 
 from agi_bitrix import __version__
 from agi_bitrix.bitrix.errors import AuthError, BitrixError, ExpiredToken, NetworkError, PortalError, classify
-from agi_bitrix.bitrix.ratelimit import match_owner, open_private
 from agi_bitrix.deadline import Deadline
+from agi_bitrix.ownership import match_owner, open_private
 from agi_bitrix.settings import Bitrix24Settings, checked_url
 
 TOKENS_FILE = "oauth-tokens.json"

@@ -21,31 +21,12 @@ from typing import Any, Dict, Iterator, Optional
 
 from agi_bitrix.bitrix.errors import LimitError
 from agi_bitrix.deadline import Deadline
+from agi_bitrix.ownership import open_private
 
 MIN_REQUEST_TIME = 0.3   # a slot is worth waiting for only if this much budget is left after it
 DEFAULT_BLOCK = 60.0     # 429 with no known reset time: one minute-bucket of the 10-minute window
 MAX_BLOCK = 660.0        # a reset time further than the window (+ a minute of clock skew) is wrong
 FORGET_AFTER = 900.0     # method entries older than this are dropped from the file
-
-
-def open_private(path: Path) -> int:
-    """Open (create) a state file readable by its owner only.
-
-    When an administrator runs a command as root, the file is handed to the owner of the state
-    folder (the Asterisk user), or the next call step could not open it.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    match_owner(fd, path.parent)
-    return fd
-
-
-def match_owner(fd: int, folder: Path) -> None:
-    if os.geteuid() != 0:
-        return
-    st = os.stat(folder)
-    if os.fstat(fd).st_uid != st.st_uid:
-        os.fchown(fd, st.st_uid, st.st_gid)
 
 
 def _slug(portal: str) -> str:

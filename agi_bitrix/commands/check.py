@@ -7,7 +7,7 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from agi_bitrix import settings as settings_mod
@@ -55,6 +55,37 @@ def _writable_dir(report: Report, area: str, folder: Path) -> None:
     except OSError as exc:
         report.problem(area, f"{folder} is not writable by this user ({exc.strerror}); "
                              "it must be writable by the user Asterisk runs as")
+
+
+def files_asterisk_cannot_write(state_dir: Path, log_file: Path) -> Tuple[str, List[Path]]:
+    """The Asterisk user (the owner of state_dir, as `install` made it) and the files in state_dir
+    and the log it cannot write: each one fails every call step run by Asterisk."""
+    import pwd
+
+    from agi_bitrix.ownership import unwritable_by
+
+    try:
+        st = state_dir.stat()
+        files = [p for p in state_dir.iterdir() if p.is_file()]
+    except OSError:
+        return "", []  # the folder problem is reported on its own
+    files += [p for p in (log_file.parent, log_file) if p.exists()]
+    try:
+        name = pwd.getpwuid(st.st_uid).pw_name
+        groups = os.getgrouplist(name, st.st_gid)
+    except KeyError:
+        name, groups = str(st.st_uid), [st.st_gid]
+    return name, unwritable_by(files, st.st_uid, groups)
+
+
+def _asterisk_can_write(report: Report, state_dir: Path, log_file: Path) -> None:
+    user, bad = files_asterisk_cannot_write(state_dir, log_file)
+    if not bad:
+        return
+    listed = ", ".join(str(p) for p in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    folders = " ".join(sorted({str(state_dir), str(log_file.parent)}))
+    report.problem("state", f"the Asterisk user {user} cannot write {listed}: every call step would fail; "
+                            f"run chown -R {user}: {folders}")
 
 
 MIN_FREE_BYTES = 100 * 1024 * 1024  # below this the outbox may soon fail to record calls
@@ -237,7 +268,8 @@ def run(args: Any) -> int:
         pass
     _writable_dir(report, "state", Path(settings.storage.state_dir))
     _writable_dir(report, "log", Path(settings.logging.file).parent)
-    _disk_and_outbox(report, Path(settings.storage.state_dir))
+    _disk_and_outbox(report, Path(settings.storage.state_dir))  # as root, heals the database's owner
+    _asterisk_can_write(report, Path(settings.storage.state_dir), Path(settings.logging.file))
     _bitrix(report, settings)
     _ami(report, settings)
     if report.problems:
