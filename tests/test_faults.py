@@ -43,6 +43,36 @@ def _install_for_nobody(pbx, tmp_path):
     return agi_bin
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: a disk the test can fill up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    folder = tmp_path / "small"
+    folder.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(folder)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"this machine does not allow a tmpfs mount: {res.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder):
+    """Take every free byte of the disk of `folder`; returns the filler file to free it again."""
+    filler = folder / "filler"
+    with open(filler, "ab", buffering=0) as fh:
+        for chunk in (65536, 4096, 1):
+            while True:
+                try:
+                    fh.write(b"x" * chunk)
+                except OSError:
+                    break
+    return filler
+
+
 def _expire_backoff(pbx):
     db = sqlite3.connect(str(pbx.state_dir / "agi-bitrix.sqlite3"))
     db.execute("UPDATE outbox SET next_try = 0")
@@ -171,3 +201,47 @@ def test_check_names_each_file_the_asterisk_user_cannot_write(pbx, emulator, tmp
         assert line.startswith("PROBLEM") and "Asterisk user nobody" in line
         assert str(stray) in line and str(pbx.log_file) in line
         assert line.endswith(f"run chown -R nobody: {pbx.log_file.parent} {pbx.state_dir}")
+
+
+# -- OAuth rotation with a full disk ----------------------------------------------------------------
+
+def _oauth(pbx, emulator):
+    pbx.values["bitrix24"] = {"portal_url": emulator.base_url, "client_id": emulator.client_id,
+                              "client_secret": emulator.client_secret, "oauth_url": emulator.oauth_url,
+                              "timeout": "2"}
+    pbx.write()
+    res = pbx.cli("auth", "--code", emulator.authorization_code())
+    assert res.returncode == 0, res.stderr
+
+
+def test_no_new_token_pair_is_asked_for_without_room_to_keep_it(pbx, emulator, small_disk):
+    pbx.set("storage", "state_dir", str(small_disk / "state"))
+    _oauth(pbx, emulator)
+    assert pbx.run(["incoming", "89161234567"], linkedid="1795500400.1").set_variables["BITRIX_STATUS"] == "OK"
+    emulator.expire_access_tokens()
+    filler = fill(small_disk)
+    res = pbx.cli("check")
+    assert "no room" in res.stdout and "none was asked for" in res.stdout, res.stdout
+    assert emulator.refresh_count == 0  # the chain is intact: the old refresh token still works
+    filler.unlink()
+    assert "renewed just now" in pbx.cli("check").stdout
+    assert emulator.refresh_count == 1
+    assert pbx.run(["hangup", "NOANSWER", ""], linkedid="1795500400.1",
+                   dead=True).set_variables["BITRIX_STATUS"] == "OK"
+
+
+def test_the_disk_filling_up_while_the_new_pair_is_on_its_way_loses_nothing(pbx, emulator, small_disk):
+    pbx.set("storage", "state_dir", str(small_disk / "state"))
+    _oauth(pbx, emulator)
+    assert pbx.run(["incoming", "89161234567"], linkedid="1795500500.1").set_variables["BITRIX_STATUS"] == "OK"
+    emulator.expire_access_tokens()
+    fillers = []
+    emulator.on_request("oauth.token", lambda: fillers.append(fill(small_disk)))
+    res = pbx.cli("check")
+    assert fillers and emulator.refresh_count == 1
+    assert "renewed just now" in res.stdout, res.stdout
+    emulator.on_request("oauth.token", None)
+    fillers[0].unlink()
+    # The stored pair is the new one: the next step needs no refresh and is accepted.
+    run = pbx.run(["hangup", "NOANSWER", ""], linkedid="1795500500.1", dead=True)
+    assert run.set_variables["BITRIX_STATUS"] == "OK" and emulator.refresh_count == 1

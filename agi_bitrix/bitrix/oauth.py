@@ -11,8 +11,9 @@ So:
   flock of oauth-tokens.lock;
 - under the lock the store is read again: an access token other than the refused one means somebody
   refreshed meanwhile, and the call is retried with it instead;
-- the new pair is on disk before anybody uses it; a refresh token the OAuth server refused is
-  marked in the store and never sent again.
+- room for the new pair is reserved on disk before it is asked for (a full disk never costs the
+  chain); the new pair is on disk before anybody uses it; a refresh token the OAuth server refused
+  is marked in the store and never sent again.
 """
 from __future__ import annotations
 
@@ -60,6 +61,30 @@ class TokenStoreError(Exception):
 
 class _LockTimeout(Exception):
     pass
+
+
+RESERVE_BYTES = 8192  # a pair takes about 1 KiB; the rest is room for longer tokens and endpoints
+
+
+class _Room:
+    """A reserved temp file for the next token pair."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd, self.path, self.used = fd, path, False
+
+    def discard(self) -> None:
+        os.close(self.fd)
+        if not self.used:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    while data:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
 
 
 @dataclass
@@ -144,33 +169,45 @@ class TokenStore:
         except (ValueError, TypeError):
             raise TokenStoreError(f"{self.path} is damaged: run agi-bitrix auth --code CODE again") from None
 
-    def check_writable(self) -> None:
-        """Fail before a refresh, not after it: a new pair that cannot be stored is a lost chain."""
+    @contextmanager
+    def reserve(self) -> Iterator["_Room"]:
+        """Room on disk for the next pair, taken before asking for it: the OAuth server kills the
+        old pair when it issues a new one, so a new pair that cannot be stored is a lost chain.
+
+        The room is a temp file of RESERVE_BYTES written now; `save` rewrites it in place (no new
+        disk blocks needed) and renames it over the store. Left unused, it is removed.
+        """
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".oauth-probe.", dir=self.folder)
-            os.close(fd)
-            os.unlink(tmp)
+            fd, tmp = tempfile.mkstemp(prefix=".oauth-tokens.", dir=self.folder)  # created 0600
         except OSError as exc:
             raise AuthError("TOKEN_STORE", f"{self.folder} is not writable ({exc.strerror}): it must belong "
                             "to the user Asterisk runs as", None, TOKEN_METHOD) from None
-
-    def save(self, tokens: Tokens) -> None:
-        data = json.dumps(asdict(tokens), indent=1).encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=".oauth-tokens.", dir=self.folder)  # created 0600
+        room = _Room(fd, tmp)
         try:
-            match_owner(fd, self.folder)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
             try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+                match_owner(fd, self.folder)
+                _write_all(fd, b" " * RESERVE_BYTES, 0)
+                os.fsync(fd)
+            except OSError as exc:
+                raise AuthError("TOKEN_STORE", f"no room in {self.folder} to keep a renewed token pair "
+                                f"({exc.strerror}), so none was asked for: free the disk (the current pair "
+                                "stays valid)", None, TOKEN_METHOD) from None
+            yield room
+        finally:
+            room.discard()
+
+    def save(self, tokens: Tokens, room: Optional["_Room"] = None) -> None:
+        """Write the pair into the reserved room (padded with blanks, valid JSON) and rename it over
+        the store, so a reader sees the old pair or the new one, never half of each."""
+        if room is None:
+            with self.reserve() as own:
+                return self.save(tokens, own)
+        data = json.dumps(asdict(tokens), indent=1).encode("utf-8")
+        _write_all(room.fd, data.ljust(RESERVE_BYTES), 0)
+        os.fsync(room.fd)
+        os.replace(room.path, self.path)
+        room.used = True
         dir_fd = os.open(self.folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)  # the rename itself must survive a power cut
@@ -296,16 +333,17 @@ class OAuthAuth:
                     return True
                 if current.refused:
                     raise AuthError("invalid_grant", SPENT, None, TOKEN_METHOD)
-                if deadline is not None and deadline.seconds is not None:
-                    return self._refresh_detached(current, deadline)
-                self.tokens = self._refresh(current)
+                with self.store.reserve() as room:
+                    if deadline is not None and deadline.seconds is not None:
+                        return self._refresh_detached(current, deadline, room)
+                    self.tokens = self._refresh(current, room)
                 self.refreshed = True
                 return True
         except _LockTimeout:
             raise ExpiredToken("REFRESH_BUSY", "another process is renewing the OAuth token and has not "
                                "finished in time", None, TOKEN_METHOD) from None
 
-    def _refresh_detached(self, current: Tokens, deadline: Deadline) -> bool:
+    def _refresh_detached(self, current: Tokens, deadline: Deadline, room: "_Room") -> bool:
         """Refresh in a forked child so a slow OAuth server never holds the caller.
 
         The child inherits the lock (flock belongs to the shared open file), closes the AGI pipes
@@ -320,12 +358,14 @@ class OAuthAuth:
                 devnull = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(devnull, fd)
-                self._refresh(current)
+                self._refresh(current, room)
                 code = 0
             except BaseException:
                 pass
             finally:
+                room.discard()
                 os._exit(code)
+        room.used = True  # the child owns the room now: the parent must never remove it
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -344,9 +384,9 @@ class OAuthAuth:
         self.refreshed = True
         return True
 
-    def _refresh(self, current: Tokens) -> Tokens:
-        """Exchange the refresh token (caller holds the lock); the new pair is stored before use."""
-        self.store.check_writable()
+    def _refresh(self, current: Tokens, room: "_Room") -> Tokens:
+        """Exchange the refresh token (caller holds the lock and the room for the new pair); the
+        new pair is stored before use."""
         params = _client_params(self.settings, "refresh_token")
         params["refresh_token"] = current.refresh_token
         try:
@@ -357,16 +397,16 @@ class OAuthAuth:
             latest = self._reload()
             if latest.refresh_token != current.refresh_token:
                 return latest  # rotated concurrently by a writer outside this lock: use its pair
-            self.store.save(replace(current, refused=f"{exc.code} at {time.strftime('%Y-%m-%d %H:%M:%S')}"))
+            self.store.save(replace(current, refused=f"{exc.code} at {time.strftime('%Y-%m-%d %H:%M:%S')}"),
+                            room)
             raise
         tokens = replace(Tokens.from_grant(body, current.client_endpoint),
                          application_token=current.application_token)
         try:
-            self.store.save(tokens)
-        except OSError as exc:  # checked writable a moment ago: a full disk, most likely
+            self.store.save(tokens, room)
+        except OSError as exc:  # the room was reserved: a failing disk, not a full one
             raise AuthError("TOKEN_STORE", f"the renewed tokens could not be stored in {self.store.path} "
-                            f"({exc.strerror}): free the disk and run agi-bitrix auth again", None,
-                            TOKEN_METHOD) from None
+                            f"({exc.strerror}): run agi-bitrix auth again", None, TOKEN_METHOD) from None
         return tokens
 
 
@@ -380,7 +420,6 @@ def authorize(settings: Bitrix24Settings, state_dir: str, code: Optional[str] = 
                 previous = store.load()
             except TokenStoreError:
                 previous = None  # a damaged store is what this command repairs
-            store.check_writable()
             if code:
                 params = _client_params(settings, "authorization_code")
                 params["code"] = code
@@ -390,10 +429,11 @@ def authorize(settings: Bitrix24Settings, state_dir: str, code: Optional[str] = 
             else:
                 raise ValueError("authorize needs a code or a refresh token")
             url = token_url(previous.server_endpoint if previous else "", settings.oauth_url)
-            tokens = Tokens.from_grant(grant(url, params), settings.portal_url + "rest/")
-            if previous is not None:
-                tokens = replace(tokens, application_token=previous.application_token)
-            store.save(tokens)
+            with store.reserve() as room:
+                tokens = Tokens.from_grant(grant(url, params), settings.portal_url + "rest/")
+                if previous is not None:
+                    tokens = replace(tokens, application_token=previous.application_token)
+                store.save(tokens, room)
             return tokens
     except _LockTimeout:
         raise BitrixError("REFRESH_BUSY", "another process holds the token lock; try again", None,
@@ -410,7 +450,6 @@ def install(state_dir: str, auth: Dict[str, Any], fallback_endpoint: str) -> Tok
     tokens = replace(Tokens.from_grant(auth, fallback_endpoint), application_token=token)
     try:
         with store.locked(LOCK_WAIT):
-            store.check_writable()
             store.save(tokens)
     except _LockTimeout:
         raise BitrixError("REFRESH_BUSY", "another process holds the token lock; try again", None,

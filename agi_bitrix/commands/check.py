@@ -147,6 +147,9 @@ def _bitrix(report: Report, settings: settings_mod.Settings) -> None:
         report.problem("bitrix24", f"{host} cannot be reached: {exc.description or exc.code}")
         return
     except AuthError as exc:
+        if exc.code == "TOKEN_STORE":  # the token file or its disk, not the portal
+            report.problem("oauth", exc.description)
+            return
         if oauth:
             report.problem("bitrix24", f"{host} refused the OAuth token ({exc.code}): "
                                        f"{exc.description if exc.code.lower() == 'invalid_grant' else _REAUTH}")

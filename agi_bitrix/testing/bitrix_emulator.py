@@ -424,6 +424,7 @@ class Bitrix24Emulator:
         self._uploads: dict[str, dict] = {}
         self._requests: list[dict] = []
         self._faults: list[dict] = []
+        self._hooks: dict[str, Callable[[], None]] = {}
         self._delays: list[dict] = []
         self._gates: dict[str, threading.Event] = {}  # method -> requests wait until it is set
         self._bucket_size = bucket_size
@@ -792,6 +793,21 @@ class Bitrix24Emulator:
                                  "method": method.lower() if method else None, "remaining": int(count),
                                  "raw": raw, "after": bool(after)})
 
+    def on_request(self, method: str, hook: Callable[[], None] | None) -> None:
+        """Call ``hook()`` when a request of ``method`` (or "oauth.token") arrives, before the
+        portal does the work: the world changing while a request is on its way. None removes it."""
+        with self._lock:
+            if hook is None:
+                self._hooks.pop(method.lower(), None)
+            else:
+                self._hooks[method.lower()] = hook
+
+    def _run_hook(self, method: str) -> None:
+        with self._lock:
+            hook = self._hooks.get(method)
+        if hook is not None:
+            hook()
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
@@ -985,6 +1001,7 @@ class Bitrix24Emulator:
         auth_kind = "webhook" if webhook else ("oauth" if token else None)
         entry = self._record(method, params, auth_kind)
         try:
+            self._run_hook(method)
             self._check_bucket()
             self._sleep_for(method, top=True)
             self._raise_fault(method, top=True)
@@ -1159,6 +1176,7 @@ class Bitrix24Emulator:
             shown["client_secret"] = "***"
         entry = self._record("oauth.token", shown, None)
         try:
+            self._run_hook("oauth.token")
             self._sleep_for("oauth.token", top=True)
             self._raise_fault("oauth.token", top=True)
             with self._lock:
