@@ -93,6 +93,9 @@ class CallsSettings(_Section):
     route_cache: float = Field(300.0, ge=0, le=86400)   # seconds a manager lookup per number is reused
     route_timeout: float = Field(0.8, gt=0, le=30)      # seconds the lookup may take on the ring path
     route_only_workday: bool = False     # route to the manager only while his workday is open
+    # A call whose hangup step never ran (a step killed, the PBX restarted) is closed this many
+    # seconds after it started, with its best known status.
+    max_call_length: int = Field(14400, ge=60, le=7 * 86400)
 
     @field_validator("crm_create", "route_to_responsible", "route_only_workday", mode="before")
     @classmethod

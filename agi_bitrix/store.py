@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS calls (
     active_part     TEXT                       -- after a transfer: the key of the part now going on
 );
 CREATE INDEX IF NOT EXISTS calls_started ON calls (started_at);
+CREATE INDEX IF NOT EXISTS calls_open ON calls (started_at) WHERE finish_claimed IS NULL;
 CREATE TABLE IF NOT EXISTS users (
     inner       TEXT PRIMARY KEY,
     user_id     INTEGER NOT NULL,
@@ -223,6 +224,15 @@ class Store:
         return self.db.execute(
             "SELECT linkedid, user_inner FROM calls WHERE (linkedid LIKE 'click-%' OR linkedid LIKE 'callback-%')"
             " AND finish_claimed IS NULL AND answered_at IS NULL AND started_at < ?", (before,)).fetchall()
+
+    def abandoned_calls(self, before: float) -> List[Call]:
+        """Calls started before `before` whose finish was never queued (their hangup step never
+        ran), except those whose register was dead-lettered (nothing to finish in Bitrix24)."""
+        rows = self.db.execute(
+            "SELECT * FROM calls c WHERE finish_claimed IS NULL AND started_at < ? AND NOT EXISTS"
+            " (SELECT 1 FROM outbox o WHERE o.linkedid = c.linkedid AND o.kind = 'register' AND o.state = ?)"
+            " ORDER BY started_at", (before, DEAD)).fetchall()
+        return [Call.from_row(r) for r in rows]
 
     def active_key(self, linkedid: str) -> str:
         """The key of the call's part now going on: the linkedid, or its latest transfer part."""

@@ -245,3 +245,70 @@ def test_the_disk_filling_up_while_the_new_pair_is_on_its_way_loses_nothing(pbx,
     # The stored pair is the new one: the next step needs no refresh and is accepted.
     run = pbx.run(["hangup", "NOANSWER", ""], linkedid="1795500500.1", dead=True)
     assert run.set_variables["BITRIX_STATUS"] == "OK" and emulator.refresh_count == 1
+
+
+# -- calls whose hangup step never ran ----------------------------------------------------------
+
+def _backdate(pbx, seconds, *linkedids):
+    """Time passes for these calls (as if they had started `seconds` ago)."""
+    db = sqlite3.connect(str(pbx.state_dir / "agi-bitrix.sqlite3"))
+    for lid in linkedids:
+        db.execute("UPDATE calls SET started_at = started_at - ? WHERE linkedid = ?", (seconds, lid))
+    db.commit()
+    db.close()
+
+
+def _by_external_id(emulator):
+    return {c["register"]["EXTERNAL_CALL_ID"]: c for c in emulator.calls.values()}
+
+
+def test_calls_whose_hangup_never_ran_are_closed_after_max_call_length(pbx, emulator):
+    pbx.set("calls", "max_call_length", "3600")
+    pbx.run(["incoming", "89161234561"], linkedid="1795500600.1")
+    pbx.run(["answer"], linkedid="1795500600.1", channel="PJSIP/102-00000002")  # talked, then killed
+    pbx.run(["incoming", "89161234562"], linkedid="1795500600.2")               # rang, PBX restarted
+    pbx.run(["outgoing", "103", "89161234563"], linkedid="1795500600.3")         # dialed out, killed
+    pbx.run(["incoming", "89161234564"], linkedid="1795500600.4")
+    pbx.run(["hangup", "NOANSWER", ""], linkedid="1795500600.4", dead=True)      # a normal call
+    pbx.run(["incoming", "89161234565"], linkedid="1795500600.5")                # still going on
+    _backdate(pbx, 3700, "1795500600.1", "1795500600.2", "1795500600.3", "1795500600.4")
+    res = pbx.cli("outbox", "flush")
+    assert "closed 3 call(s) whose hangup never ran" in res.stdout, res.stdout + res.stderr
+    calls = _by_external_id(emulator)
+    talked, missed, dialed = calls["1795500600.1"], calls["1795500600.2"], calls["1795500600.3"]
+    assert talked["finished"] and talked["status_code"] == "200"
+    assert talked["finish_user_id"] == emulator.people["102"]  # who answered it
+    assert missed["finished"] and missed["status_code"] == "304"
+    assert missed["finish"]["FAILED_REASON"] == "no hangup was reported within max_call_length"
+    assert dialed["finished"] and dialed["status_code"] == "603-S"
+    assert dialed["finish_user_id"] == emulator.people["103"]
+    assert not calls["1795500600.5"]["finished"]
+    assert len(emulator.requests_for("telephony.externalcall.finish")) == 4  # .4 once, by its hangup
+    closed = {e["linkedid"]: e for e in pbx.log() if e["event"] == "call_closed_unfinished"}
+    assert sorted(closed) == ["1795500600.1", "1795500600.2", "1795500600.3"]
+    assert closed["1795500600.1"]["level"] == "warning" and closed["1795500600.1"]["status_code"] == "200"
+    # Closed once: a later hangup step (a very late one) changes nothing, nor does another pass.
+    late = pbx.run(["hangup", "ANSWER", "5"], linkedid="1795500600.2", dead=True)
+    assert late.set_variables["BITRIX_STATUS"] == "OK"
+    assert "closed" not in pbx.cli("outbox", "flush").stdout
+    assert len(emulator.requests_for("telephony.externalcall.finish")) == 4
+
+
+def test_the_worker_closes_a_call_whose_hangup_never_ran(pbx, emulator):
+    pbx.set("calls", "max_call_length", "600")
+    pbx.run(["incoming", "89161234567"], linkedid="1795500700.1")
+    _backdate(pbx, 700, "1795500700.1")
+    env = dict(os.environ, AGI_BITRIX_SETTINGS=str(pbx.settings_file))
+    env.pop("AST_AGI_DIR", None)
+    worker = subprocess.Popen([str(ENTRY), "worker", "--interval", "0.2"], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            if only_call(emulator)["finished"]:
+                break
+            time.sleep(0.05)
+    finally:
+        worker.terminate()
+        assert worker.wait(10) == 0
+    assert only_call(emulator)["finished"] and only_call(emulator)["status_code"] == "304"
+    assert [e["linkedid"] for e in pbx.log() if e["event"] == "call_closed_unfinished"] == ["1795500700.1"]

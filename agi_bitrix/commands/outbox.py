@@ -32,6 +32,17 @@ def open_outbox(args: Any) -> Tuple[Any, Any, Any]:
     return settings, Outbox(store, client, settings.calls.recording_url), logger
 
 
+def close_abandoned(settings: Any, outbox: Any, logger: Any) -> int:
+    """Queue the finish of calls whose hangup never ran (one warning line each); the flush that
+    follows delivers them."""
+    from agi_bitrix.abandoned import close_abandoned as close
+
+    closed = close(outbox.store, settings, outbox.owner)
+    for record in closed:
+        logger.warning("call_closed_unfinished", **record)
+    return len(closed)
+
+
 def _age(seconds: float) -> str:
     if seconds < 120:
         return f"{int(seconds)} s"
@@ -56,7 +67,7 @@ def status(outbox: Any) -> int:
 
 
 def run(args: Any) -> int:
-    _settings, outbox, logger = open_outbox(args)
+    settings, outbox, logger = open_outbox(args)
     try:
         if args.action == "status":
             return status(outbox)
@@ -66,6 +77,9 @@ def run(args: Any) -> int:
             logger.info("outbox_retry", requeued=count)
             return 0
         started = time.monotonic()
+        abandoned = close_abandoned(settings, outbox, logger)
+        if abandoned:
+            print(f"closed {abandoned} call(s) whose hangup never ran (older than [calls] max_call_length)")
         stats = outbox.flush(per_call=FLUSH_REQUEST_TIMEOUT * 3)
         fields = dict(calls=stats.calls, delivered=stats.delivered, waiting=stats.waiting, dead=stats.dead,
                       ms=int((time.monotonic() - started) * 1000))

@@ -5,7 +5,7 @@ import signal
 import time
 from typing import Any, List
 
-from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT, open_outbox
+from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT, close_abandoned, open_outbox
 
 
 def run(args: Any) -> int:
@@ -20,6 +20,7 @@ def run(args: Any) -> int:
         if poller is not None:
             poller()
         try:
+            close_abandoned(settings, outbox, logger)
             stats = outbox.flush(per_call=FLUSH_REQUEST_TIMEOUT * 3, force=False)
             if stats.calls:
                 logger.info("outbox_flush", calls=stats.calls, delivered=stats.delivered, waiting=stats.waiting,

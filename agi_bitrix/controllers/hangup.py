@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from agi_bitrix import talktime
 from agi_bitrix.bitrix import payloads
@@ -30,31 +30,42 @@ def _recording(ctx: EventContext, path: str) -> Optional[Dict[str, Any]]:
     return {"path": path, "name": name}
 
 
-def queue_part_finish(ctx: EventContext, key: str, call: Any, dialstatus: str,
-                      answeredtime: Optional[int] = None, recording: Optional[Dict[str, Any]] = None) -> None:
-    """Queue the finish of one call (or call part), exactly once, for the right employee.
+def finish_of(settings: Any, call: Any, dialstatus: str, answeredtime: Optional[int] = None,
+              ended: Optional[float] = None) -> Tuple[Dict[str, Any], List[str]]:
+    """The finish of one call (part), CALL_ID left out, and the other employees whose card is up.
 
     `answeredtime`: Asterisk's ANSWEREDTIME, trusted for an answered part (talktime.py says when).
+    `ended`: when the part ended; None = unknown (a hangup never reported): talk time 0 unless
+    Asterisk counted it.
     """
     answered = call.answered_at is not None
     if answered:
-        duration = talktime.talk_seconds(call.answered_at, ctx.clock(), answeredtime)
+        duration = talktime.talk_seconds(call.answered_at if ended is not None else None,
+                                         ended if ended is not None else 0.0, answeredtime)
     else:
         duration = (answeredtime or 0) if dialstatus.upper() == "ANSWER" else 0
     code = status_code(dialstatus, call.direction, answered)
     if answered and call.answered_inner and call.direction == "incoming":
         user = call.answered_inner
-    elif not answered and call.direction == "incoming" and ctx.settings.calls.missed_calls_user:
-        user = ctx.settings.calls.missed_calls_user  # who follows up missed calls
+    elif not answered and call.direction == "incoming" and settings.calls.missed_calls_user:
+        user = settings.calls.missed_calls_user  # who follows up missed calls
     else:
         user = call.user_inner
-    ctx.log.update(direction=call.direction, dialstatus=dialstatus, status_code=code, duration=duration, user=user)
     finish = payloads.Finish(CALL_ID="", USER_PHONE_INNER=user, DURATION=duration, STATUS_CODE=code,
                              FAILED_REASON=None if code == "200" else dialstatus or None)
     params = finish.params()
     del params["CALL_ID"]  # known only once the register is delivered
     # finish hides the card of its own employee only; everyone else who still sees it is hidden here.
     hide = [u for u in call.shown if u != user] if call.direction == "incoming" else []
+    return params, hide
+
+
+def queue_part_finish(ctx: EventContext, key: str, call: Any, dialstatus: str,
+                      answeredtime: Optional[int] = None, recording: Optional[Dict[str, Any]] = None) -> None:
+    """Queue the finish of one call (or call part), exactly once, for the right employee."""
+    params, hide = finish_of(ctx.settings, call, dialstatus, answeredtime, ended=ctx.clock())
+    ctx.log.update(direction=call.direction, dialstatus=dialstatus, status_code=params["STATUS_CODE"],
+                   duration=params["DURATION"], user=params["USER_PHONE_INNER"])
     ids = ctx.store.queue_finish(key, params, recording, ctx.outbox.owner, ctx.lease, hide=hide)
     if ids is None:
         ctx.log["note"] = "finish already queued by another leg"
