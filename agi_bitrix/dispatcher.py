@@ -86,7 +86,8 @@ def _finish(session: AGISession, logger: Any, event: str, fields: Dict[str, Any]
     try:
         # The log line's `event` is the AGI event itself (cut and made printable if junk).
         name = "".join(ch for ch in event[:40] if ch.isprintable()) or "(none)"
-        (logger.info if status != V.ERROR else logger.error)(name, **fields)
+        level = logger.error if status == V.ERROR else logger.warning if "state_problem" in fields else logger.info
+        level(name, **fields)
     except Exception:
         pass
 
@@ -101,32 +102,84 @@ def _linkedid(session: AGISession) -> str:
 def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, linkedid: str,
               fields: Dict[str, Any], started: float) -> Any:
     from agi_bitrix.bitrix.factory import NotConfigured, make_client
-    from agi_bitrix.controllers.base import EventContext
     from agi_bitrix.deadline import Deadline
-    from agi_bitrix.outbox import Outbox
     from agi_bitrix.store import Store, StoreError
 
     try:
         client = make_client(settings)
-        store = Store(settings.storage.state_dir)
-    except (NotConfigured, StoreError) as exc:
+    except NotConfigured as exc:
         raise Refused(str(exc))
-    ctx = EventContext(event=event, args=args, session=session, settings=settings, store=store,
-                       outbox=Outbox(store, client, settings.calls.recording_url, log=fields),
-                       deadline=Deadline(settings.bitrix24.timeout, started), linkedid=linkedid, log=fields)
+    deadline = Deadline(settings.bitrix24.timeout, started)
     controller = importlib.import_module(EVENTS[event])
     try:
-        outcome = controller.handle(ctx)
-        if outcome.status == V.ERROR:
-            return outcome
-        if getattr(controller, "DELIVER_AFTER_RETURN", False):
-            _release(ctx, outcome, started)
-        return ctx.settle(outcome)
-    except StoreError as exc:
-        raise Refused(f"{exc}; call step not recorded")
+        try:
+            store = Store(settings.storage.state_dir)
+        except StoreError as exc:
+            return _without_journal(controller, event, args, session, settings, linkedid, fields, client,
+                                    deadline, str(exc))
+        ctx = _context(event, args, session, settings, store, client, deadline, linkedid, fields)
+        try:
+            return _handle(controller, ctx, started)
+        except StoreError as exc:
+            if "released_ms" in fields:  # a delivering child: the step was journaled and answered
+                raise Refused(f"{exc}; delivery left to the worker")
+            problem = str(exc)
+        finally:
+            ctx.store.close()
+        # The journal failed midway: the step starts over in memory from what the journal holds.
+        return _without_journal(controller, event, args, session, settings, linkedid, fields, client, deadline,
+                                problem)
     finally:
         fields["requests"] = client.requests_made
-        ctx.store.close()
+
+
+def _context(event: str, args: List[str], session: AGISession, settings: Any, store: Any, client: Any,
+             deadline: Any, linkedid: str, fields: Dict[str, Any]) -> Any:
+    from agi_bitrix.controllers.base import EventContext
+    from agi_bitrix.outbox import Outbox
+
+    return EventContext(event=event, args=args, session=session, settings=settings, store=store,
+                        outbox=Outbox(store, client, settings.calls.recording_url, log=fields),
+                        deadline=deadline, linkedid=linkedid, log=fields)
+
+
+def _handle(controller: Any, ctx: Any, started: Optional[float]) -> Any:
+    """Run the controller and deliver; `started` None: never hand the delivery to a child."""
+    outcome = controller.handle(ctx)
+    if outcome.status == V.ERROR:
+        return outcome
+    if started is not None and getattr(controller, "DELIVER_AFTER_RETURN", False):
+        _release(ctx, outcome, started)
+    return ctx.settle(outcome)
+
+
+def _without_journal(controller: Any, event: str, args: List[str], session: AGISession, settings: Any,
+                     linkedid: str, fields: Dict[str, Any], client: Any, deadline: Any, problem: str) -> Any:
+    """state_dir cannot be written: deliver directly within the budget; what could not be
+    delivered goes whole into this step's log line and a spill file, for `outbox replay`."""
+    from agi_bitrix.spill import MemoryState
+
+    fields["state_problem"] = problem
+    state = MemoryState(settings.storage.state_dir, settings.logging.file, linkedid)
+    if state.notes:
+        fields["state_notes"] = state.notes
+    try:
+        # No delivering child here: the memory state lives in this process only.
+        outcome = _handle(controller, _context(event, args, session, settings, state.store, client, deadline,
+                                               linkedid, fields), None)
+    finally:
+        records = state.leftovers()
+        if records:
+            fields["undelivered"] = records
+            trouble = state.spill(records)
+            fields.update({"spill_problem": trouble} if trouble else {"spill_file": str(state.spill_file)})
+        state.close()
+    if outcome.status == V.QUEUED:
+        kept = "this log line" if "spill_problem" in fields else f"this log line and {state.spill_file}"
+        outcome.status = V.ERROR
+        outcome.reason = (f"{problem}; not delivered, kept in {kept}: fix it, then run "
+                          "agi-bitrix outbox replay with that file")
+    return outcome
 
 
 def _release(ctx: Any, outcome: Any, started: float) -> None:

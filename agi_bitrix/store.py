@@ -75,6 +75,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     lease_owner  TEXT,
     lease_until  REAL
 );
+CREATE TABLE IF NOT EXISTS replayed (
+    uid         TEXT PRIMARY KEY,             -- an entry brought back by `outbox replay`, once
+    at          REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_try);
 CREATE INDEX IF NOT EXISTS outbox_call ON outbox (linkedid, id);
 """
@@ -160,6 +164,63 @@ class Store:
             pass
         # Made by root (an administrator's command): the Asterisk user's steps must still write them.
         match_owner_quietly([self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")], self.path.parent)
+
+    @classmethod
+    def in_memory(cls) -> "Store":
+        """A private store in memory, for a call step whose state_dir cannot be written."""
+        store = cls.__new__(cls)
+        store.path = Path(":memory:")
+        store.db = sqlite3.connect("file::memory:", uri=True, isolation_level=None)
+        store.db.row_factory = sqlite3.Row
+        store.db.executescript(_SCHEMA)
+        return store
+
+    def copy_call(self, path: Path, linkedid: str) -> List[int]:
+        """Copy one call (and its transfer part now going on), its waiting entries and the caches
+        from the database at `path`, read only. Returns the ids of the entries copied.
+
+        Raises sqlite3.Error when that database cannot even be read. `immutable` (no WAL, no
+        locks) is the last resort for a folder where not even SQLite's shared memory file can be made.
+        """
+        from urllib.parse import quote
+
+        if not path.exists():
+            return []
+        failure: Optional[sqlite3.Error] = None
+        for mode in ("mode=ro", "immutable=1"):
+            try:
+                self.db.execute("ATTACH DATABASE ? AS disk", (f"file:{quote(str(path))}?{mode}",))
+            except sqlite3.Error as exc:
+                failure = exc
+                continue
+            try:
+                return self._copy_from_disk(linkedid)
+            except sqlite3.Error as exc:
+                failure = exc
+            finally:
+                self.db.execute("DETACH DATABASE disk")
+        raise failure or sqlite3.OperationalError("unreadable")
+
+    def _copy_from_disk(self, linkedid: str) -> List[int]:
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            keys = [linkedid] + [r[0] for r in db.execute(
+                "SELECT active_part FROM disk.calls WHERE linkedid = ? AND active_part IS NOT NULL", (linkedid,))]
+            marks = ",".join("?" * len(keys))
+            db.execute(f"INSERT INTO calls SELECT * FROM disk.calls WHERE linkedid IN ({marks})", keys)
+            db.execute(f"INSERT INTO outbox SELECT * FROM disk.outbox WHERE linkedid IN ({marks}) AND state = ?",
+                       keys + [PENDING])
+            db.execute("INSERT INTO users SELECT * FROM disk.users")
+            db.execute("INSERT INTO routes SELECT * FROM disk.routes")
+            # Leases are the disk's business: whoever held them cannot write there either.
+            db.execute("UPDATE outbox SET lease_owner = NULL, lease_until = NULL")
+            ids = [r[0] for r in db.execute("SELECT id FROM outbox")]
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return ids
 
     def close(self) -> None:
         self.db.close()
@@ -429,6 +490,46 @@ class Store:
         last = self.db.execute("SELECT last_error FROM outbox WHERE last_error IS NOT NULL AND state != ?"
                                " ORDER BY COALESCE(next_try, 0) DESC LIMIT 1", (DONE,)).fetchone()
         return {"counts": counts, "oldest_pending": oldest, "last_error": last[0] if last else None}
+
+    # -- bringing back what a step could not journal (spill.py) -----------------------------------
+    def put_call(self, row: Dict[str, Any]) -> Optional[Call]:
+        """Add a call row kept elsewhere, or fill in what this store does not know of it yet.
+        Returns the call as this store had it before (None: it was new)."""
+        fields = [f for f in Call.__dataclass_fields__ if f in row]
+        values = [json.dumps(row[f]) if f == "shown" else row[f] for f in fields]
+        with self._tx() as db:
+            old = db.execute("SELECT * FROM calls WHERE linkedid = ?", (row["linkedid"],)).fetchone()
+            if old is None:
+                db.execute(f"INSERT INTO calls ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})", values)
+                return None
+            fill = [f for f in fields if f not in ("linkedid", "shown", "card_live") and old[f] is None]
+            if fill:
+                db.execute(f"UPDATE calls SET {', '.join(f'{f} = COALESCE({f}, ?)' for f in fill)} WHERE linkedid = ?",
+                           [row[f] for f in fill] + [row["linkedid"]])
+            return Call.from_row(old)
+
+    def put_entry(self, linkedid: str, kind: str, payload: Dict[str, Any], created_at: float,
+                  sending_at: Optional[float], uid: str) -> Optional[int]:
+        """Journal an entry kept elsewhere, once per uid; None when it was brought back before."""
+        now = time.time()
+        with self._tx() as db:
+            if db.execute("INSERT OR IGNORE INTO replayed (uid, at) VALUES (?, ?)", (uid, now)).rowcount != 1:
+                return None
+            cur = db.execute("INSERT INTO outbox (linkedid, kind, payload, next_try, created_at, sending_at)"
+                             " VALUES (?, ?, ?, ?, ?, ?)",
+                             (linkedid, kind, json.dumps(payload, ensure_ascii=False), now, created_at, sending_at))
+            return int(cur.lastrowid)
+
+    def settle_elsewhere(self, linkedid: str, done: List[int], sent: List[int], at: float) -> None:
+        """Entries of this journal another process delivered (`done`) or may have delivered
+        (`sent`) while it could not write here."""
+        with self._tx() as db:
+            for entry_id in done:
+                db.execute("UPDATE outbox SET state = ?, done_at = ?, lease_owner = NULL, lease_until = NULL"
+                           " WHERE id = ? AND linkedid = ? AND state = ?", (DONE, at, entry_id, linkedid, PENDING))
+            for entry_id in sent:
+                db.execute("UPDATE outbox SET sending_at = COALESCE(sending_at, ?) WHERE id = ? AND linkedid = ?",
+                           (at, entry_id, linkedid))
 
     # -- routing cache ---------------------------------------------------------------------------
     def route(self, phone: str, max_age: float) -> Optional[str]:

@@ -312,3 +312,92 @@ def test_the_worker_closes_a_call_whose_hangup_never_ran(pbx, emulator):
         assert worker.wait(10) == 0
     assert only_call(emulator)["finished"] and only_call(emulator)["status_code"] == "304"
     assert [e["linkedid"] for e in pbx.log() if e["event"] == "call_closed_unfinished"] == ["1795500700.1"]
+
+
+# -- an unwritable or full state folder ----------------------------------------------------------
+
+def _statuses(runs):
+    return [r.set_variables["BITRIX_STATUS"] for r in runs]
+
+
+def _step_lines(pbx, lid):
+    return [e for e in pbx.log() if e.get("linkedid") == lid and e["event"] in ("incoming", "answer", "hangup")]
+
+
+def test_read_only_state_dir_delivers_directly_and_keeps_the_rest_for_replay(pbx, emulator, tmp_path):
+    _uid, _gid, as_asterisk = _asterisk_user()
+    _install_for_nobody(pbx, tmp_path)
+    rec = _old_recording(tmp_path)
+    pbx.state_dir.chmod(0o555)  # e.g. a mistaken chmod: the Asterisk user cannot write there
+    pbx.prefix = as_asterisk
+    # 1: Bitrix24 is up: the whole call goes straight through, the recording too.
+    runs = [pbx.run(["incoming", "89161234561"], linkedid="1795500800.1"),
+            pbx.run(["answer"], linkedid="1795500800.1", channel="PJSIP/102-00000002"),
+            pbx.run(["hangup", "ANSWER", "5", str(rec)], linkedid="1795500800.1", dead=True)]
+    assert _statuses(runs) == ["OK", "OK", "OK"]
+    # 2: Bitrix24 is down for the whole call; 3: down only at the hangup.
+    pbx.run(["incoming", "89161234563"], linkedid="1795500800.3")
+    emulator.stop()
+    runs = [pbx.run(["incoming", "89161234562"], linkedid="1795500800.2"),
+            pbx.run(["hangup", "BUSY", ""], linkedid="1795500800.2", dead=True),
+            pbx.run(["hangup", "NOANSWER", ""], linkedid="1795500800.3", dead=True)]
+    assert _statuses(runs) == ["ERROR", "ERROR", "ERROR"]
+    spill = pbx.log_file.with_name("agi-bitrix.undelivered.jsonl")
+    for lid, number in (("1795500800.2", "+79161234562"), ("1795500800.3", "+79161234563")):
+        last = _step_lines(pbx, lid)[-1]
+        assert "not delivered, kept in this log line and " + str(spill) in last["reason"]
+        kept = last["undelivered"][0]
+        assert kept["call"]["phone"] == number and "finish" in [e["kind"] for e in kept["entries"]]
+    first = _step_lines(pbx, "1795500800.2")[0]
+    assert first["undelivered"][0]["entries"][0]["payload"]["PHONE_NUMBER"] == "+79161234562"
+    call1 = _by_external_id(emulator)["1795500800.1"]
+    assert call1["finished"] and call1["status_code"] == "200" and call1["record"]["content"] == rec.read_bytes()
+    # The disk is fixed and Bitrix24 is back: the administrator replays the spill file.
+    emulator.start()
+    pbx.state_dir.chmod(0o750)
+    res = pbx.cli("outbox", "replay", str(spill))
+    assert res.returncode == 0, res.stderr
+    assert "dead-lettered 0" in res.stdout and "still waiting 0" in res.stdout, res.stdout
+    calls = _by_external_id(emulator)
+    assert sorted(calls) == ["1795500800.1", "1795500800.2", "1795500800.3"]
+    assert [calls[k]["status_code"] for k in sorted(calls)] == ["200", "486", "304"]
+    assert all(c["finished"] and c["register_count"] == 1 for c in calls.values())
+    finishes = len(emulator.requests_for("telephony.externalcall.finish"))
+    # Replaying the log as well (it holds the same records) changes nothing.
+    res = pbx.cli("outbox", "replay", str(pbx.log_file), str(spill))
+    assert "0 entr(y/ies) journaled" in res.stdout and "delivered 0" in res.stdout, res.stdout
+    assert len(emulator.requests_for("telephony.externalcall.finish")) == finishes
+    status = pbx.cli("outbox", "status").stdout
+    assert "waiting: 0" in status and "dead letters: 0" in status
+
+
+def test_full_disk_delivers_directly_and_keeps_the_rest_for_replay(pbx, emulator, small_disk):
+    pbx.set("storage", "state_dir", str(small_disk / "state"))
+    assert pbx.run(["incoming", "89161234561"], linkedid="1795500900.1").set_variables["BITRIX_STATUS"] == "OK"
+    filler = fill(small_disk)
+    # 1 was journaled before the disk filled up; 2 starts on the full disk; 3 while Bitrix24 is down.
+    runs = [pbx.run(["answer"], linkedid="1795500900.1", channel="PJSIP/102-00000002"),
+            pbx.run(["hangup", "ANSWER", "5"], linkedid="1795500900.1", dead=True),
+            pbx.run(["incoming", "89161234562"], linkedid="1795500900.2")]
+    assert _statuses(runs) == ["OK", "OK", "OK"]
+    assert any("disk is full" in e.get("state_problem", "") or "disk I/O" in e.get("state_problem", "")
+               for e in _step_lines(pbx, "1795500900.1"))
+    emulator.stop()
+    runs = [pbx.run(["hangup", "NOANSWER", ""], linkedid="1795500900.2", dead=True),
+            pbx.run(["incoming", "89161234563"], linkedid="1795500900.3"),
+            pbx.run(["hangup", "BUSY", ""], linkedid="1795500900.3", dead=True)]
+    assert _statuses(runs) == ["ERROR", "ERROR", "ERROR"]
+    emulator.start()
+    filler.unlink()
+    res = pbx.cli("outbox", "replay", str(pbx.log_file.with_name("agi-bitrix.undelivered.jsonl")))
+    assert res.returncode == 0 and "dead-lettered 0" in res.stdout, res.stdout + res.stderr
+    calls = _by_external_id(emulator)
+    assert [calls[k]["status_code"] for k in sorted(calls)] == ["200", "304", "486"]
+    assert all(c["finished"] and c["register_count"] == 1 for c in calls.values())
+    assert len(emulator.requests_for("telephony.externalcall.finish")) == 3
+    status = pbx.cli("outbox", "status").stdout
+    assert "waiting: 0" in status and "dead letters: 0" in status
+    # The journal knows all three are finished: nothing is closed as abandoned later.
+    db = sqlite3.connect(str(small_disk / "state" / "agi-bitrix.sqlite3"))
+    assert db.execute("SELECT COUNT(*) FROM calls WHERE finish_claimed IS NULL").fetchone()[0] == 0
+    db.close()

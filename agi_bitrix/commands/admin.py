@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--code", help="authorization code from the redirect (valid 30 s)")
     group.add_argument("--refresh-token", help="a refresh token of the application")
     p = sub.add_parser("outbox", help="call records kept while Bitrix24 was unreachable")
-    p.add_argument("action", choices=("flush", "status", "retry"), help="flush: deliver now; status: counts; "
-                   "retry: put dead letters back in line")
+    p.add_argument("action", choices=("flush", "status", "retry", "replay"), help="flush: deliver now; status: "
+                   "counts; retry: put dead letters back in line; replay FILE...: bring back what call steps "
+                   "could not journal (from the log or the spill file), then flush")
+    p.add_argument("files", nargs="*", metavar="FILE", help="for replay: the log and/or spill file(s)")
     p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
     p = sub.add_parser("worker", help="deliver the outbox continuously (systemd service)")
     p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")

@@ -6,7 +6,7 @@ entries are leased by one deliverer at a time.
 from __future__ import annotations
 
 import time
-from typing import Any, Tuple
+from typing import Any, List, Tuple
 
 from agi_bitrix import settings as settings_mod
 from agi_bitrix.commands.admin import CommandFailed
@@ -43,6 +43,27 @@ def close_abandoned(settings: Any, outbox: Any, logger: Any) -> int:
     return len(closed)
 
 
+def _replay(outbox: Any, logger: Any, files: List[str]) -> None:
+    """Journal what call steps could not (state_dir unwritable or full); the flush follows."""
+    from agi_bitrix.spill import replay
+
+    if not files:
+        raise CommandFailed("replay needs the file(s): the log and/or the spill file named in its lines")
+    for path in files:
+        try:
+            open(path, "rb").close()
+        except OSError as exc:
+            raise CommandFailed(f"cannot read {path}: {exc.strerror}") from None
+    from agi_bitrix.store import StoreError
+
+    try:
+        calls, entries = replay(outbox.store, files)
+    except StoreError as exc:
+        raise CommandFailed(f"{exc}: fix the state folder first") from None
+    logger.info("outbox_replay", files=files, calls=calls, journaled=entries)
+    print(f"replayed {calls} call record(s), {entries} entr(y/ies) journaled (those replayed before are skipped)")
+
+
 def _age(seconds: float) -> str:
     if seconds < 120:
         return f"{int(seconds)} s"
@@ -76,6 +97,10 @@ def run(args: Any) -> int:
             print(f"{count} dead letter(s) put back in line; they go out with the next flush")
             logger.info("outbox_retry", requeued=count)
             return 0
+        if args.action == "replay":
+            _replay(outbox, logger, list(getattr(args, "files", None) or []))
+        elif getattr(args, "files", None):
+            raise CommandFailed(f"{args.action} takes no files (only replay does)")
         started = time.monotonic()
         abandoned = close_abandoned(settings, outbox, logger)
         if abandoned:
