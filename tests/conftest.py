@@ -104,6 +104,13 @@ class PBX:
         return subprocess.run([*self.prefix, str(ENTRY), *args], capture_output=True, text=True, env=env,
                               stdin=subprocess.DEVNULL, timeout=timeout)
 
+    def background(self, *args: str) -> subprocess.Popen:
+        """A long-running admin command (the worker, serve) through the installed entry point."""
+        env = dict(os.environ, AGI_BITRIX_SETTINGS=str(self.settings_file))
+        env.pop("AST_AGI_DIR", None)
+        return subprocess.Popen([*self.prefix, str(ENTRY), *args], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def log(self) -> List[Dict[str, Any]]:
         if not self.log_file.exists():
             return []
