@@ -141,16 +141,31 @@ class MemoryState:
         self.store.close()
 
 
+def _latest(paths: Iterable[Path]) -> List[Dict[str, Any]]:
+    """The latest record of each call key, oldest first."""
+    latest: Dict[str, Dict[str, Any]] = {}
+    for path in paths:
+        for rec in _records(path):
+            if rec["key"] not in latest or float(rec.get("at") or 0) >= float(latest[rec["key"]].get("at") or 0):
+                latest[rec["key"]] = rec
+    return sorted(latest.values(), key=lambda r: float(r.get("at") or 0))
+
+
+def not_replayed(store: Optional[Store], path: Path) -> int:
+    """How many calls of the spill file at `path` the journal (None: unusable) has not taken back yet."""
+    try:
+        latest = _latest([path]) if path.exists() else []
+    except OSError:
+        return 0  # unreadable: the file check names it
+    return sum(1 for rec in latest if store is None or store.call(rec["key"]) is None
+               or not store.replayed_all([e["uid"] for e in rec.get("entries") or []]))
+
+
 def replay(store: Store, paths: List[str]) -> Tuple[int, int]:
     """Bring spilled records back into the journal: the latest record of each call key wins.
     Returns (calls, entries journaled); entries replayed before are skipped."""
-    latest: Dict[str, Dict[str, Any]] = {}
-    for path in paths:
-        for rec in _records(Path(path)):
-            if rec["key"] not in latest or float(rec.get("at") or 0) >= float(latest[rec["key"]].get("at") or 0):
-                latest[rec["key"]] = rec
     calls = entries = 0
-    for rec in sorted(latest.values(), key=lambda r: float(r.get("at") or 0)):
+    for rec in _latest(Path(p) for p in paths):
         key = rec["key"]
         claimed_before = None
         if isinstance(rec.get("call"), dict):

@@ -520,6 +520,11 @@ class Store:
                              (linkedid, kind, json.dumps(payload, ensure_ascii=False), now, created_at, sending_at))
             return int(cur.lastrowid)
 
+    def replayed_all(self, uids: List[str]) -> bool:
+        marks = ",".join("?" * len(uids))
+        return not uids or self.db.execute(f"SELECT COUNT(*) FROM replayed WHERE uid IN ({marks})",
+                                           uids).fetchone()[0] == len(set(uids))
+
     def settle_elsewhere(self, linkedid: str, done: List[int], sent: List[int], at: float) -> None:
         """Entries of this journal another process delivered (`done`) or may have delivered
         (`sent`) while it could not write here."""

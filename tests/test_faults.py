@@ -174,6 +174,16 @@ def test_files_made_by_root_commands_belong_to_the_asterisk_user(pbx, emulator, 
     assert _call_as(pbx, "1795500300.2", "89161234568") == ["OK", "OK", "OK"]
 
 
+def test_tokens_stored_by_root_belong_to_the_asterisk_user(pbx, emulator, tmp_path):
+    _uid, _gid, as_asterisk = _asterisk_user()
+    _install_for_nobody(pbx, tmp_path)
+    _oauth(pbx, emulator)  # `agi-bitrix auth` run by root
+    emulator.expire_access_tokens()
+    pbx.prefix = as_asterisk  # the Asterisk user's step renews the pair root stored
+    assert _call_as(pbx, "1795500350.1", "89161234567") == ["OK", "OK", "OK"]
+    assert emulator.refresh_count == 1 and only_call(emulator)["finished"]
+
+
 def test_check_names_each_file_the_asterisk_user_cannot_write(pbx, emulator, tmp_path):
     _uid, _gid, as_asterisk = _asterisk_user()
     _install_for_nobody(pbx, tmp_path)
@@ -338,9 +348,13 @@ def test_read_only_state_dir_delivers_directly_and_keeps_the_rest_for_replay(pbx
     assert first["undelivered"][0]["entries"][0]["payload"]["PHONE_NUMBER"] == "+79161234562"
     call1 = _by_external_id(emulator)["1795500800.1"]
     assert call1["finished"] and call1["status_code"] == "200" and call1["record"]["content"] == rec.read_bytes()
+    res = pbx.cli("check")  # as the Asterisk user
+    assert f"PROBLEM  outbox     3 call(s) kept in {spill} while {pbx.state_dir} could not be written: " \
+           f"once it can, run agi-bitrix outbox replay {spill}" in res.stdout, res.stdout
     # The disk is fixed and Bitrix24 is back: the administrator replays the spill file.
     emulator.start()
     pbx.state_dir.chmod(0o750)
+    assert "3 call(s) kept in" in pbx.cli("check").stdout
     res = pbx.cli("outbox", "replay", str(spill))
     assert res.returncode == 0, res.stderr
     assert "dead-lettered 0" in res.stdout and "still waiting 0" in res.stdout, res.stdout
@@ -355,6 +369,7 @@ def test_read_only_state_dir_delivers_directly_and_keeps_the_rest_for_replay(pbx
     assert len(emulator.requests_for("telephony.externalcall.finish")) == finishes
     status = pbx.cli("outbox", "status").stdout
     assert "waiting: 0" in status and "dead letters: 0" in status
+    assert "kept in" not in pbx.cli("check").stdout
 
 
 def test_full_disk_delivers_directly_and_keeps_the_rest_for_replay(pbx, emulator, small_disk):

@@ -69,7 +69,9 @@ def files_asterisk_cannot_write(state_dir: Path, log_file: Path) -> Tuple[str, L
         files = [p for p in state_dir.iterdir() if p.is_file()]
     except OSError:
         return "", []  # the folder problem is reported on its own
-    files += [p for p in (log_file.parent, log_file) if p.exists()]
+    from agi_bitrix.spill import spill_path
+
+    files += [p for p in (log_file.parent, log_file, spill_path(str(log_file))) if p.exists()]
     try:
         name = pwd.getpwuid(st.st_uid).pw_name
         groups = os.getgrouplist(name, st.st_gid)
@@ -91,12 +93,14 @@ def _asterisk_can_write(report: Report, state_dir: Path, log_file: Path) -> None
 MIN_FREE_BYTES = 100 * 1024 * 1024  # below this the outbox may soon fail to record calls
 
 
-def _disk_and_outbox(report: Report, state_dir: Path) -> None:
-    """Free space where the outbox lives, and what waits in it."""
+def _disk_and_outbox(report: Report, state_dir: Path, log_file: Path) -> None:
+    """Free space where the outbox lives, and what waits in it (or in the spill file)."""
     import shutil
 
+    from agi_bitrix.spill import not_replayed, spill_path
     from agi_bitrix.store import Store, StoreError
 
+    spill = spill_path(str(log_file))
     try:
         free = shutil.disk_usage(state_dir).free
     except OSError:
@@ -108,11 +112,14 @@ def _disk_and_outbox(report: Report, state_dir: Path) -> None:
         store = Store(str(state_dir))
     except StoreError as exc:
         report.problem("outbox", str(exc))
+        _spilled(report, not_replayed(None, spill), spill, state_dir)
         return
     try:
         info = store.outbox_status()
+        spilled = not_replayed(store, spill)
     finally:
         store.close()
+    _spilled(report, spilled, spill, state_dir)
     counts = info["counts"]
     if counts["dead"]:
         report.problem("outbox", f"{counts['dead']} dead letter(s): see agi-bitrix outbox status, fix the "
@@ -121,8 +128,14 @@ def _disk_and_outbox(report: Report, state_dir: Path) -> None:
         age = int((time.time() - (info["oldest_pending"] or time.time())) // 60)
         report.warn("outbox", f"{counts['pending']} waiting for delivery, the oldest for {age} min "
                               f"(last error: {info['last_error'] or 'none'}); is the worker running?")
-    elif not counts["dead"]:
+    elif not counts["dead"] and not spilled:
         report.ok("outbox", "nothing waiting")
+
+
+def _spilled(report: Report, count: int, spill: Path, state_dir: Path) -> None:
+    if count:
+        report.problem("outbox", f"{count} call(s) kept in {spill} while {state_dir} could not be written: "
+                                 f"once it can, run agi-bitrix outbox replay {spill}")
 
 
 def _bitrix(report: Report, settings: settings_mod.Settings) -> None:
@@ -271,7 +284,8 @@ def run(args: Any) -> int:
         pass
     _writable_dir(report, "state", Path(settings.storage.state_dir))
     _writable_dir(report, "log", Path(settings.logging.file).parent)
-    _disk_and_outbox(report, Path(settings.storage.state_dir))  # as root, heals the database's owner
+    # Run as root, opening the database hands it to the Asterisk user before the ownership check.
+    _disk_and_outbox(report, Path(settings.storage.state_dir), Path(settings.logging.file))
     _asterisk_can_write(report, Path(settings.storage.state_dir), Path(settings.logging.file))
     _bitrix(report, settings)
     _ami(report, settings)
