@@ -63,14 +63,13 @@ def files_asterisk_cannot_write(state_dir: Path, log_file: Path) -> Tuple[str, L
     import pwd
 
     from agi_bitrix.ownership import unwritable_by
+    from agi_bitrix.spill import spill_path
 
     try:
         st = state_dir.stat()
         files = [p for p in state_dir.iterdir() if p.is_file()]
     except OSError:
         return "", []  # the folder problem is reported on its own
-    from agi_bitrix.spill import spill_path
-
     files += [p for p in (log_file.parent, log_file, spill_path(str(log_file))) if p.exists()]
     try:
         name = pwd.getpwuid(st.st_uid).pw_name

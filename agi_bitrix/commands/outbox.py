@@ -46,6 +46,7 @@ def close_abandoned(settings: Any, outbox: Any, logger: Any) -> int:
 def _replay(outbox: Any, logger: Any, files: List[str]) -> None:
     """Journal what call steps could not (state_dir unwritable or full); the flush follows."""
     from agi_bitrix.spill import replay
+    from agi_bitrix.store import StoreError
 
     if not files:
         raise CommandFailed("replay needs the file(s): the log and/or the spill file named in its lines")
@@ -54,8 +55,6 @@ def _replay(outbox: Any, logger: Any, files: List[str]) -> None:
             open(path, "rb").close()
         except OSError as exc:
             raise CommandFailed(f"cannot read {path}: {exc.strerror}") from None
-    from agi_bitrix.store import StoreError
-
     try:
         calls, entries = replay(outbox.store, files)
     except StoreError as exc:
