@@ -143,13 +143,13 @@ def _context(event: str, args: List[str], session: AGISession, settings: Any, st
                         deadline=deadline, linkedid=linkedid, log=fields)
 
 
-def _handle(controller: Any, ctx: Any, started: Optional[float]) -> Any:
-    """Run the controller and deliver; `started` None: never hand the delivery to a child."""
+def _handle(controller: Any, ctx: Any, started: float, in_memory: bool = False) -> Any:
+    """Run the controller and deliver (in a child, for a step that must not hold the call)."""
     outcome = controller.handle(ctx)
     if outcome.status == V.ERROR:
         return outcome
-    if started is not None and getattr(controller, "DELIVER_AFTER_RETURN", False):
-        _release(ctx, outcome, started)
+    if getattr(controller, "DELIVER_AFTER_RETURN", False):
+        _release(ctx, outcome, started, in_memory)
     return ctx.settle(outcome)
 
 
@@ -163,17 +163,16 @@ def _without_journal(controller: Any, event: str, args: List[str], session: AGIS
     state = MemoryState(settings.storage.state_dir, settings.logging.file, linkedid)
     if state.notes:
         fields["state_notes"] = state.notes
+    released = False
     try:
-        # No delivering child here: the memory state lives in this process only.
         outcome = _handle(controller, _context(event, args, session, settings, state.store, client, deadline,
-                                               linkedid, fields), None)
+                                               linkedid, fields), deadline.started, in_memory=True)
+    except _Released:
+        released = True  # the child delivers and spills what is left
+        raise
     finally:
-        records = state.leftovers()
-        if records:
-            fields["undelivered"] = records
-            trouble = state.spill(records)
-            fields.update({"spill_problem": trouble} if trouble else {"spill_file": str(state.spill_file)})
-        state.close()
+        if not released:
+            _spill(state, fields)
     if outcome.status == V.QUEUED:
         kept = "this log line" if "spill_problem" in fields else f"this log line and {state.spill_file}"
         outcome.status = V.ERROR
@@ -182,12 +181,25 @@ def _without_journal(controller: Any, event: str, args: List[str], session: AGIS
     return outcome
 
 
-def _release(ctx: Any, outcome: Any, started: float) -> None:
+def _spill(state: Any, fields: Dict[str, Any]) -> None:
+    try:
+        records = state.leftovers()
+        if records:
+            fields["undelivered"] = records
+            trouble = state.spill(records)
+            fields.update({"spill_problem": trouble} if trouble else {"spill_file": str(state.spill_file)})
+    finally:
+        state.close()
+
+
+def _release(ctx: Any, outcome: Any, started: float, in_memory: bool = False) -> None:
     """Give Asterisk the step's status from the journal alone, then deliver in a child process.
 
     Returns in the child (with a store, outbox and budget of its own); raises _Released in the
     parent. Without a fork the journal keeps the entries for the next step or the worker; with
-    nothing to deliver there is no fork at all.
+    nothing to deliver there is no fork at all. `in_memory`: the step's state lives in this
+    process only (state_dir unwritable): the child keeps it, and without a fork the step
+    delivers within its own budget.
     """
     from agi_bitrix import background
     from agi_bitrix.deadline import Deadline
@@ -198,10 +210,13 @@ def _release(ctx: Any, outcome: Any, started: float) -> None:
         return  # nothing to deliver: settling needs no network
     ctx.publish(ctx.settle(dataclasses.replace(outcome), deliver=False))
     ctx.log["released_ms"] = int((time.monotonic() - started) * 1000)
-    ctx.store.close()  # a SQLite connection must not cross a fork
+    if not in_memory:
+        ctx.store.close()  # a SQLite connection to a file must not cross a fork
     try:
         in_child = background.detach()
     except OSError as exc:
+        if in_memory:
+            return  # nowhere to leave it: deliver now, within the step's budget
         ctx.log["delivery_note"] = f"cannot fork ({exc.strerror}): left in the outbox"
         budget = 0.0
     else:
@@ -209,9 +224,11 @@ def _release(ctx: Any, outcome: Any, started: float) -> None:
             raise _Released()
         ctx.session.detach()
         budget = ctx.settings.bitrix24.timeout  # its own budget, off the call's path
+    ctx.deadline = Deadline(budget)
+    if in_memory:
+        return
     ctx.store = Store(ctx.settings.storage.state_dir)
     ctx.outbox = Outbox(ctx.store, ctx.outbox.client, ctx.settings.calls.recording_url, ctx.outbox.owner, ctx.log)
-    ctx.deadline = Deadline(budget)
 
 
 def _fallback_logger() -> Any:
