@@ -167,6 +167,9 @@ def _without_journal(controller: Any, event: str, args: List[str], session: AGIS
     try:
         outcome = _handle(controller, _context(event, args, session, settings, state.store, client, deadline,
                                                linkedid, fields), deadline.started, in_memory=True)
+        if state.blind and state.store.call(state.store.active_key(linkedid)) is None:
+            # Not "nothing to do": the call may well be in the database nobody can read.
+            outcome.status, outcome.reason = V.ERROR, f"{problem}; the call's state cannot be read either"
     except _Released:
         released = True  # the child delivers and spills what is left
         raise

@@ -55,9 +55,11 @@ class MemoryState:
         self.done_before: Dict[str, List[int]] = {}    # carried from earlier spills, by key
         self.sent_before: Dict[str, List[int]] = {}
         self.notes: List[str] = []
+        self.blind = False  # a database is there but cannot be read: what it knows is unknown here
         try:
             self.disk_ids = self.store.copy_call(Path(state_dir) / DB_NAME, linkedid)
         except sqlite3.Error as exc:
+            self.blind = True
             self.notes.append(f"state database not readable either: {exc}")
         self._from_spill(linkedid)
         self.seen = {c["linkedid"]: dict(c) for c in self.store.db.execute("SELECT * FROM calls")}

@@ -368,6 +368,17 @@ def test_read_only_state_dir_delivers_directly_and_keeps_the_rest_for_replay(pbx
     assert "kept in" not in pbx.cli("check").stdout
 
 
+def test_a_database_that_cannot_be_read_never_makes_a_hangup_silently_do_nothing(pbx, emulator):
+    assert pbx.run(["incoming", "89161234567"], linkedid="1795500850.1").set_variables["BITRIX_STATUS"] == "OK"
+    db = pbx.state_dir / "agi-bitrix.sqlite3"
+    db.write_bytes(b"damaged" * 1000)  # e.g. a botched restore from a backup
+    run = pbx.run(["hangup", "ANSWER", "5"], linkedid="1795500850.1", dead=True)
+    assert run.set_variables["BITRIX_STATUS"] == "ERROR"
+    line = _step_lines(pbx, "1795500850.1")[-1]
+    assert line["reason"].endswith("the call's state cannot be read either"), line
+    assert "is unusable: file is not a database" in pbx.cli("check").stdout
+
+
 def test_full_disk_delivers_directly_and_keeps_the_rest_for_replay(pbx, emulator, small_disk):
     pbx.set("storage", "state_dir", str(small_disk / "state"))
     assert pbx.run(["incoming", "89161234561"], linkedid="1795500900.1").set_variables["BITRIX_STATUS"] == "OK"
