@@ -16,7 +16,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import IO, Dict, Optional
+from typing import IO, Any, Callable, Dict, Optional
 
 from asterisk import agi as pyst
 
@@ -47,10 +47,13 @@ class _ResponseReader:
 
     A caller-ID name with a raw newline can spill lines of the environment block into the
     response stream; such a line is never a response, so it is dropped instead of desyncing.
+    Over FastAGI, Asterisk writes a bare `HANGUP` line when the caller hangs up, even where a
+    command's answer is expected (Asterisk res/res_agi.c, run_agi): it marks the call hung up.
     """
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str], on_hangup: Callable[[], None]) -> None:
         self.stream = stream
+        self.on_hangup = on_hangup
         self.skipped = 0
 
     def readline(self) -> str:
@@ -58,6 +61,9 @@ class _ResponseReader:
             line = self.stream.readline()
             if not line or _RESPONSE.match(line):
                 return line
+            if line.rstrip("\r\n") == "HANGUP":
+                self.on_hangup()
+                continue
             self.skipped += 1
 
 
@@ -86,14 +92,22 @@ class Response:
         return self.code == 200
 
 
-class AGISession:
-    """One AGI conversation with Asterisk over stdin/stdout."""
+class EnvError(Exception):
+    """The environment block is unusable (too large, or the peer stalled or left in it)."""
 
-    def __init__(self, stdin: IO[str], stdout: IO[str]) -> None:
+
+class AGISession:
+    """One AGI conversation with Asterisk: over stdin/stdout (process mode) or a socket (FastAGI)."""
+
+    def __init__(self, stdin: IO[str], stdout: IO[str], network: bool = False) -> None:
         self._in = stdin
-        self._reader = _ResponseReader(stdin)
+        self._out = stdout
+        self._reader = _ResponseReader(stdin, self.on_sighup)
         self._agi = _Pyst(self._reader, stdout)
         self.env: Dict[str, str] = {}
+        self.network = network  # FastAGI: the HANGUP line and EOF stand for SIGHUP
+        self.handed_back = False  # detach(): closed by us, not by Asterisk
+        self._sock: Any = None
         self.dead = False  # a 511 was seen or the caller hung up
         self.closed = False  # Asterisk went away (EOF / broken pipe)
         self.commands = 0
@@ -110,10 +124,47 @@ class AGISession:
         session.read_env()
         return session
 
+    @classmethod
+    def from_socket(cls, sock: Any, max_env: int, env_timeout: float) -> "AGISession":
+        """A FastAGI connection; EnvError when the block is over `max_env` bytes or stalls."""
+        import socket
+
+        rfile = sock.makefile("rb")
+        wfile = sock.makefile("wb", buffering=0)
+        stdin = io.TextIOWrapper(rfile, encoding="utf-8", errors="replace", newline="\n")
+        stdout = io.TextIOWrapper(wfile, encoding="utf-8", errors="replace", newline="\n", write_through=True)
+        session = cls(stdin, stdout, network=True)
+        session._sock = sock
+        sock.settimeout(env_timeout)
+        try:
+            session.read_env(max_env)
+        except (socket.timeout, TimeoutError):
+            raise EnvError(f"the peer stalled in the environment block (no end within {env_timeout:g} s)") from None
+        except OSError as exc:
+            raise EnvError(f"the peer left in the environment block ({exc.strerror or exc})") from None
+        # Answers come at Asterisk's pace (EXEC Dial blocks for the whole call): no read timeout.
+        sock.settimeout(None)
+        if session.closed:
+            raise EnvError("the peer closed the connection before the end of the environment block")
+        return session
+
+    def close(self) -> None:
+        """Drop the streams (the socket itself belongs to whoever accepted it)."""
+        for stream in (self._in, self._out):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+
     # -- environment ------------------------------------------------------------------------
-    def read_env(self) -> Dict[str, str]:
+    def read_env(self, max_bytes: Optional[int] = None) -> Dict[str, str]:
+        left = max_bytes
         for _ in range(512):  # Asterisk sends ~25 lines; bound junk
-            line = self._in.readline()
+            line = self._in.readline(left + 1) if left is not None else self._in.readline()
+            if left is not None:
+                left -= len(line)
+                if left < 0:
+                    raise EnvError(f"environment block larger than {max_bytes} bytes")
             if not line:
                 self.closed = True
                 break
@@ -124,6 +175,9 @@ class AGISession:
             if not sep or not key.startswith("agi_"):
                 continue
             self.env[key.strip()] = value[1:] if value.startswith(" ") else value
+        else:
+            if max_bytes is not None:  # a network peer gets no benefit of the doubt
+                raise EnvError("environment block of more than 512 lines")
         self._agi.env = self.env
         return self.env
 
@@ -133,15 +187,25 @@ class AGISession:
     # -- commands ---------------------------------------------------------------------------
     @property
     def hung_up(self) -> bool:
-        return self._agi._got_sighup
+        # Over FastAGI a closed connection is the caller gone as well (no SIGHUP exists there).
+        return self._agi._got_sighup or (self.network and self.closed and not self.handed_back)
 
     def on_sighup(self, *_: object) -> None:
         self._agi._got_sighup = True
         self.dead = True
 
     def detach(self) -> None:
-        """This process no longer talks to Asterisk (its stdio went to /dev/null)."""
+        """The step gave Asterisk its answer and goes on without it: in process mode its stdio went
+        to /dev/null; over FastAGI the connection is closed now, which lets the channel go on."""
+        self.handed_back = True
         self.closed = True
+        if self._sock is not None:
+            import socket
+
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def command(self, name: str, *args: str) -> Response:
         """Send one command (args already quoted) and read its answer."""
