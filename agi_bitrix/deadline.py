@@ -1,7 +1,9 @@
 """The time budget of one event on the caller's path.
 
-Socket timeouts alone do not bound a request (a portal dripping bytes resets the read timeout),
-so while a request runs a real-time interval timer is armed that interrupts it at the deadline.
+Socket timeouts alone do not bound a request (a portal dripping bytes resets the read timeout).
+In the main thread (process mode) a real-time interval timer interrupts the request at the
+deadline. Signals reach only the main thread, so a step served by a thread of `agi-bitrix service`
+runs the request in a helper thread and stops waiting for it at the deadline.
 """
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, TypeVar
+
+T = TypeVar("T")
 
 
 class DeadlineExceeded(Exception):
@@ -50,3 +54,33 @@ class Deadline:
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """fn() with a hard limit of the remaining budget, in any thread."""
+        left = self.remaining()
+        if left <= 0:
+            raise DeadlineExceeded("time budget used up")
+        if left == float("inf"):
+            return fn()
+        if threading.current_thread() is threading.main_thread():
+            with self.enforce():
+                return fn()
+        # The abandoned request ends on its own socket timeout; its outcome is unknown, which the
+        # outbox handles as it does for a request cut by the timer (sending_at stays set).
+        box: Dict[str, Any] = {}
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # handed to the waiting step
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="budgeted-request", daemon=True).start()
+        if not done.wait(left):
+            raise DeadlineExceeded("time budget used up")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]

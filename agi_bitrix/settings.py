@@ -308,6 +308,50 @@ class EventsSettings(_Section):
         return value
 
 
+def _host_port(value: str, example: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be host:port, e.g. {example}")
+    return value
+
+
+class ServiceSettings(_Section):
+    """`agi-bitrix service`: FastAGI for the call steps, plus the long-lived jobs in one process."""
+    fastagi: str = "127.0.0.1:4573"      # where the dialplan's AGI(agi://...) connects
+    allow: str = "127.0.0.1, ::1"        # addresses that may connect to FastAGI (comma-separated)
+    max_connections: int = Field(200, ge=1, le=5000)  # steps served at once (a `dial` holds one for the call)
+    dialer: bool = False                 # also run the auto-dialer loop
+    flush_interval: float = Field(5.0, gt=0, le=3600)  # seconds between outbox passes
+
+    @field_validator("fastagi")
+    @classmethod
+    def _fastagi(cls, value: str) -> str:
+        return _host_port(value, "127.0.0.1:4573")
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, value: str) -> str:
+        import ipaddress
+
+        for item in (part.strip() for part in value.split(",")):
+            if item:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"{item!r} is not an IP address or network (e.g. 127.0.0.1, 10.0.0.0/8)")
+        return value
+
+    @field_validator("dialer", mode="before")
+    @classmethod
+    def _flag(cls, value: object) -> object:
+        return _yes_no(value)
+
+    def allowed(self) -> list:
+        import ipaddress
+
+        return [ipaddress.ip_network(p.strip(), strict=False) for p in self.allow.split(",") if p.strip()]
+
+
 class Settings(_Section):
     bitrix24: Bitrix24Settings = Bitrix24Settings()
     calls: CallsSettings = CallsSettings()
@@ -316,6 +360,7 @@ class Settings(_Section):
     asterisk: AsteriskSettings = AsteriskSettings()
     dialer: DialerSettings = DialerSettings()
     events: EventsSettings = EventsSettings()
+    service: ServiceSettings = ServiceSettings()
     path: str = ""
 
     def secrets(self) -> list[str]:

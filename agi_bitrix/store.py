@@ -144,11 +144,14 @@ def _friendly(exc: BaseException, path: Path) -> str:
 
 
 class Store:
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, pooled: bool = False) -> None:
+        """`pooled`: the connection is handed from thread to thread (one step at a time uses it),
+        as `agi-bitrix service` does to save opening the database on every call step."""
         self.path = Path(state_dir) / DB_NAME
         try:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(str(self.path), timeout=10, isolation_level=None)
+            self.db = sqlite3.connect(str(self.path), timeout=10, isolation_level=None,
+                                      check_same_thread=not pooled)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA busy_timeout = 10000")
             if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from contextlib import nullcontext
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import requests
 
@@ -65,6 +64,8 @@ class Bitrix24:
         self.http.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
         self.requests_made = 0
         self.limit_retries = 0  # 503 answers retried by this client (for logs and benchmarks)
+        # Told of every request (method, HTTP status or 0 when no answer): the service's metrics.
+        self.observe: Optional[Callable[[str, int], None]] = None
 
     # -- plumbing ------------------------------------------------------------------------------
     def _post(self, url: str, payload: Dict[str, Any], method: str, deadline: Optional[Deadline]) -> requests.Response:
@@ -75,23 +76,25 @@ class Bitrix24:
         headers = {"Content-Type": "application/json"}
         self.requests_made += 1
         try:
-            if deadline is None:
-                resp = self.http.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
-            else:
-                with deadline.enforce():
-                    resp = self.http.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+            resp = _bounded(deadline, lambda: self.http.post(url, data=body, headers=headers, timeout=timeout,
+                                                             allow_redirects=False))
             # A renamed portal answers 302; a blindly followed POST would lose its body (reference §0).
             if resp.status_code in (301, 302, 307, 308) and resp.headers.get("Location"):
-                with (deadline.enforce() if deadline else nullcontext()):
-                    resp = self.http.post(resp.headers["Location"], data=body, headers=headers,
-                                          timeout=timeout, allow_redirects=False)
-        except DeadlineExceeded:
-            raise NetworkError("TIMEOUT", f"no answer within {timeout:.1f} s", None, method)
-        except requests.Timeout:
+                resp = _bounded(deadline, lambda: self.http.post(resp.headers["Location"], data=body,
+                                                                 headers=headers, timeout=timeout,
+                                                                 allow_redirects=False))
+        except (DeadlineExceeded, requests.Timeout):
+            self._observed(method, 0)
             raise NetworkError("TIMEOUT", f"no answer within {timeout:.1f} s", None, method)
         except requests.RequestException as exc:
+            self._observed(method, 0)
             raise NetworkError("UNREACHABLE", _short(exc), None, method)
+        self._observed(method, resp.status_code)
         return resp
+
+    def _observed(self, method: str, status: int) -> None:
+        if self.observe is not None:
+            self.observe(method, status)
 
     def call_raw(self, method: str, params: Optional[Dict[str, Any]] = None,
                  deadline: Optional[Deadline] = None) -> Dict[str, Any]:
@@ -164,8 +167,8 @@ class Bitrix24:
         self._slot("upload", deadline if deadline is not None else Deadline(ADMIN_BUDGET))
         self.requests_made += 1
         try:
-            with (deadline.enforce() if deadline else nullcontext()):
-                resp = self.http.post(url, files={field: (filename, content)}, timeout=timeout)
+            resp = _bounded(deadline, lambda: self.http.post(url, files={field: (filename, content)},
+                                                             timeout=timeout))
         except (DeadlineExceeded, requests.RequestException) as exc:
             raise NetworkError("UPLOAD_FAILED", _short(exc), None, "upload")
         if resp.status_code >= 400:
@@ -181,6 +184,10 @@ class Bitrix24:
             raise ValueError(f"batch takes at most {BATCH_MAX} commands")
         cmd = {key: f"{method}?{query.build(params)}" for key, (method, params) in commands.items()}
         return BatchResult(self.call("batch", {"halt": 1 if halt else 0, "cmd": cmd}, deadline) or {})
+
+
+def _bounded(deadline: Optional[Deadline], fn: Callable[[], requests.Response]) -> requests.Response:
+    return fn() if deadline is None else deadline.call(fn)
 
 
 def _short(exc: BaseException) -> str:

@@ -1,7 +1,10 @@
 """The one place that turns settings into a ready Bitrix24 client (webhook or OAuth)."""
 from __future__ import annotations
 
+from typing import Optional
 from urllib.parse import urlsplit
+
+import requests
 
 from agi_bitrix.bitrix.auth import Auth, WebhookAuth
 from agi_bitrix.bitrix.client import Bitrix24
@@ -13,7 +16,19 @@ class NotConfigured(Exception):
     """No usable Bitrix24 connection in the settings; the message says what to set."""
 
 
-def make_client(settings: Settings) -> Bitrix24:
+def make_client(settings: Settings, http: Optional[requests.Session] = None,
+                auth: Optional[Auth] = None) -> Bitrix24:
+    """A client; `agi-bitrix service` passes its one connection pool and its one shared auth."""
+    b24 = settings.bitrix24
+    if auth is None:
+        auth = make_auth(settings)
+    # Every process on this PBX draws from one budget per portal (the portal counts per source IP).
+    portal = urlsplit(b24.webhook_url or b24.portal_url).netloc
+    limiter = RateLimiter(settings.storage.state_dir, portal, b24.rate_burst, b24.rate_per_second)
+    return Bitrix24(auth, timeout=b24.timeout, limiter=limiter, session=http)
+
+
+def make_auth(settings: Settings, threaded: bool = False) -> Auth:
     b24 = settings.bitrix24
     auth: Auth
     if b24.mode == "webhook":
@@ -22,7 +37,7 @@ def make_client(settings: Settings) -> Bitrix24:
         from agi_bitrix.bitrix.oauth import OAuthAuth, TokenStoreError
 
         try:
-            auth = OAuthAuth(b24, settings.storage.state_dir)
+            auth = OAuthAuth(b24, settings.storage.state_dir, threaded=threaded)
         except TokenStoreError as exc:
             raise NotConfigured(str(exc)) from None
     else:
@@ -32,7 +47,4 @@ def make_client(settings: Settings) -> Bitrix24:
                                 f"{', '.join(missing)} empty")
         raise NotConfigured("no Bitrix24 connection configured: set [bitrix24] webhook_url, or "
                             "portal_url, client_id and client_secret of a local application")
-    # Every process on this PBX draws from one budget per portal (the portal counts per source IP).
-    portal = urlsplit(b24.webhook_url or b24.portal_url).netloc
-    limiter = RateLimiter(settings.storage.state_dir, portal, b24.rate_burst, b24.rate_per_second)
-    return Bitrix24(auth, timeout=b24.timeout, limiter=limiter)
+    return auth

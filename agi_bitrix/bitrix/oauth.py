@@ -13,7 +13,9 @@ So:
   refreshed meanwhile, and the call is retried with it instead;
 - room for the new pair is reserved on disk before it is asked for (a full disk never costs the
   chain); the new pair is on disk before anybody uses it; a refresh token the OAuth server refused
-  is marked in the store and never sent again.
+  is marked in the store and never sent again;
+- inside `agi-bitrix service` (many steps, one process, threads) the refresh is single-flight: one
+  refresh thread, every step that saw the token expire waits for it within its own budget.
 """
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ import fcntl
 import json
 import os
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 from urllib.parse import urlsplit
 
 import requests
@@ -281,7 +285,7 @@ def _client_params(settings: Bitrix24Settings, grant_type: str) -> Dict[str, str
 class OAuthAuth:
     mode = "oauth"
 
-    def __init__(self, settings: Bitrix24Settings, state_dir: str) -> None:
+    def __init__(self, settings: Bitrix24Settings, state_dir: str, threaded: bool = False) -> None:
         self.settings = settings
         self.store = TokenStore(state_dir)
         tokens = self.store.load()
@@ -289,6 +293,11 @@ class OAuthAuth:
             raise TokenStoreError(NO_TOKENS)
         self.tokens = tokens
         self.refreshed = False  # this process renewed the pair (for `check`)
+        # Shared by the threads of `agi-bitrix service`: refresh in a thread, never in a fork.
+        self.threaded = threaded
+        self._flight_lock = threading.Lock()
+        self._flight: Optional[Future] = None
+        self.on_refresh: Optional[Callable[[], None]] = None  # the service counts refreshes
 
     def credentials(self) -> Tuple[str, Dict[str, str]]:
         return self.tokens.client_endpoint, {"auth": self.tokens.access_token}
@@ -325,6 +334,8 @@ class OAuthAuth:
         return min(LOCK_WAIT, deadline.remaining()) if deadline is not None else LOCK_WAIT
 
     def on_expired(self, used: Dict[str, str], deadline: Optional[Deadline] = None) -> bool:
+        if self.threaded:
+            return self._refresh_single_flight(used, deadline)
         try:
             with self.store.locked(self._lock_wait(deadline)):
                 current = self._reload()
@@ -342,6 +353,47 @@ class OAuthAuth:
         except _LockTimeout:
             raise ExpiredToken("REFRESH_BUSY", "another process is renewing the OAuth token and has not "
                                "finished in time", None, TOKEN_METHOD) from None
+
+    def _refresh_single_flight(self, used: Dict[str, str], deadline: Optional[Deadline]) -> bool:
+        """The service's refresh: one thread at a time does it, every expired step waits for it.
+
+        The thread holds the PBX-wide flock for the whole exchange, so process-mode steps running
+        beside the service wait for it or reuse its pair. No fork: a child of a threaded process
+        would inherit every live AGI socket. The thread is not a daemon, so a stopping service
+        finishes the rotation (and stores the pair) before it exits.
+        """
+        with self._flight_lock:
+            flight = self._flight
+            if flight is None or flight.done():
+                flight = self._flight = Future()
+                threading.Thread(target=self._refresh_job, args=(used, flight), name="oauth-refresh").start()
+        wait = LOCK_WAIT + REFRESH_TIMEOUT if deadline is None else max(0.0, deadline.remaining())
+        try:
+            return flight.result(timeout=wait)
+        except FutureTimeout:
+            raise ExpiredToken("REFRESH_PENDING", "the OAuth server is slow; the token is being renewed "
+                               "in the background", None, TOKEN_METHOD) from None
+
+    def _refresh_job(self, used: Dict[str, str], flight: Future) -> None:
+        try:
+            with self.store.locked(LOCK_WAIT):
+                current = self._reload()
+                if current.access_token != used.get("auth"):
+                    self.tokens = current  # somebody refreshed meanwhile: just retry
+                elif current.refused:
+                    raise AuthError("invalid_grant", SPENT, None, TOKEN_METHOD)
+                else:
+                    with self.store.reserve() as room:
+                        self.tokens = self._refresh(current, room)
+                    self.refreshed = True
+                    if self.on_refresh is not None:
+                        self.on_refresh()
+            flight.set_result(True)
+        except _LockTimeout:
+            flight.set_exception(ExpiredToken("REFRESH_BUSY", "another process is renewing the OAuth token and "
+                                              "has not finished in time", None, TOKEN_METHOD))
+        except BaseException as exc:  # handed to every waiting step
+            flight.set_exception(exc)
 
     def _refresh_detached(self, current: Tokens, deadline: Deadline, room: "_Room") -> bool:
         """Refresh in a forked child so a slow OAuth server never holds the caller.

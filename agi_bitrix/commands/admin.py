@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=5.0, help="seconds between passes (default 5)")
     p = sub.add_parser("serve", help="HTTP handler for Bitrix24 events (click-to-call) and the install callback")
     p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
+    p = sub.add_parser("service", help="the long-lived service: FastAGI call steps, outbox, events, HTTP, "
+                       "dialer (systemd)")
+    p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
     p = sub.add_parser("dialer", help="the auto-dialer driven by Bitrix24 call tasks")
     p.add_argument("action", choices=("run", "status"), help="run: dial (loop); status: a table of the tasks")
     p.add_argument("--once", action="store_true", help="one pass, then exit (for cron or a first try)")

@@ -47,6 +47,25 @@ def status(store: Any) -> int:
     return 0
 
 
+def one_pass(dialer: Any, logger: Any) -> Any:
+    """One dialer pass with its log line (`dialer run`, or the loop inside `agi-bitrix service`);
+    a portal or AMI failure is logged and raised."""
+    from agi_bitrix.bitrix.errors import BitrixError
+    from agi_bitrix.pbx.ami import AMIError
+
+    fields: dict = {}
+    started = time.monotonic()
+    try:
+        report = dialer.run_once(log=fields)
+    except (BitrixError, AMIError) as exc:
+        logger.error("dialer_pass", reason=str(exc), **fields)
+        raise
+    fields.update(free=report.operators_free, due=report.due, dialed=len(report.dialed),
+                  outcomes=report.outcomes, skipped=report.skipped, note=report.note or None)
+    logger.info("dialer_pass", ms=int((time.monotonic() - started) * 1000), **fields)
+    return report
+
+
 def run(args: Any) -> int:
     settings, store, client, logger = _open(args)
     if args.action == "status":
@@ -67,13 +86,8 @@ def run(args: Any) -> int:
             ami = AMIClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
             dialer = Dialer(settings, store, client, ami)
             while True:
-                fields: dict = {}
-                started = time.monotonic()
                 try:
-                    report = dialer.run_once(log=fields)
-                    fields.update(free=report.operators_free, due=report.due, dialed=len(report.dialed),
-                                  outcomes=report.outcomes, skipped=report.skipped, note=report.note or None)
-                    logger.info("dialer_pass", ms=int((time.monotonic() - started) * 1000), **fields)
+                    report = one_pass(dialer, logger)
                     if args.once:
                         print(f"due tasks {report.due}, free operators {report.operators_free}, "
                               f"dialed {len(report.dialed)}" + (f": {report.note}" if report.note else ""))
@@ -82,7 +96,6 @@ def run(args: Any) -> int:
                         for attempt, outcome in report.outcomes.items():
                             print(f"  {attempt}: {outcome}")
                 except (BitrixError, AMIError) as exc:
-                    logger.error("dialer_pass", reason=str(exc), **fields)
                     if args.once:
                         raise CommandFailed(str(exc)) from None
                 if args.once or stopping:

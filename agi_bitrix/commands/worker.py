@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Any, List
+from typing import Any, Callable, List, Optional
 
 from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT, close_abandoned, open_outbox
 
@@ -14,20 +14,9 @@ def run(args: Any) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
     logger.info("worker_started", interval=args.interval)
-    poller = _event_poller(settings, outbox, logger)
+    poller = event_poller(settings, outbox, logger)
     while not stopping:
-        started = time.monotonic()
-        if poller is not None:
-            poller()
-        try:
-            close_abandoned(settings, outbox, logger)
-            stats = outbox.flush(per_call=FLUSH_REQUEST_TIMEOUT * 3, force=False)
-            if stats.calls:
-                logger.info("outbox_flush", calls=stats.calls, delivered=stats.delivered, waiting=stats.waiting,
-                            dead=stats.dead, ms=int((time.monotonic() - started) * 1000),
-                            **{k: outbox.log.pop(k) for k in ("delivery_errors", "dead_letters") if k in outbox.log})
-        except Exception as exc:  # keep serving: one bad pass must not stop the delivery of calls
-            logger.error("worker_pass_failed", reason=f"{type(exc).__name__}: {exc}")
+        one_pass(settings, outbox, logger, poller)
         deadline = time.monotonic() + args.interval
         while not stopping and time.monotonic() < deadline:
             time.sleep(min(0.2, args.interval))
@@ -36,7 +25,23 @@ def run(args: Any) -> int:
     return 0
 
 
-def _event_poller(settings: Any, outbox: Any, logger: Any) -> Any:
+def one_pass(settings: Any, outbox: Any, logger: Any, poller: Optional[Callable[[], None]]) -> None:
+    """One pass of the deliverer (the worker's, or the one inside `agi-bitrix service`)."""
+    started = time.monotonic()
+    if poller is not None:
+        poller()
+    try:
+        close_abandoned(settings, outbox, logger)
+        stats = outbox.flush(per_call=FLUSH_REQUEST_TIMEOUT * 3, force=False)
+        if stats.calls:
+            logger.info("outbox_flush", calls=stats.calls, delivered=stats.delivered, waiting=stats.waiting,
+                        dead=stats.dead, ms=int((time.monotonic() - started) * 1000),
+                        **{k: outbox.log.pop(k) for k in ("delivery_errors", "dead_letters") if k in outbox.log})
+    except Exception as exc:  # keep serving: one bad pass must not stop the delivery of calls
+        logger.error("worker_pass_failed", reason=f"{type(exc).__name__}: {exc}")
+
+
+def event_poller(settings: Any, outbox: Any, logger: Any, ami: Any = None) -> Optional[Callable[[], None]]:
     """OAuth mode: click-to-call calls left half set up are finished, and offline events (click-to-call
     without a public URL) are polled, on every pass."""
     if settings.bitrix24.mode != "oauth":
@@ -44,7 +49,7 @@ def _event_poller(settings: Any, outbox: Any, logger: Any) -> Any:
     from agi_bitrix.commands.serve import SharedAMI
     from agi_bitrix.events import EventProcessor, poll_offline, sweep_stale
 
-    ami = SharedAMI(settings)
+    ami = ami or SharedAMI(settings)
 
     def poll() -> None:
         fields: dict = {}

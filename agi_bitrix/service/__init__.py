@@ -1,0 +1,1 @@
+"""The long-lived `agi-bitrix service` (FastAGI, jobs, HTTP) and its parts."""

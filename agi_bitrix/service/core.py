@@ -1,0 +1,370 @@
+"""`agi-bitrix service`: one long-lived process for everything that is not a one-shot command.
+
+- FastAGI (`[service] fastagi`): the call steps, by the same controllers and dispatcher as process
+  mode, one thread per connection; a step costs milliseconds instead of a Python start.
+- The outbox deliverer and, in OAuth mode, the offline-events poll (what `agi-bitrix worker` does).
+- The HTTP handler of `agi-bitrix serve` on `[events] listen`, with /healthz and /metrics.
+- The auto-dialer loop, when `[service] dialer = yes` (what `agi-bitrix dialer run` does).
+
+Shared by all of it: the settings (re-read by `reload`, i.e. SIGHUP), the log (reopened by
+`reload`), one pool of kept-alive HTTPS connections to the portal, one OAuth auth object (its
+refresh single-flight), and a pool of database connections for the call steps.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import requests
+
+from agi_bitrix import dispatcher
+from agi_bitrix import log as log_mod
+from agi_bitrix import settings as settings_mod
+from agi_bitrix.agi.session import AGISession
+from agi_bitrix.controllers import EVENTS, Refused
+from agi_bitrix.service.fastagi import ENV_TIMEOUT, FastAGIServer
+from agi_bitrix.service.metrics import Metrics
+
+STOP_GRACE = 30.0          # seconds SIGTERM waits for the steps in flight
+PORTAL_PROBE_AFTER = 60.0  # with no REST traffic for this long, the deliverer asks the portal once
+HEALTH_STALE = 120.0       # a deliverer silent for this long (beyond its interval) is not alive
+
+
+class Service:
+    def __init__(self, settings_path: Optional[str] = None, env_timeout: float = ENV_TIMEOUT,
+                 fastagi_listen: Optional[str] = None, http_listen: Optional[str] = None) -> None:
+        self.settings_path = settings_path
+        self.settings = settings_mod.load(settings_path)  # SettingsError: the command says why
+        self.log = log_mod.configure(self.settings.logging.file, self.settings.logging.level,
+                                     self.settings.secrets())
+        self.metrics = Metrics(self._outbox_status)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: List[threading.Thread] = []
+        self._stores: List[Any] = []
+        self._auth: Any = None
+        self._auth_key: Tuple[Any, ...] = ()
+        self.http = self._new_http(self.settings)
+        self.portal: Dict[str, Any] = {"ok": None, "at": 0.0, "reason": "no request yet"}
+        self.deliverer_beat = 0.0
+        self.dialer_note = ""
+        from agi_bitrix.commands.serve import SharedAMI
+
+        self.ami = SharedAMI(self.settings)
+        self.fastagi = FastAGIServer(fastagi_listen or self.settings.service.fastagi, self.serve_step,
+                                     lambda: self.log, lambda: self.settings.service.allowed(),
+                                     lambda: self.settings.service.max_connections, self.metrics,
+                                     env_timeout=env_timeout)
+        try:
+            self.web = self._http_server(http_listen or self.settings.events.listen)
+        except OSError:
+            self.fastagi.sock.close()
+            raise
+
+    # -- life cycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._spawn("fastagi", self.fastagi.serve_forever)
+        self._spawn("http", lambda: self.web.serve_forever(poll_interval=0.5))
+        self._spawn("deliverer", self._deliverer)
+        if self.settings.service.dialer:
+            self._spawn("dialer", self._dialer)
+        self.log.info("service_started", fastagi="%s:%d" % self.fastagi.address[:2],
+                      http="%s:%d" % self.web.server_address[:2], dialer=self.settings.service.dialer)
+
+    def stop(self) -> None:
+        """SIGTERM: take no new steps, let the ones in flight finish, then stop the loops."""
+        self.fastagi.stop_accepting()
+        finished = self.fastagi.wait_idle(STOP_GRACE)
+        self._stop.set()
+        self.web.shutdown()
+        for thread in self._threads:
+            thread.join(STOP_GRACE)
+        self.web.server_close()
+        with self._lock:
+            stores, self._stores = self._stores, []
+        for store in stores:
+            store.close()
+        self.log.info("service_stopped", steps_cut=0 if finished else self.fastagi.active)
+
+    def reload(self) -> bool:
+        """SIGHUP (`systemctl reload`): settings read again, the log reopened (after logrotate).
+
+        Bad settings keep the ones in force, with the reason logged. The FastAGI and HTTP addresses
+        take effect at the next start.
+        """
+        try:
+            settings = settings_mod.load(self.settings_path)
+        except settings_mod.SettingsError as exc:
+            self.log = log_mod.configure(self.settings.logging.file, self.settings.logging.level,
+                                         self.settings.secrets())
+            self.log.error("service_reload", reason=f"{exc}; the settings in force stay")
+            return False
+        self.log = log_mod.configure(settings.logging.file, settings.logging.level, settings.secrets())
+        with self._lock:
+            old, self.settings = self.settings, settings
+            stores = [] if old.storage.state_dir == settings.storage.state_dir else self._stores
+            if stores:
+                self._stores = []
+            if old.service.max_connections != settings.service.max_connections:
+                self.http = self._new_http(settings)
+        for store in stores:
+            store.close()
+        self.ami.settings = settings
+        self.web.RequestHandlerClass = self._handler(settings)
+        notes = [f"[service] {k} changes at the next start" for k in ("fastagi",)
+                 if getattr(old.service, k) != getattr(settings.service, k)]
+        if old.events.listen != settings.events.listen:
+            notes.append("[events] listen changes at the next start")
+        self.log.info("service_reloaded", notes=notes or None)
+        return True
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    # -- the call steps (dispatcher.StepHost) -----------------------------------------------------------
+    def serve_step(self, session: AGISession, started: float) -> None:
+        event, args = dispatcher.network_request(session)
+        result = dispatcher.serve(session, event, args, started, self)
+        name = event.lower() if event.lower() in EVENTS else "unknown"
+        self.metrics.steps.labels(name, result.status, "fastagi").inc()
+        self.metrics.step_seconds.labels(name).observe(time.monotonic() - started)
+
+    def logger(self) -> Any:
+        return self.log
+
+    def load_settings(self) -> Any:
+        return self.settings
+
+    def client(self, settings: Any) -> Any:
+        from agi_bitrix.bitrix.factory import NotConfigured, make_client
+
+        try:
+            client = make_client(settings, http=self.http, auth=self._shared_auth(settings))
+        except NotConfigured as exc:
+            raise Refused(str(exc))
+        client.observe = self._observe
+        return client
+
+    def store(self, settings: Any) -> Any:
+        from agi_bitrix.store import Store
+
+        with self._lock:
+            store = self._stores.pop() if self._stores else None
+        return store if store is not None else Store(settings.storage.state_dir, pooled=True)
+
+    def close(self, store: Any) -> None:
+        with self._lock:
+            if str(store.path.parent) == self.settings.storage.state_dir and not self._stop.is_set():
+                self._stores.append(store)
+                return
+        store.close()
+
+    def _shared_auth(self, settings: Any) -> Any:
+        from agi_bitrix.bitrix.factory import make_auth
+
+        b24 = settings.bitrix24
+        key = (b24.mode, b24.webhook_url, b24.portal_url, b24.client_id, b24.client_secret, b24.oauth_url,
+               settings.storage.state_dir)
+        with self._lock:
+            if self._auth is not None and self._auth_key == key:
+                return self._auth
+        auth = make_auth(settings, threaded=True)  # NotConfigured (no tokens yet): asked again next step
+        if auth.mode == "oauth":
+            auth.on_refresh = self.metrics.refreshes.inc
+        with self._lock:
+            self._auth, self._auth_key = auth, key
+        return auth
+
+    def _new_http(self, settings: Any) -> requests.Session:
+        """One pool of kept-alive connections to the portal, as large as the steps served at once."""
+        http = requests.Session()
+        size = settings.service.max_connections + 4
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=size)
+        http.mount("https://", adapter)
+        http.mount("http://", adapter)
+        return http
+
+    def _observe(self, method: str, status: int) -> None:
+        self.metrics.observe_request(method, status)
+        ok = 0 < status < 500 or status == 503  # 503 QUERY_LIMIT_EXCEEDED: reachable, only busy
+        self.portal = {"ok": ok, "at": time.monotonic(),
+                       "reason": "" if ok else (f"HTTP {status} from the portal" if status else
+                                                "no answer from the portal")}
+
+    # -- the long-lived jobs ------------------------------------------------------------------------------
+    def _deliverer(self) -> None:
+        from agi_bitrix.bitrix.factory import NotConfigured, make_client
+        from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT
+        from agi_bitrix.commands.worker import event_poller, one_pass
+        from agi_bitrix.outbox import Outbox
+        from agi_bitrix.store import Store, StoreError
+
+        store = None
+        try:
+            while not self._stop.is_set():
+                self.deliverer_beat = time.monotonic()
+                settings = self.settings
+                try:
+                    if store is None or str(store.path.parent) != settings.storage.state_dir:
+                        if store is not None:
+                            store.close()
+                        store = Store(settings.storage.state_dir)
+                    client = make_client(settings, http=self.http, auth=self._shared_auth(settings))
+                    client.timeout = max(settings.bitrix24.timeout, FLUSH_REQUEST_TIMEOUT)
+                    client.observe = self._observe
+                    outbox = Outbox(store, client, settings.calls.recording_url)
+                    if time.monotonic() - self.portal["at"] > PORTAL_PROBE_AFTER:
+                        self._probe_portal(client)
+                    one_pass(settings, outbox, self.log, event_poller(settings, outbox, self.log, self.ami))
+                except (NotConfigured, StoreError) as exc:
+                    self.log.error("worker_pass_failed", reason=str(exc))
+                except Exception as exc:  # the deliverer must outlive any one pass
+                    self.log.error("worker_pass_failed", reason=f"{type(exc).__name__}: {exc}")
+                self._stop.wait(settings.service.flush_interval)
+        finally:
+            if store is not None:
+                store.close()
+
+    def _probe_portal(self, client: Any) -> None:
+        from agi_bitrix.bitrix.errors import BitrixError
+
+        try:
+            client.call("scope")
+        except BitrixError:
+            pass  # the observer has noted it
+
+    def _dialer(self) -> None:
+        from agi_bitrix.bitrix.factory import make_client
+        from agi_bitrix.commands.dialer import one_pass
+        from agi_bitrix.dialer.engine import Dialer, DialerBusy, DialerLock
+        from agi_bitrix.pbx.ami import AMIClient
+        from agi_bitrix.store import Store
+
+        settings = self.settings
+        ast = settings.asterisk
+        if not ast.ami_user:
+            self.dialer_note = "set [asterisk] ami_user and ami_secret (the dialer dials through AMI)"
+            self.log.error("dialer_pass", reason=self.dialer_note)
+            return
+        try:
+            with DialerLock(settings.storage.state_dir):
+                store = Store(settings.storage.state_dir)
+                ami = AMIClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
+                try:
+                    client = make_client(settings, http=self.http, auth=self._shared_auth(settings))
+                    client.timeout = max(settings.bitrix24.timeout, 10.0)
+                    client.observe = self._observe
+                    dialer = Dialer(settings, store, client, ami)
+                    while not self._stop.is_set():
+                        try:
+                            report = one_pass(dialer, self.log)
+                            self.metrics.dialer_passes.inc()
+                            for outcome in report.outcomes.values():
+                                self.metrics.dialer_outcomes.labels(str(outcome)).inc()
+                        except Exception:
+                            pass  # logged by one_pass; the next pass tries again
+                        self._stop.wait(self.settings.dialer.poll_interval)
+                finally:
+                    ami.close()
+                    store.close()
+        except DialerBusy as exc:
+            self.dialer_note = str(exc)
+            self.log.error("dialer_pass", reason=str(exc))
+        except Exception as exc:
+            self.dialer_note = f"{type(exc).__name__}: {exc}"
+            self.log.error("dialer_pass", reason=self.dialer_note)
+
+    # -- HTTP: the event handler, /healthz, /metrics -------------------------------------------------------
+    def _http_server(self, listen: str) -> Any:
+        from http.server import ThreadingHTTPServer
+
+        host, _, port = listen.rpartition(":")
+        server = ThreadingHTTPServer((host.strip("[]"), int(port)), self._handler(self.settings))
+        server.daemon_threads = True
+        return server
+
+    def _handler(self, settings: Any) -> type:
+        from agi_bitrix.commands.serve import make_handler
+        from agi_bitrix.service.metrics import CONTENT_TYPE
+
+        base = make_handler(settings, self.log, self.ami)
+        service = self
+
+        class Handler(base):  # type: ignore[misc, valid-type]
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/healthz":
+                    ready, reasons = service.health()
+                    self._send(200 if ready else 503, "application/json",
+                               _json({"ready": ready, "reasons": reasons}))
+                elif path == "/metrics":
+                    self._send(200, CONTENT_TYPE, service.metrics.render())
+                else:
+                    super().do_GET()
+
+            def _send(self, status: int, content_type: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler
+
+    def health(self) -> Tuple[bool, Dict[str, str]]:
+        """Ready or not, and for each check what is wrong ('' = fine)."""
+        settings = self.settings
+        reasons: Dict[str, str] = {}
+        portal = self.portal
+        reasons["portal"] = ("" if portal["ok"] else portal["reason"] or "not reachable")
+        reasons["store"] = self._store_problem(settings)
+        if settings.asterisk.ami_user:
+            try:
+                client = self.ami()
+                reasons["ami"] = "" if (client.connected or client.ping()) else "not connected"
+            except Exception as exc:
+                reasons["ami"] = f"not connected: {exc}"
+        alive = any(t.name == "deliverer" and t.is_alive() for t in self._threads)
+        late = time.monotonic() - self.deliverer_beat > settings.service.flush_interval + HEALTH_STALE
+        reasons["deliverer"] = "" if alive and not late else ("not running" if not alive else "stuck in a pass")
+        if settings.service.dialer:
+            alive = any(t.name == "dialer" and t.is_alive() for t in self._threads)
+            reasons["dialer"] = "" if alive else (self.dialer_note or "not running")
+        return not any(reasons.values()), reasons
+
+    def _store_problem(self, settings: Any) -> str:
+        from agi_bitrix.store import Store, StoreError
+
+        try:
+            store = Store(settings.storage.state_dir)
+        except StoreError as exc:
+            return str(exc)
+        try:
+            store.db.execute("BEGIN IMMEDIATE")  # a write lock proves the database is writable
+            store.db.execute("ROLLBACK")
+            return ""
+        except Exception as exc:
+            return f"state database not writable: {exc}"
+        finally:
+            store.close()
+
+    def _outbox_status(self) -> Optional[Dict[str, Any]]:
+        from agi_bitrix.store import Store, StoreError
+
+        try:
+            store = Store(self.settings.storage.state_dir)
+        except StoreError:
+            return None
+        try:
+            return store.outbox_status()
+        finally:
+            store.close()
+
+
+def _json(data: Any) -> bytes:
+    import json
+
+    return (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
