@@ -14,6 +14,7 @@ import pytest
 
 from agi_bitrix.testing.bitrix_emulator import Bitrix24Emulator
 from agi_bitrix.testing.fake_asterisk import AGIRun, FakeAsterisk
+from agi_bitrix.testing.fake_fastagi import FakeFastAGI
 
 ENTRY = Path(sys.executable).with_name("agi-bitrix")
 WEBHOOK_CODE = "s3cr3t-webhook-code"
@@ -120,9 +121,70 @@ class PBX:
         return self.log_file.read_text(encoding="utf-8") if self.log_file.exists() else ""
 
 
+class ServicePBX(PBX):
+    """The same PBX with its call steps served by `agi-bitrix service` over FastAGI.
+
+    The service runs in this process (its threads), on free ports; `set` reloads it as
+    `systemctl reload` would. Its deliverer makes one pass at start, then waits an hour, so the
+    log holds only what the steps wrote.
+    """
+
+    transport = "fastagi"
+
+    def __init__(self, root: Path, webhook_url: str, env_timeout: float = 5.0) -> None:
+        self.service: Any = None
+        self.env_timeout = env_timeout
+        super().__init__(root, webhook_url)
+        self.values["service"] = {"flush_interval": "3600"}
+        self.write()
+
+    def start(self) -> "ServicePBX":
+        from agi_bitrix.service.core import Service
+
+        self.service = Service(str(self.settings_file), env_timeout=self.env_timeout,
+                               fastagi_listen="127.0.0.1:0", http_listen="127.0.0.1:0")
+        self.service.start()
+        return self
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.stop()
+            self.service = None
+
+    def write(self) -> None:
+        super().write()
+        if self.service is not None:
+            assert self.service.reload(), "the service refused the new settings"
+
+    @property
+    def address(self) -> Any:
+        return self.service.fastagi.address
+
+    def run(self, args: List[str], **kw: Any) -> AGIRun:
+        assert not kw.pop("env", None), "a FastAGI step has no process environment"
+        host, port = self.address
+        return FakeFastAGI(host, port, args[0] if args else "", args[1:], **kw).run()
+
+
+PBX.transport = "process"
+
+
 @pytest.fixture
 def pbx(tmp_path, emulator) -> PBX:
     return PBX(tmp_path, emulator.webhook_url)
+
+
+@pytest.fixture(params=["process", "fastagi"])
+def any_pbx(request, tmp_path, emulator):
+    """A PBX whose call steps run in process mode, then the same through `agi-bitrix service`."""
+    if request.param == "process":
+        yield PBX(tmp_path, emulator.webhook_url)
+        return
+    service_pbx = ServicePBX(tmp_path, emulator.webhook_url).start()
+    try:
+        yield service_pbx
+    finally:
+        service_pbx.stop()
 
 
 def webhook_call(emu: Bitrix24Emulator, method: str, params: Any = None, *, form: bool = False):

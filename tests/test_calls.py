@@ -1,10 +1,18 @@
-"""Call scenarios end to end: fake Asterisk -> installed agi-bitrix -> Bitrix24 emulator."""
+"""Call scenarios end to end: fake Asterisk -> agi-bitrix (process mode, and FastAGI through
+`agi-bitrix service`) -> Bitrix24 emulator."""
 from __future__ import annotations
 
 import os
 import time
 
+import pytest
 from conftest import only_call
+
+
+@pytest.fixture
+def pbx(any_pbx):
+    """Every call scenario runs through both transports: process mode and FastAGI."""
+    return any_pbx
 
 INBOUND = dict(channel="PJSIP/provider-00000001", context="bitrix-inbound", extension="74951234567",
                dnid="74951234567")
@@ -197,6 +205,8 @@ def test_recording_is_attached_after_finish(pbx, emulator, tmp_path):
 def test_many_processes_at_once_one_finish(pbx, emulator):
     """Asterisk runs a process per call step: concurrent writers share the SQLite state safely."""
     from concurrent.futures import ThreadPoolExecutor
+
+    pbx.set("bitrix24", "timeout", "30")  # what is shown is concurrency, not speed: 8 starts on a loaded box
 
     lids = [f"1795247200.{i}" for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
