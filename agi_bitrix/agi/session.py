@@ -169,7 +169,7 @@ class AGISession:
                 self.closed = True
                 break
             line = line[:-1] if line.endswith("\n") else line
-            if line == "":
+            if line == "" or (max_bytes is not None and line == "\r"):  # a network peer may speak CRLF
                 break
             key, sep, value = line.partition(":")
             if not sep or not key.startswith("agi_"):

@@ -46,7 +46,7 @@ class Service:
         self._auth: Any = None
         self._auth_key: Tuple[Any, ...] = ()
         self.http = self._new_http(self.settings)
-        self.portal: Dict[str, Any] = {"ok": None, "at": 0.0, "reason": "no request yet"}
+        self.portal: Dict[str, Any] = {"ok": None, "at": float("-inf"), "reason": "no request yet"}
         self.deliverer_beat = 0.0
         self.dialer_note = ""
         from agi_bitrix.commands.serve import SharedAMI

@@ -146,15 +146,16 @@ class FastAGIServer:
         except Exception as exc:  # the listener must outlive any one connection
             self._log_refused(peer, f"internal error: {type(exc).__name__}: {exc}", "error")
         finally:
-            _close(conn)
             with self._lock:
                 if served:
                     self._active -= 1
                 else:
                     self._rejecting -= 1
-                self._threads.discard(threading.current_thread())
             if served and self.metrics is not None:
                 self.metrics.connections.dec()
+            _close(conn)  # Asterisk waits for this, even after the caller hung up
+            with self._lock:
+                self._threads.discard(threading.current_thread())
 
     # -- one connection ------------------------------------------------------------------------------
     def _serve(self, conn: socket.socket, peer: str) -> None:

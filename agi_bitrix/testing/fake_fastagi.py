@@ -139,6 +139,12 @@ class FakeFastAGI(FakeAsterisk):
         self._violation("server held the channel for %g s without closing (Asterisk waits forever)"
                         % self.timeout)
 
+    def _fill(self, wait: float) -> None:
+        try:
+            super()._fill(wait)
+        except OSError:  # reset by a server that died: Asterisk reads it as the end of the session
+            self._eof = True
+
     def _unread_stdin(self) -> Optional[int]:
         return None  # FIONREAD on our end of a socket says nothing about what the server read
 
