@@ -84,7 +84,9 @@ def test_auth_refresh_token_through_the_cli(pbx, emulator):
     assert pair["refresh_token"] not in spent.stderr and len(spent.stderr.strip().splitlines()) == 1
 
 
-def test_48_concurrent_call_steps_refresh_exactly_once(pbx, emulator):
+def test_48_concurrent_call_steps_refresh_exactly_once(any_pbx, emulator):
+    """Process mode: one refresh under the PBX-wide lock. The service: single-flight in a thread."""
+    pbx = any_pbx
     # Plenty of time on a small CI box (48 interpreters start at once) and a rate budget above
     # the 96 requests (expired + retry each): the emulator's portal has no bucket in this test.
     authorized(pbx, emulator, timeout="30")
@@ -182,10 +184,12 @@ def test_check_in_oauth_mode(pbx, emulator):
     assert os.stat(pbx.state_dir / "oauth-tokens.lock").st_mode & 0o077 == 0
 
 
-def test_slow_oauth_server_never_holds_the_caller(pbx, emulator):
-    """The refresh runs in a detached child: the caller waits only the budget, the rotation completes."""
+def test_slow_oauth_server_never_holds_the_caller(any_pbx, emulator):
+    """The refresh runs in a detached child (process mode) or a thread of the service: the caller
+    waits only the budget, the rotation completes."""
     import time
 
+    pbx = any_pbx
     authorized(pbx, emulator, timeout="1")
     emulator.expire_access_tokens()
     emulator.set_delay(3.0, method="oauth.token", count=1)
