@@ -360,3 +360,23 @@ def test_sighup_rereads_settings_and_reopens_the_log_after_logrotate(pbx, emulat
         assert "service_started" in rotated.read_text()
     finally:
         assert svc.stop() == 0
+
+
+def test_every_step_of_the_sample_dialplan_falls_back_to_process_mode():
+    """Each context of extensions.conf.sample runs its steps through [bitrix-step], whose FastAGI
+    call is followed by the process-mode call on FAILURE or an unset BITRIX_STATUS."""
+    from importlib import resources
+
+    text = resources.files("agi_bitrix").joinpath("data/extensions.conf.sample").read_text(encoding="utf-8")
+    context, steps, outside = "", [], []
+    for raw in text.splitlines():
+        line = raw.split(";", 1)[0].strip()
+        if line.startswith("[") and line.endswith("]"):
+            context = line[1:-1]
+        elif "AGI(" in line:
+            (steps if context == "bitrix-step" else outside).append(line)
+    assert outside == []  # no context calls AGI() directly
+    assert steps == ["same => n,AGI(${BITRIX_AGI}/${ARG1},${ARG2},${ARG3},${ARG4})",
+                     "same => n,AGI(agi-bitrix,${ARG1},${ARG2},${ARG3},${ARG4})"]
+    assert 'GotoIf($["${AGISTATUS}" != "FAILURE" & "${BITRIX_STATUS}" != ""]?done)' in text
+    assert text.count("Gosub(bitrix-step,s,1(") >= 13
