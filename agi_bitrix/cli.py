@@ -29,7 +29,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         signal.signal(signal.SIGHUP, lambda *_: hangups.append(True))
         from agi_bitrix import dispatcher
 
-        return dispatcher.run(args, hangups, started)
+        dispatcher.run(args, hangups, started)
+        # Asterisk has its answer and the log line is written (the log flushes each line, the
+        # database is closed): skip the interpreter's teardown, a tenth of the step's cost.
+        sys.stdout.flush()
+        os._exit(0)
     from agi_bitrix.commands import admin
 
     return admin.main(args)

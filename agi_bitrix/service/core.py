@@ -96,11 +96,10 @@ class Service:
         try:
             settings = settings_mod.load(self.settings_path)
         except settings_mod.SettingsError as exc:
-            self.log = log_mod.configure(self.settings.logging.file, self.settings.logging.level,
-                                         self.settings.secrets())
+            self.log.reopen(self.settings.logging.file, self.settings.logging.level, self.settings.secrets())
             self.log.error("service_reload", reason=f"{exc}; the settings in force stay")
             return False
-        self.log = log_mod.configure(settings.logging.file, settings.logging.level, settings.secrets())
+        self.log.reopen(settings.logging.file, settings.logging.level, settings.secrets())
         with self._lock:
             old, self.settings = self.settings, settings
             stores = [] if old.storage.state_dir == settings.storage.state_dir else self._stores
