@@ -1,0 +1,153 @@
+"""Process mode vs FastAGI (`agi-bitrix service`): CPU and latency per call step, 1, 20 and 100 at once.
+
+Both serve the same `incoming` step against the local Bitrix24 emulator with the default 2 s
+budget. Process mode: one `agi-bitrix` process per step (CPU from the kernel's accounting of each
+child). FastAGI: one `agi-bitrix service` process (CPU from /proc, before and after the burst),
+the steps sent by the strict FastAGI peer. Latency is connect (or process start) to the step's
+end as Asterisk sees it. Everything is shown beside `python -c pass` measured in the same run, so
+the ratios compare across machines. Also: what the `answer` step adds between the employee's
+pick-up and the bridge. Run: make bench (or .venv/bin/python bench/fastagi.py).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+from agi_bitrix.testing.bitrix_emulator import Bitrix24Emulator
+from agi_bitrix.testing.fake_asterisk import FakeAsterisk
+from agi_bitrix.testing.fake_fastagi import FakeFastAGI
+
+ENTRY = Path(sys.executable).with_name("agi-bitrix")
+TICK = os.sysconf("SC_CLK_TCK")
+Step = Tuple[float, float, str]  # latency s, CPU s (process mode; 0 for FastAGI), BITRIX_STATUS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def baseline(runs: int = 10) -> Tuple[float, float]:
+    """Median wall and CPU seconds of `python -c pass`."""
+    rows = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", "pass"])
+        _, _, usage = os.wait4(proc.pid, 0)
+        rows.append((time.perf_counter() - start, usage.ru_utime + usage.ru_stime))
+    return statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
+
+
+def service_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def burst(n: int, one: Callable[[int], object], cpu: Callable[[], float]) -> Tuple[List[float], float, List[str]]:
+    """n steps at once: their latencies, CPU per step, statuses."""
+    cpu_before = cpu()
+    with ThreadPoolExecutor(n) as pool:
+        runs = list(pool.map(one, range(n)))
+    per_step = (cpu() - cpu_before) / n
+    return [r.duration for r in runs], per_step, [r.set_variables.get("BITRIX_STATUS", "-") for r in runs]
+
+
+def children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def p(values: List[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def main() -> int:
+    sizes = [int(a) for a in sys.argv[1:]] or [1, 20, 100]
+    base_wall, base_cpu = baseline()
+    lid = iter(range(10 ** 6))
+    with Bitrix24Emulator() as emu, tempfile.TemporaryDirectory() as tmp:
+        emu.add_user("Anna", "Bench", inner="101")
+        emu.add_user("Boris", "Bench", inner="102")
+        port = free_port()
+        settings = Path(tmp) / "settings.ini"
+        settings.write_text(
+            f"[bitrix24]\nwebhook_url = {emu.webhook_url}\nrate_burst = 5000\nrate_per_second = 1000\n"
+            f"[calls]\ndefault_user = 101\n[storage]\nstate_dir = {tmp}/state\n[logging]\nfile = {tmp}/log\n"
+            f"[service]\nfastagi = 127.0.0.1:{port}\nflush_interval = 3600\n"
+            f"[events]\nlisten = 127.0.0.1:{free_port()}\n")
+        env = {"AGI_BITRIX_SETTINGS": str(settings)}
+
+        def process_step(event: str, args: List[str], linkedid: str) -> object:
+            return FakeAsterisk([str(ENTRY)], [event] + args, env=env, linkedid=linkedid, timeout=120).run()
+
+        def fastagi_step(event: str, args: List[str], linkedid: str) -> object:
+            return FakeFastAGI("127.0.0.1", port, event, args, linkedid=linkedid, timeout=120).run()
+
+        service = subprocess.Popen([str(ENTRY), "service"], env=dict(os.environ, **env),
+                                   stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        try:
+            for _ in range(600):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            # warm both paths (page cache, .pyc files, the service's first imports)
+            process_step("incoming", ["89161234567"], "warm.1")
+            fastagi_step("incoming", ["89161234567"], "warm.2")
+            rows: Dict[Tuple[str, int], Tuple[List[float], float, List[str]]] = {}
+            for n in sizes:
+                rows[("process", n)] = burst(n, lambda i: process_step("incoming", ["89161234567"],
+                                                                       f"1795700000.{next(lid)}"), children_cpu)
+                rows[("fastagi", n)] = burst(n, lambda i: fastagi_step("incoming", ["89161234567"],
+                                                                       f"1795700000.{next(lid)}"),
+                                             lambda: service_cpu(service.pid))
+            import requests
+
+            trips = []
+            for _ in range(20):
+                start = time.perf_counter()
+                requests.post(emu.webhook_url + "telephony.externalcall.register",
+                              json={"USER_PHONE_INNER": "101", "PHONE_NUMBER": "+79161234567", "TYPE": 2,
+                                    "EXTERNAL_CALL_ID": f"trip.{next(lid)}"}, timeout=10)
+                trips.append(time.perf_counter() - start)
+            trip = statistics.median(trips)
+            answer = {}
+            for mode, step in (("process", process_step), ("fastagi", fastagi_step)):
+                lats = []
+                for i in range(5):
+                    key = f"1795800000.{next(lid)}"
+                    step("incoming", ["89161234567"], key)
+                    lats.append(step("answer", [], key).duration)
+                answer[mode] = statistics.median(lats)
+        finally:
+            service.send_signal(signal.SIGTERM)
+            service.wait(60)
+
+    print("one `incoming` call step, against the local emulator, default 2 s budget")
+    print(f"baseline `python -c pass`: {base_cpu * 1000:.1f} ms CPU, {base_wall * 1000:.1f} ms wall; "
+          f"the portal's round trip (one register, new connection): {trip * 1000:.1f} ms\n")
+    print(f"{'':8}{'at once':>8}  {'CPU/step':>9} {'x pass':>7}   {'latency p50':>11} {'p95':>8} {'x pass':>7}   QUEUED")
+    for (mode, n), (lats, cpu, statuses) in rows.items():
+        queued = sum(s != "OK" for s in statuses)
+        print(f"{mode:8}{n:>8}  {cpu * 1000:7.1f}ms {cpu / base_cpu:6.1f}x   {p(lats, 0.5) * 1000:9.1f}ms "
+              f"{p(lats, 0.95) * 1000:6.1f}ms {p(lats, 0.5) / base_wall:6.1f}x   {queued}/{n}")
+    print(f"\nthe `answer` step between pick-up and bridge (median of 5): process "
+          f"{answer['process'] * 1000:.1f} ms, FastAGI {answer['fastagi'] * 1000:.1f} ms "
+          f"({answer['process'] / answer['fastagi']:.0f}x less)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
