@@ -114,6 +114,9 @@ def test_check_broken_settings_one_line(tmp_path):
 def test_demo_shows_registered_and_finished_calls():
     res = cli("demo")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("register:") == 5 and res.stdout.count("finish: STATUS_CODE") == 5
+    assert res.stdout.count("register:") == 7 and res.stdout.count("finish: STATUS_CODE") == 7
+    # The service path: three steps over FastAGI, then the fallback to process mode once it stopped.
+    assert res.stdout.count("/incoming, , 74951234567) -> BITRIX_STATUS=OK") == 1
+    assert res.stdout.count("-> AGISTATUS=FAILURE") == 2
     assert "STATUS_CODE 200" in res.stdout and "STATUS_CODE 486" in res.stdout
     assert "card: hide" in res.stdout and "recording:" in res.stdout

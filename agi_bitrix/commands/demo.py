@@ -1,13 +1,17 @@
 """`agi-bitrix demo`: simulated calls through the real entry point against the built-in emulator.
 
 Each call step runs the installed `agi-bitrix` script as Asterisk would (a fresh process fed the
-AGI environment block by the fake Asterisk); the emulator plays the Bitrix24 portal. At the end
-it prints what the portal received.
+AGI environment block by the fake Asterisk); the emulator plays the Bitrix24 portal. Then a call
+goes through `agi-bitrix service` over FastAGI, and one step shows the dialplan's fallback to
+process mode once the service is stopped. At the end it prints what the portal received.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,6 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from agi_bitrix.testing.bitrix_emulator import Bitrix24Emulator
 from agi_bitrix.testing.fake_asterisk import FakeAsterisk
+from agi_bitrix.testing.fake_fastagi import FakeFastAGI
 
 SETTINGS = """[bitrix24]
 webhook_url = {webhook}
@@ -31,7 +36,18 @@ file = {log}
 [asterisk]
 dial_template = PJSIP/{{number}}@provider
 dial_timeout = 45
+[service]
+fastagi = 127.0.0.1:{fastagi}
+flush_interval = 3600
+[events]
+listen = 127.0.0.1:{http}
 """
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def entry_point() -> List[str]:
@@ -49,8 +65,10 @@ class Demo:
         self.emulator = emulator
         self.settings = folder / "settings.ini"
         self.log = folder / "agi-bitrix.log"
+        self.port = _free_port()
         self.settings.write_text(SETTINGS.format(webhook=emulator.webhook_url, state=folder / "state",
-                                                 log=self.log), encoding="utf-8")
+                                                 log=self.log, fastagi=self.port, http=_free_port()),
+                                 encoding="utf-8")
         self.settings.chmod(0o600)
         self.script = entry_point()
         self.seq = 0
@@ -62,10 +80,7 @@ class Demo:
                             env={"AGI_BITRIX_SETTINGS": str(self.settings)}, **kw)
         lines = self._log_lines()
         run = fake.run()
-        if args[0] == "answer":  # it delivers after returning; its log line comes when it is done
-            end = time.monotonic() + 30
-            while self._log_lines() == lines and time.monotonic() < end:
-                time.sleep(0.05)
+        self._wait_for_delivery(args[0], lines)
         status = run.set_variables.get("BITRIX_STATUS", "?")
         extra = ""
         if run.executed_apps():
@@ -75,11 +90,49 @@ class Demo:
         print(f"    AGI({shown}) -> BITRIX_STATUS={status}{extra}")
         return run
 
+    def _wait_for_delivery(self, event: str, lines: int) -> None:
+        if event == "answer":  # it delivers after returning; its log line comes when it is done
+            end = time.monotonic() + 30
+            while self._log_lines() == lines and time.monotonic() < end:
+                time.sleep(0.05)
+
     def _log_lines(self) -> int:
         try:
             return len(self.log.read_text(encoding="utf-8").splitlines())
         except OSError:
             return 0
+
+    def fastagi_step(self, linkedid: str, args: List[str], fallback: bool = False, **kw: Any) -> Any:
+        """A step as the sample's [bitrix-step] runs it: FastAGI, else the same step as a process."""
+        kw.setdefault("uniqueid", linkedid)
+        lines = self._log_lines()
+        started = time.monotonic()
+        run = FakeFastAGI("127.0.0.1", self.port, args[0], args[1:], linkedid=linkedid, **kw).run()
+        ms = (time.monotonic() - started) * 1000
+        self._wait_for_delivery(args[0], lines)
+        shown = ", ".join(args[1:])
+        status = run.set_variables.get("BITRIX_STATUS")
+        print(f"    AGI(agi://127.0.0.1:{self.port}/{args[0]}{', ' if shown else ''}{shown}) -> "
+              + (f"BITRIX_STATUS={status}  ({ms:.0f} ms)" if status else f"AGISTATUS={run.agistatus}"))
+        if fallback and (run.agistatus == "FAILURE" or not status):
+            return self.step(linkedid, args, **kw)
+        return run
+
+    def start_service(self) -> "subprocess.Popen[bytes]":
+        env = dict(os.environ, AGI_BITRIX_SETTINGS=str(self.settings))
+        env.pop("AST_AGI_DIR", None)
+        proc = subprocess.Popen(self.script + ["service"], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL)
+        for _ in range(600):  # until it listens (a loaded machine starts Python slowly)
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return proc
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError("agi-bitrix service did not start (see the log)")
+                time.sleep(0.05)
+        proc.kill()
+        raise RuntimeError("agi-bitrix service did not start listening")
 
 
 def _describe(call: Dict[str, Any], users: Dict[int, str]) -> List[str]:
@@ -145,6 +198,23 @@ def scenarios(demo: Demo, folder: Path) -> None:
     demo.step(lid, ["incoming", '12"3\nEXEC System reboot&PJSIP/evil', "74951234567"],
               channel="PJSIP/provider-00000009")
     demo.step(lid, ["hangup", "CANCEL", ""], channel="PJSIP/provider-00000009", dead=True)
+
+    print("6. The same kind of call through `agi-bitrix service` (FastAGI: no Python start per step)")
+    service = demo.start_service()
+    try:
+        lid = "1795300500.60"
+        demo.fastagi_step(lid, ["incoming", "", "74951234567"], channel="PJSIP/provider-0000000b",
+                          callerid="+79161234567", dnid="74951234567")
+        demo.fastagi_step(lid, ["answer"], channel="PJSIP/101-0000000c")
+        demo.fastagi_step(lid, ["hangup", "ANSWER", "4"], channel="PJSIP/provider-0000000b", dead=True)
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(60)
+    print("7. The service is stopped: the dialplan's [bitrix-step] runs the step as a process instead")
+    lid = "1795300600.70"
+    demo.fastagi_step(lid, ["incoming", "", "74951234567"], fallback=True, channel="PJSIP/provider-0000000d",
+                      callerid="89031234567")
+    demo.fastagi_step(lid, ["hangup", "NOANSWER", ""], fallback=True, channel="PJSIP/provider-0000000d", dead=True)
 
 
 def run(args: Any) -> int:

@@ -64,6 +64,11 @@ class Service:
 
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self) -> None:
+        # Import what the steps use now, so the first call after a start is as fast as the rest.
+        import importlib
+
+        for module in list(EVENTS.values()) + ["agi_bitrix.outbox", "agi_bitrix.bitrix.factory"]:
+            importlib.import_module(module)
         self._spawn("fastagi", self.fastagi.serve_forever)
         self._spawn("http", lambda: self.web.serve_forever(poll_interval=0.5))
         self._spawn("deliverer", self._deliverer)
