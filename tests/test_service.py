@@ -380,3 +380,13 @@ def test_every_step_of_the_sample_dialplan_falls_back_to_process_mode():
                      "same => n,AGI(agi-bitrix,${ARG1},${ARG2},${ARG3},${ARG4})"]
     assert 'GotoIf($["${AGISTATUS}" != "FAILURE" & "${BITRIX_STATUS}" != ""]?done)' in text
     assert text.count("Gosub(bitrix-step,s,1(") >= 13
+
+
+def test_steps_share_one_pool_of_kept_alive_connections(service, emulator):
+    until(lambda: service.service.portal["ok"], "the first contact with the portal")
+    before = emulator.connections_opened
+    for i in range(10):
+        run = service.run(["incoming", "89161234567"], linkedid=f"1795600500.{i}")
+        assert run.set_variables["BITRIX_STATUS"] == "OK"
+    assert emulator.connections_opened == before  # every request went over the connection already open
+    assert len(emulator.calls) == 10

@@ -407,6 +407,7 @@ class Bitrix24Emulator:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._conns: set[socket.socket] = set()
+        self.connections_opened = 0  # TCP connections accepted (keep-alive reuse shows here)
 
         self._users: dict[int, dict] = {}
         self._crm: dict[str, dict[int, dict]] = {t: {} for t in _CRM_TYPES}
@@ -500,6 +501,7 @@ class Bitrix24Emulator:
         with self._lock:
             if add:
                 self._conns.add(conn)
+                self.connections_opened += 1
             else:
                 self._conns.discard(conn)
 
