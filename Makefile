@@ -18,6 +18,7 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/agi_event.py
+	$(BIN)/python bench/fastagi.py
 	$(BIN)/python bench/journal_cost.py
 	$(BIN)/python bench/requests_per_call.py
 	$(BIN)/python bench/dialer_requests.py
