@@ -279,6 +279,13 @@ class DialerSettings(_Section):
         return value
 
 
+def _host_port(value: str, example: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be host:port, e.g. {example}")
+    return value
+
+
 class EventsSettings(_Section):
     """Click-to-call and the website callback form: how Bitrix24's events reach agi-bitrix."""
     delivery: Literal["offline", "online"] = "offline"   # offline: the worker polls, no public URL needed
@@ -295,10 +302,7 @@ class EventsSettings(_Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("must be host:port, e.g. 127.0.0.1:8077")
-        return value
+        return _host_port(value, "127.0.0.1:8077")
 
     @field_validator("callback_user")
     @classmethod
@@ -306,13 +310,6 @@ class EventsSettings(_Section):
         if value and not re.fullmatch(r"[0-9]{1,15}", value):
             raise ValueError("must be an inner (extension) number such as 101")
         return value
-
-
-def _host_port(value: str, example: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"must be host:port, e.g. {example}")
-    return value
 
 
 class ServiceSettings(_Section):
