@@ -160,8 +160,9 @@ class Service:
         return store if store is not None else Store(settings.storage.state_dir, pooled=True)
 
     def close(self, store: Any) -> None:
+        reusable = not store.db.in_transaction  # never hand a half-done transaction to the next step
         with self._lock:
-            if str(store.path.parent) == self.settings.storage.state_dir and not self._stop.is_set():
+            if reusable and str(store.path.parent) == self.settings.storage.state_dir and not self._stop.is_set():
                 self._stores.append(store)
                 return
         store.close()
