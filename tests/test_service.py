@@ -390,3 +390,24 @@ def test_steps_share_one_pool_of_kept_alive_connections(service, emulator):
         assert run.set_variables["BITRIX_STATUS"] == "OK"
     assert emulator.connections_opened == before  # every request went over the connection already open
     assert len(emulator.calls) == 10
+
+
+def test_the_step_budget_holds_in_a_thread_where_no_signal_reaches():
+    """SIGALRM only interrupts the main thread; a service thread stops waiting at the deadline."""
+    from agi_bitrix.deadline import Deadline, DeadlineExceeded
+
+    portal = threading.Event()  # a request that would hang until the test ends
+    outcome: List[str] = []
+
+    def step() -> None:
+        try:
+            Deadline(0.2).call(lambda: portal.wait(WAIT))
+            outcome.append("returned")
+        except DeadlineExceeded:
+            outcome.append("budget")
+
+    thread = threading.Thread(target=step)
+    thread.start()
+    thread.join(WAIT / 2)
+    portal.set()
+    assert outcome == ["budget"]
