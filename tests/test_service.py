@@ -411,3 +411,20 @@ def test_the_step_budget_holds_in_a_thread_where_no_signal_reaches():
     thread.join(WAIT / 2)
     portal.set()
     assert outcome == ["budget"]
+
+
+def test_service_command_refuses_clearly(pbx):
+    pbx.set("service", "allow", "127.0.0.1, the-asterisk-box")
+    res = pbx.cli("service")
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
+    assert "[service] allow 'the-asterisk-box' is not an IP address or network" in res.stderr
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        pbx.set("service", "allow", "127.0.0.1")
+        port = taken.getsockname()[1]
+        pbx.set("service", "fastagi", "127.0.0.1:%d" % port)
+        res = pbx.cli("service")
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
+    assert "cannot listen on 127.0.0.1:%d ([service] fastagi)" % port in res.stderr and "in use" in res.stderr

@@ -14,14 +14,12 @@ from agi_bitrix.commands.admin import CommandFailed
 
 
 def run(args: Any) -> int:
-    from agi_bitrix.service.core import Service
+    from agi_bitrix.service.core import ListenError, Service
 
     try:
         service = Service(getattr(args, "settings", None))
-    except settings_mod.SettingsError as exc:
+    except (settings_mod.SettingsError, ListenError) as exc:
         raise CommandFailed(str(exc)) from None
-    except OSError as exc:
-        raise CommandFailed(f"cannot listen: {exc.strerror or exc} (is another service running?)") from None
     wake = threading.Event()
     pending: List[int] = []
 

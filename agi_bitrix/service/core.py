@@ -31,6 +31,10 @@ PORTAL_PROBE_AFTER = 60.0  # with no REST traffic for this long, the deliverer a
 HEALTH_STALE = 120.0       # a deliverer silent for this long (beyond its interval) is not alive
 
 
+class ListenError(Exception):
+    """An address of the service is taken or not ours; the message names it."""
+
+
 class Service:
     def __init__(self, settings_path: Optional[str] = None, env_timeout: float = ENV_TIMEOUT,
                  fastagi_listen: Optional[str] = None, http_listen: Optional[str] = None) -> None:
@@ -52,15 +56,20 @@ class Service:
         from agi_bitrix.commands.serve import SharedAMI
 
         self.ami = SharedAMI(self.settings)
-        self.fastagi = FastAGIServer(fastagi_listen or self.settings.service.fastagi, self.serve_step,
-                                     lambda: self.log, lambda: self.settings.service.allowed(),
-                                     lambda: self.settings.service.max_connections, self.metrics,
-                                     env_timeout=env_timeout)
+        listen = fastagi_listen or self.settings.service.fastagi
         try:
-            self.web = self._http_server(http_listen or self.settings.events.listen)
-        except OSError:
+            self.fastagi = FastAGIServer(listen, self.serve_step, lambda: self.log,
+                                         lambda: self.settings.service.allowed(),
+                                         lambda: self.settings.service.max_connections, self.metrics,
+                                         env_timeout=env_timeout)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {listen} ([service] fastagi): {exc.strerror or exc}") from None
+        listen = http_listen or self.settings.events.listen
+        try:
+            self.web = self._http_server(listen)
+        except OSError as exc:
             self.fastagi.sock.close()
-            raise
+            raise ListenError(f"cannot listen on {listen} ([events] listen): {exc.strerror or exc}") from None
 
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self) -> None:
