@@ -428,3 +428,33 @@ def test_service_command_refuses_clearly(pbx):
         res = pbx.cli("service")
     assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
     assert "cannot listen on 127.0.0.1:%d ([service] fastagi)" % port in res.stderr and "in use" in res.stderr
+
+
+def test_the_dialer_loop_runs_inside_the_service(tmp_path, emulator):
+    from test_dialer import CallCenter
+
+    from agi_bitrix.testing.fake_ami import FakeAMI
+
+    with FakeAMI(username="crm", secret="ami-secret-1") as ami:
+        pbx = ServicePBX(tmp_path, emulator.webhook_url)
+        center = CallCenter(pbx, emulator, ami)  # the dialplan's steps go over FastAGI to the same service
+        pbx.set("service", "dialer", "yes")
+        center.task("Позвонить: Иван Петров", ["+7 916 111-22-33"], responsible=center.boris)
+        pbx.start()
+        try:
+            until(lambda: [c for c in emulator.calls.values() if c.get("finished")], "the dialer's call to end")
+            call = next(iter(emulator.calls.values()))
+            assert call["status_code"] == "200" and call["user_id"] == center.boris
+            assert ami.originates[0].get("Channel") == "PJSIP/+79161112233@provider"
+            status, _, body = _get(pbx, "/healthz")
+            assert json.loads(body)["reasons"]["dialer"] == ""
+            passes = [line for line in _get(pbx, "/metrics")[2].splitlines()
+                      if line.startswith("agi_bitrix_dialer_passes_total ")]
+            assert passes and float(passes[0].split()[1]) >= 1
+            def steps() -> List[dict]:
+                return [e for e in pbx.log() if e["event"] in ("dialer-answered", "dialer-connected", "hangup")]
+
+            until(lambda: len(steps()) == 3, "the hangup step's log line")
+            assert [e["transport"] for e in steps()] == ["fastagi"] * 3
+        finally:
+            pbx.stop()
