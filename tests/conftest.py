@@ -141,8 +141,9 @@ class ServicePBX(PBX):
     def start(self) -> "ServicePBX":
         from agi_bitrix.service.core import Service
 
-        self.service = Service(str(self.settings_file), env_timeout=self.env_timeout,
-                               fastagi_listen="127.0.0.1:0", http_listen="127.0.0.1:0")
+        self.set("service", "fastagi", f"127.0.0.1:{free_port()}")
+        self.set("events", "listen", f"127.0.0.1:{free_port()}")
+        self.service = Service(str(self.settings_file), env_timeout=self.env_timeout)
         self.service.start()
         return self
 
@@ -167,6 +168,15 @@ class ServicePBX(PBX):
 
 
 PBX.transport = "process"
+
+
+def free_port() -> int:
+    """A port nobody listens on now (for a service started next)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Optional
 
 import pytest
-from conftest import ENTRY, PBX, ServicePBX, only_call
+from conftest import ENTRY, PBX, ServicePBX, free_port, only_call
 
 from agi_bitrix.testing.fake_fastagi import FakeFastAGI
 
@@ -258,9 +258,9 @@ class ServiceProcess:
 
     def __init__(self, pbx: PBX) -> None:
         self.pbx = pbx
-        self.port = _free_port()
+        self.port = free_port()
         pbx.set("service", "fastagi", f"127.0.0.1:{self.port}")
-        pbx.set("events", "listen", f"127.0.0.1:{_free_port()}")
+        pbx.set("events", "listen", f"127.0.0.1:{free_port()}")
         pbx.set("service", "flush_interval", "3600")  # the log holds only what the steps wrote
         env = dict(os.environ, AGI_BITRIX_SETTINGS=str(pbx.settings_file))
         env.pop("AST_AGI_DIR", None)
@@ -286,12 +286,6 @@ class ServiceProcess:
                 self.proc.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _OnFirstCommand(FakeFastAGI):
     """A peer that does something (kill or stop the service) when the first command arrives."""
 
@@ -307,7 +301,7 @@ class _OnFirstCommand(FakeFastAGI):
 
 
 def test_service_stopped_the_dialplan_falls_back_to_process_mode(pbx, emulator):
-    port = _free_port()  # nothing listens there: Asterisk gets "connection refused"
+    port = free_port()  # nothing listens there: Asterisk gets "connection refused"
     runs = step_with_fallback(
         lambda: FakeFastAGI("127.0.0.1", port, "incoming", ["89161234567"], linkedid="1795600400.1").run(),
         lambda: pbx.run(["incoming", "89161234567"], linkedid="1795600400.1"))
@@ -458,3 +452,17 @@ def test_the_dialer_loop_runs_inside_the_service(tmp_path, emulator):
             assert [e["transport"] for e in steps()] == ["fastagi"] * 3
         finally:
             pbx.stop()
+
+
+def test_check_says_whether_the_service_is_up_and_ready(service, emulator, tmp_path):
+    res = service.cli("check")
+    assert "OK       service    agi-bitrix service is ready: FastAGI on 127.0.0.1:" in res.stdout, res.stdout
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    service.service.settings = service.service.settings.model_copy(
+        update={"storage": service.service.settings.storage.model_copy(update={"state_dir": str(blocker)})})
+    res = service.cli("check")
+    assert "PROBLEM  service    agi-bitrix service is not ready: store: " in res.stdout and res.returncode == 1
+    service.stop()
+    res = service.cli("check")
+    assert "WARNING  service    agi-bitrix service is not running" in res.stdout

@@ -265,6 +265,36 @@ def _ami(report: Report, settings: settings_mod.Settings) -> None:
         report.problem("asterisk", f"{ast.ami_host}:{ast.ami_port} is not an AMI port (it said {banner[:40]!r})")
 
 
+def _service(report: Report, settings: settings_mod.Settings) -> None:
+    """Is `agi-bitrix service` up, and ready? Asked through its /healthz on [events] listen."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    host, _, port = settings.events.listen.rpartition(":")
+    url = f"http://{host}:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            body = resp.read(10000)
+    except urllib.error.HTTPError as exc:
+        body = exc.read(10000)
+    except OSError:
+        report.warn("service", f"agi-bitrix service is not running ({settings.events.listen}): every call step "
+                               "starts a process of its own, fine for a few calls at once")
+        return
+    try:
+        answer = json.loads(body)
+        reasons = {k: v for k, v in answer["reasons"].items() if v}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        report.warn("service", f"{settings.events.listen} is not agi-bitrix service (agi-bitrix serve?)")
+        return
+    if answer.get("ready") and not reasons:
+        report.ok("service", f"agi-bitrix service is ready: FastAGI on {settings.service.fastagi}")
+    else:
+        report.problem("service", "agi-bitrix service is not ready: "
+                       + "; ".join(f"{k}: {v}" for k, v in sorted(reasons.items())))
+
+
 def run(args: Any) -> int:
     report = Report()
     path = settings_mod.settings_path(getattr(args, "settings", None))
@@ -288,6 +318,7 @@ def run(args: Any) -> int:
     _asterisk_can_write(report, Path(settings.storage.state_dir), Path(settings.logging.file))
     _bitrix(report, settings)
     _ami(report, settings)
+    _service(report, settings)
     if report.problems:
         first = report.problems[0]
         for secret in report.secrets:

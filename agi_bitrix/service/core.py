@@ -36,8 +36,7 @@ class ListenError(Exception):
 
 
 class Service:
-    def __init__(self, settings_path: Optional[str] = None, env_timeout: float = ENV_TIMEOUT,
-                 fastagi_listen: Optional[str] = None, http_listen: Optional[str] = None) -> None:
+    def __init__(self, settings_path: Optional[str] = None, env_timeout: float = ENV_TIMEOUT) -> None:
         self.settings_path = settings_path
         self.settings = settings_mod.load(settings_path)  # SettingsError: the command says why
         self.log = log_mod.configure(self.settings.logging.file, self.settings.logging.level,
@@ -56,7 +55,7 @@ class Service:
         from agi_bitrix.commands.serve import SharedAMI
 
         self.ami = SharedAMI(self.settings)
-        listen = fastagi_listen or self.settings.service.fastagi
+        listen = self.settings.service.fastagi
         try:
             self.fastagi = FastAGIServer(listen, self.serve_step, lambda: self.log,
                                          lambda: self.settings.service.allowed(),
@@ -64,7 +63,7 @@ class Service:
                                          env_timeout=env_timeout)
         except OSError as exc:
             raise ListenError(f"cannot listen on {listen} ([service] fastagi): {exc.strerror or exc}") from None
-        listen = http_listen or self.settings.events.listen
+        listen = self.settings.events.listen
         try:
             self.web = self._http_server(listen)
         except OSError as exc:
