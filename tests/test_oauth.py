@@ -102,6 +102,8 @@ def test_48_concurrent_call_steps_refresh_exactly_once(any_pbx, emulator):
     runs = burst("1795500100")
     assert [r.set_variables.get("BITRIX_STATUS") for r in runs] == ["OK"] * 48
     assert emulator.refresh_count == 1 and emulator.spent_refresh_uses == 0
+    if pbx.transport == "fastagi":  # the service counts what it renewed
+        assert pbx.service.metrics.registry.get_sample_value("agi_bitrix_token_refreshes_total") == 1
     assert len(emulator.calls) == 48
 
     emulator.expire_access_tokens()

@@ -217,9 +217,9 @@ def test_healthz_says_ready_and_why_not(service, emulator, tmp_path):
 
 
 def test_metrics_in_the_prometheus_text_format(service, emulator):
-    service.run(["incoming", "89161234567"], linkedid="1795600200.1")
-    emulator.set_delay(5.0, method="telephony.externalcall.register")
-    service.set("bitrix24", "timeout", "0.5")
+    emulator.fail_next(503, "QUERY_LIMIT_EXCEEDED", "Too many requests", method="telephony.externalcall.register")
+    service.run(["incoming", "89161234567"], linkedid="1795600200.1")  # retried after the 503: OK
+    emulator.fail_next(500, "INTERNAL_SERVER_ERROR", "try later", method="telephony.externalcall.register")
     service.run(["incoming", "89161234568"], linkedid="1795600200.2")  # QUEUED: the outbox holds it
     status, ctype, body = _get(service, "/metrics")
     assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
@@ -228,7 +228,8 @@ def test_metrics_in_the_prometheus_text_format(service, emulator):
     assert samples['agi_bitrix_steps_total{event="incoming",status="OK",transport="fastagi"}'] == 1
     assert samples['agi_bitrix_steps_total{event="incoming",status="QUEUED",transport="fastagi"}'] == 1
     assert samples['agi_bitrix_step_seconds_count{event="incoming"}'] == 2
-    assert samples['agi_bitrix_rest_requests_total{method="telephony.externalcall.register"}'] == 2
+    assert samples['agi_bitrix_rest_requests_total{method="telephony.externalcall.register"}'] == 3
+    assert samples['agi_bitrix_rest_limited_total{method="telephony.externalcall.register",status="503"}'] == 1
     assert samples["agi_bitrix_outbox_waiting"] == 1 and samples["agi_bitrix_outbox_dead_letters"] == 0
     assert samples["agi_bitrix_outbox_oldest_age_seconds"] >= 0
     assert samples["agi_bitrix_fastagi_connections"] == 0
