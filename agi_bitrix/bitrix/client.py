@@ -60,8 +60,9 @@ class Bitrix24:
         self.auth = auth
         self.timeout = timeout
         self.limiter = limiter
-        self.http = session or requests.Session()
-        self.http.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
+        # A session handed in (the service's one pool, shared by its threads) is set up once by
+        # new_session(); it is not touched here while other threads use it.
+        self.http = session or new_session()
         self.requests_made = 0
         self.limit_retries = 0  # 503 answers retried by this client (for logs and benchmarks)
         # Told of every request (method, HTTP status or 0 when no answer): the service's metrics.
@@ -184,6 +185,17 @@ class Bitrix24:
             raise ValueError(f"batch takes at most {BATCH_MAX} commands")
         cmd = {key: f"{method}?{query.build(params)}" for key, (method, params) in commands.items()}
         return BatchResult(self.call("batch", {"halt": 1 if halt else 0, "cmd": cmd}, deadline) or {})
+
+
+def new_session(pool: int = 10) -> requests.Session:
+    """Kept-alive connections to the portal, up to `pool` at once per host."""
+    http = requests.Session()
+    http.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
+    if pool != 10:  # requests' default
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool)
+        http.mount("https://", adapter)
+        http.mount("http://", adapter)
+    return http
 
 
 def _bounded(deadline: Optional[Deadline], fn: Callable[[], requests.Response]) -> requests.Response:

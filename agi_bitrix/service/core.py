@@ -193,12 +193,9 @@ class Service:
 
     def _new_http(self, settings: Any) -> requests.Session:
         """One pool of kept-alive connections to the portal, as large as the steps served at once."""
-        http = requests.Session()
-        size = settings.service.max_connections + 4
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=size)
-        http.mount("https://", adapter)
-        http.mount("http://", adapter)
-        return http
+        from agi_bitrix.bitrix.client import new_session
+
+        return new_session(pool=settings.service.max_connections + 4)
 
     def _observe(self, method: str, status: int) -> None:
         self.metrics.observe_request(method, status)
