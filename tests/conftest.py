@@ -74,14 +74,22 @@ class PBX:
 
     def run(self, args: List[str], wait_delivery: bool = True, **kw: Any) -> AGIRun:
         """One AGI step. `answer` and `dialer-connected` deliver after they returned (a child
-        process writes the log line when done): unless `wait_delivery` is False, wait for it."""
-        env = {"AGI_BITRIX_SETTINGS": str(self.settings_file)}
-        env.update(kw.pop("env", {}) or {})
+        process, or the service's thread, writes the log line when done): unless `wait_delivery`
+        is False, wait for it."""
         before = len(self.log())
-        run = FakeAsterisk(self.prefix + [str(ENTRY)], args, env=env, **kw).run()
+        run = self.step(args, **kw)
         if wait_delivery and args and args[0] in ("answer", "dialer-connected"):
             self.wait_for(lambda: len(self.log()) > before, "the answer step's delivery")
         return run
+
+    def step(self, args: List[str], **kw: Any) -> AGIRun:
+        return self.run_process(args, **kw)
+
+    def run_process(self, args: List[str], **kw: Any) -> AGIRun:
+        """The step as its own process, AGI(agi-bitrix,...)."""
+        env = {"AGI_BITRIX_SETTINGS": str(self.settings_file)}
+        env.update(kw.pop("env", {}) or {})
+        return FakeAsterisk(self.prefix + [str(ENTRY)], args, env=env, **kw).run()
 
     def wait_for(self, condition: Any, what: str, limit: float = 30.0) -> None:
         """Poll until `condition()` holds (bounded; no assertion on how long it took)."""
@@ -161,7 +169,7 @@ class ServicePBX(PBX):
     def address(self) -> Any:
         return self.service.fastagi.address
 
-    def run(self, args: List[str], **kw: Any) -> AGIRun:
+    def step(self, args: List[str], **kw: Any) -> AGIRun:
         assert not kw.pop("env", None), "a FastAGI step has no process environment"
         host, port = self.address
         return FakeFastAGI(host, port, args[0] if args else "", args[1:], **kw).run()

@@ -166,7 +166,7 @@ def test_over_the_cap_a_step_is_answered_failure_and_runs_in_process_mode(servic
         assert in_dial.wait(WAIT)
         runs = step_with_fallback(
             lambda: FakeFastAGI(host, port, "incoming", ["89161234567"], linkedid="1795600030.2").run(),
-            lambda: PBX.run(service, ["incoming", "89161234567"], linkedid="1795600030.2"))
+            lambda: service.run_process(["incoming", "89161234567"], linkedid="1795600030.2"))
     finally:
         release.set()
         thread.join(WAIT)

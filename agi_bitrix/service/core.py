@@ -175,6 +175,14 @@ class Service:
                 return
         store.close()
 
+    def release(self, ctx: Any, in_memory: bool) -> Optional[float]:
+        """The step's status is on the channel: close the connection now so the call goes on (the
+        `answer` step holds the bridge), then deliver in this thread with a budget of its own (its
+        state, in the database or in memory, stays with it). No fork: a child of this process
+        would inherit every live AGI socket."""
+        ctx.session.detach()
+        return ctx.settings.bitrix24.timeout
+
     def _shared_auth(self, settings: Any) -> Any:
         from agi_bitrix.bitrix.factory import make_auth
 
