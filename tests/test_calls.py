@@ -129,6 +129,10 @@ def test_dial_validates_registers_and_emits_one_dial(pbx, emulator):
     # The call id is on the channel before Dial blocks, for the hangup handler.
     exec_index = next(i for i, c in enumerate(run.commands) if c.startswith("EXEC Dial"))
     assert any(c.startswith("SET VARIABLE BITRIX_CALL_ID") for c in run.commands[:exec_index])
+    # The step ends in one place: its status is set once, before Dial, and not again after it.
+    statuses = [i for i, c in enumerate(run.commands) if c.startswith("SET VARIABLE BITRIX_STATUS")]
+    assert len(statuses) == 1 and statuses[0] < exec_index
+    assert [e["dialstatus"] for e in pbx.log() if e["event"] == "dial"] == ["ANSWER"]
     pbx.run(["hangup", "ANSWER", "4"], linkedid=lid, dead=True)
     assert only_call(emulator)["status_code"] == "200"
 

@@ -4,8 +4,13 @@
 class Refused(Exception):
     """The event cannot be carried out (bad input, unknown call): BITRIX_STATUS=ERROR, reason logged.
 
-    Kept here, light to import, so the dispatcher can use it before any controller is loaded.
+    `variables`: channel variables the dialplan still needs (e.g. an empty BITRIX_DIAL: nothing to
+    dial). Kept here, light to import, so the dispatcher can use it before any controller is loaded.
     """
+
+    def __init__(self, reason: str, variables: "dict[str, str] | None" = None) -> None:
+        super().__init__(reason)
+        self.variables = dict(variables or {})
 
 # event name -> module; imported lazily so an event loads only what it needs.
 EVENTS = {

@@ -30,6 +30,6 @@ def handle(ctx: EventContext) -> Outcome:
         # The card moves to whoever answered: shown to him (unless it is up already), hidden from the rest.
         show = [] if ext in before.shown else [ext]
         hide = [u for u in before.shown if u != ext]
-        ctx.queued.append(ctx.store.move_card(key, show, hide, [ext], ctx.outbox.owner, ctx.lease))
-        ctx.keys = [key]
+        return Outcome(queued=[ctx.store.move_card(key, show, hide, [ext], ctx.outbox.owner, ctx.lease)],
+                       deliver=[key])
     return Outcome()

@@ -1,4 +1,9 @@
-"""What every controller gets (EventContext) and gives back (Outcome)."""
+"""What every controller gets (EventContext) and gives back (Outcome).
+
+A controller reads the event, decides, journals what Bitrix24 must learn, and returns what it
+did; the dispatcher alone delivers, settles the status and talks to the channel, once, the same
+way for both transports.
+"""
 from __future__ import annotations
 
 import time
@@ -11,7 +16,7 @@ from agi_bitrix.controllers import Refused  # noqa: F401 - controllers raise it 
 from agi_bitrix.deadline import Deadline
 from agi_bitrix.outbox import Outbox
 from agi_bitrix.settings import Settings
-from agi_bitrix.store import DEAD, PENDING, Store
+from agi_bitrix.store import Store
 
 
 @dataclass
@@ -20,6 +25,10 @@ class Outcome:
     call_id: Optional[str] = None
     responsible: Optional[str] = None  # set only by `incoming`
     reason: str = ""
+    queued: List[int] = field(default_factory=list)          # outbox entries this step journaled
+    deliver: List[str] = field(default_factory=list)         # outbox keys to deliver (default: the linkedid)
+    variables: Dict[str, str] = field(default_factory=dict)  # channel variables for the dialplan
+    dial: Optional[str] = None  # Dial(options) once the status is on the channel (it blocks for the call)
 
 
 @dataclass
@@ -33,8 +42,6 @@ class EventContext:
     deadline: Deadline
     linkedid: str
     log: Dict[str, Any] = field(default_factory=dict)  # extra fields for the event's log line
-    queued: List[int] = field(default_factory=list)    # outbox entries this event wrote
-    keys: List[str] = field(default_factory=list)      # outbox keys to deliver (default: the linkedid)
     clock: Callable[[], float] = time.time              # wall clock of answers and talk time (tests move it)
 
     def arg(self, index: int) -> str:
@@ -53,32 +60,3 @@ class EventContext:
     def lease(self) -> float:
         """How long this step may hold its entries before a flusher may take them over."""
         return self.deadline.remaining() + 5.0
-
-    def settle(self, outcome: Outcome, deliver: bool = True) -> Outcome:
-        """Deliver what is due for this call within the budget; status from this event's entries.
-
-        OK: everything this step queued reached Bitrix24. QUEUED: kept in the outbox for later
-        delivery. ERROR: an entry was dead-lettered (reason in the log). `deliver=False` only
-        reads the journal (no network): the status of a step that delivers after returning.
-        """
-        if deliver:
-            for key in self.keys or [self.linkedid]:
-                self.outbox.deliver_call(key, self.deadline, lease=self.lease)
-        entries = self.store.entry_states(self.queued)
-        call = self.store.call(self.store.active_key(self.linkedid))
-        outcome.call_id = call.call_id if call else None
-        dead = [e for e in entries.values() if e.state == DEAD]
-        if dead:
-            outcome.status, outcome.reason = V.ERROR, f"{dead[0].kind} dead-lettered: {dead[0].last_error}"
-        elif any(e.state == PENDING for e in entries.values()) or (call is not None and not call.call_id):
-            outcome.status = V.QUEUED
-            waiting = [e for e in entries.values() if e.state == PENDING and e.last_error]
-            if waiting:
-                outcome.reason = f"kept in the outbox: {waiting[0].last_error}"
-        if outcome.status == V.QUEUED:
-            self.log["queued"] = sorted(e.kind for e in entries.values() if e.state == PENDING)
-        return outcome
-
-    def publish(self, outcome: Outcome) -> None:
-        """Set the contract's channel variables now (before a blocking Dial, say)."""
-        V.publish(self.session, outcome.status, outcome.call_id or "", outcome.responsible)

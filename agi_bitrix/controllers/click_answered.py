@@ -20,7 +20,5 @@ def handle(ctx: EventContext) -> Outcome:
                                     phones.dialable(call.phone, ctx.settings.calls.region, ast.number_format))
     except phones.InvalidNumber as exc:
         raise Refused(f"not dialing the client: {exc}") from None
-    ctx.session.set_variable("BITRIX_DIAL", target)
-    ctx.session.set_variable("BITRIX_DIAL_TIMEOUT", str(ast.dial_timeout))
     ctx.log.update(dial=target, user=call.user_inner)
-    return Outcome()
+    return Outcome(variables={"BITRIX_DIAL": target, "BITRIX_DIAL_TIMEOUT": str(ast.dial_timeout)})

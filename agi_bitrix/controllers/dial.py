@@ -1,4 +1,8 @@
-"""`dial` NUMBER [EXT]: validate the number, register the call for EXT, and Dial it."""
+"""`dial` NUMBER [EXT]: validate the number, register the call for EXT, and Dial it.
+
+The Dial itself is run by the dispatcher once the step's status is on the channel: Dial blocks
+until the call ends, and the hangup handler needs BITRIX_CALL_ID before that.
+"""
 from __future__ import annotations
 
 from agi_bitrix import phones
@@ -16,17 +20,12 @@ def handle(ctx: EventContext) -> Outcome:
         target = phones.dial_string(ast.dial_template, trunk_number)
     except phones.InvalidNumber as exc:
         raise Refused(f"not dialing {raw[:40]!r}: {exc}") from None
-    ctx.log["number"] = e164
-    outcome = Outcome()
+    ctx.log.update(number=e164, dial=target)
+    outcome = Outcome(dial=f"{target},{ast.dial_timeout}" + (f",{ast.dial_options}" if ast.dial_options else ""))
     raw_ext = ctx.arg(2)
     if raw_ext and not phones.inner_number(raw_ext):
         # The caller still gets his call; only the CRM record is missing.
         outcome.status, outcome.reason = V.ERROR, f"EXT {raw_ext[:40]!r} is not an inner number; call not registered"
     elif raw_ext:
-        register_call(ctx, "outgoing", raw_ext, e164, calls.line_number)
-        outcome = ctx.settle(outcome)
-    ctx.publish(outcome)  # before Dial: it blocks until the call ends
-    options = f"{target},{ast.dial_timeout}" + (f",{ast.dial_options}" if ast.dial_options else "")
-    result = ctx.session.exec_app("Dial", options)
-    ctx.log.update(dial=target, dial_result=result, dialstatus=ctx.session.get_variable("DIALSTATUS"))
+        outcome.queued = register_call(ctx, "outgoing", raw_ext, e164, calls.line_number)
     return outcome

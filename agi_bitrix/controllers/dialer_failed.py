@@ -26,7 +26,5 @@ def handle(ctx: EventContext) -> Outcome:
     if recorded is None:
         ctx.log["note"] = "outcome already recorded by the dialer"
         return Outcome()
-    ctx.queued.extend(e.id for e in ctx.store.entries(attempt_id, "pending"))
-    # Deliver this attempt's writes (its linkedid is not this channel's).
-    ctx.outbox.deliver_call(attempt_id, ctx.deadline, lease=ctx.lease)
-    return Outcome()
+    # This attempt's writes are delivered under its own key (its linkedid is not this channel's).
+    return Outcome(queued=[e.id for e in ctx.store.entries(attempt_id, "pending")], deliver=[attempt_id])

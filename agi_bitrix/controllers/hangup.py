@@ -61,16 +61,16 @@ def finish_of(settings: Any, call: Any, dialstatus: str, answeredtime: Optional[
 
 
 def queue_part_finish(ctx: EventContext, key: str, call: Any, dialstatus: str,
-                      answeredtime: Optional[int] = None, recording: Optional[Dict[str, Any]] = None) -> None:
-    """Queue the finish of one call (or call part), exactly once, for the right employee."""
+                      answeredtime: Optional[int] = None, recording: Optional[Dict[str, Any]] = None) -> List[int]:
+    """Queue the finish of one call (or call part), exactly once, for the right employee; the
+    entries journaled (none when another leg queued it already)."""
     params, hide = finish_of(ctx.settings, call, dialstatus, answeredtime, ended=ctx.clock())
     ctx.log.update(direction=call.direction, dialstatus=dialstatus, status_code=params["STATUS_CODE"],
                    duration=params["DURATION"], user=params["USER_PHONE_INNER"])
     ids = ctx.store.queue_finish(key, params, recording, ctx.outbox.owner, ctx.lease, hide=hide)
     if ids is None:
         ctx.log["note"] = "finish already queued by another leg"
-    else:
-        ctx.queued.extend(ids)
+    return list(ids or [])
 
 
 def read_answeredtime(ctx: EventContext, raw: Optional[str]) -> Optional[int]:
@@ -109,22 +109,20 @@ def handle(ctx: EventContext) -> Outcome:
     if ctx.linkedid.startswith("dialer-"):
         return _dialer_hangup(ctx, dialstatus, answeredtime)
     key = ctx.store.active_key(ctx.linkedid)  # after a transfer, the part now going on
-    ctx.keys = [key]
     call = ctx.store.call(key)
     if call is None:
         # A call refused before it was registered (a bad *9 number, say): nothing to finish.
         ctx.log["note"] = "no call was registered for this linkedid: nothing to finish"
-        return Outcome()
+        return Outcome(deliver=[key])
     answered = call.answered_at is not None
     if answered and dialstatus.upper() in _NOT_ANSWERED:
         # A leg that never reached an employee (a queue member's unanswered ring, an IVR branch)
         # must not overwrite the outcome of the leg that answered: its hangup finishes the call.
         ctx.log["note"] = f"{dialstatus} from a leg that did not answer; the answered leg finishes the call"
-        return Outcome()
+        return Outcome(deliver=[key])
     if not dialstatus and not answered:
         dialstatus = _queue_outcome(ctx)
-    queue_part_finish(ctx, key, call, dialstatus, answeredtime, recording)
-    return Outcome()
+    return Outcome(queued=queue_part_finish(ctx, key, call, dialstatus, answeredtime, recording), deliver=[key])
 
 
 # DIALSTATUS of the dialer's second Dial (operator_first: the client) -> attempt outcome
@@ -154,5 +152,4 @@ def _dialer_hangup(ctx: EventContext, dialstatus: str, answeredtime: Optional[in
     if outcomes.record_outcome(ctx.store, dstate, ctx.settings, ctx.linkedid, outcome, ctx.outbox.owner,
                                duration) is None:
         ctx.log["note"] = "outcome already recorded"
-    ctx.queued.extend(e.id for e in ctx.store.entries(ctx.linkedid, "pending"))
-    return Outcome()
+    return Outcome(queued=[e.id for e in ctx.store.entries(ctx.linkedid, "pending")])

@@ -20,12 +20,11 @@ def handle(ctx: EventContext) -> Outcome:
     user = responsible or calls.default_user
     if not user:
         raise Refused("no employee to show the call to: set [calls] default_user")
-    register_call(ctx, "incoming", user, phone, line)
+    queued = register_call(ctx, "incoming", user, phone, line)
     # A ring group or queue: the card pops up for every phone that rings (one batched show).
     # The dialplan names them in BITRIX_RING (e.g. ${INBOUND_PHONES} or ${QUEUE_MEMBER_LIST(q)}).
     others = [] if responsible else [u for u in phones.ringing(ctx.session.get_variable("BITRIX_RING")) if u != user]
-    if others and ctx.queued:
+    if others and queued:
         ctx.log["ringing"] = others
-        ctx.queued.append(ctx.store.move_card(ctx.linkedid, others, [], [user] + others, ctx.outbox.owner,
-                                              ctx.lease))
-    return Outcome(responsible=responsible or "")
+        queued.append(ctx.store.move_card(ctx.linkedid, others, [], [user] + others, ctx.outbox.owner, ctx.lease))
+    return Outcome(responsible=responsible or "", queued=queued)

@@ -15,5 +15,4 @@ def handle(ctx: EventContext) -> Outcome:
     number, why = phones.caller_number(ctx.arg(2) or ctx.env("agi_extension"), calls.region, "")
     if not number:
         raise Refused(f"dialed number refused: {why or 'empty'}")
-    register_call(ctx, "outgoing", ext, number, calls.line_number)
-    return Outcome()
+    return Outcome(queued=register_call(ctx, "outgoing", ext, number, calls.line_number))

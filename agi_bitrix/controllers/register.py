@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import List
 
 from agi_bitrix.bitrix import payloads
 from agi_bitrix.controllers.base import EventContext
@@ -9,8 +10,8 @@ from agi_bitrix.controllers.base import EventContext
 TYPES = {"incoming": payloads.CallType.INCOMING, "outgoing": payloads.CallType.OUTGOING}
 
 
-def register_call(ctx: EventContext, direction: str, user: str, phone: str, line: str) -> None:
-    """Record the call and journal its register, for employee `user`.
+def register_call(ctx: EventContext, direction: str, user: str, phone: str, line: str) -> List[int]:
+    """Record the call and journal its register, for employee `user`; the entries journaled.
 
     A linkedid seen before (another leg ran the same event) queues nothing new. The payload is
     fixed now, so a replay hours later carries the real start time and the same dedup key
@@ -25,5 +26,4 @@ def register_call(ctx: EventContext, direction: str, user: str, phone: str, line
     ctx.log.update(phone=phone, user=user, line=line)
     entry = ctx.store.start_call(ctx.linkedid, direction, phone, line, user, payload.params(),
                                  ctx.outbox.owner, ctx.lease)
-    if entry is not None:
-        ctx.queued.append(entry)
+    return [] if entry is None else [entry]

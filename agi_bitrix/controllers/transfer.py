@@ -40,32 +40,30 @@ def _target(ctx: EventContext, raw: str) -> Tuple[Optional[str], str]:
 def handle(ctx: EventContext) -> Outcome:
     try:
         target, dial = _target(ctx, ctx.arg(1))
-    except Refused:
-        ctx.session.set_variable("BITRIX_DIAL", "")  # nothing to dial
-        raise
+    except Refused as exc:
+        raise Refused(str(exc), variables={"BITRIX_DIAL": ""}) from None  # nothing to dial
     # The transfer goes on in Asterisk whatever Bitrix24 knows of the call.
-    ctx.session.set_variable("BITRIX_DIAL", dial)
+    variables = {"BITRIX_DIAL": dial}
     ctx.log.update(transfer_to=target or "external", dial=dial)
     key = ctx.store.active_key(ctx.linkedid)
     call = ctx.store.call(key)
     if call is None:
         raise Refused("no call is known for this linkedid (did `incoming` or `outgoing` run?); "
-                      "the transfer is dialed, Bitrix24 is not told")
+                      "the transfer is dialed, Bitrix24 is not told", variables=variables)
     ctx.log["part"] = key
     holder = call.answered_inner if call.answered_at else call.user_inner
     if target == holder:
         ctx.log["note"] = "transfer to the employee who already has the call"
-        return Outcome()
+        return Outcome(variables=variables)
     # The first part ends now, answered (talked) or not (e.g. an operator passing the call on).
     # A blind transfer runs this on the transferee, whose Dial just ended: its ANSWEREDTIME is
     # the first part's talk time (Asterisk main/bridge_basic.c, apps/app_dial.c).
     answeredtime = read_answeredtime(ctx, None) if call.answered_at else None
-    queue_part_finish(ctx, key, call, "ANSWER" if call.answered_at else "", answeredtime)
-    ctx.keys = [key]
+    queued = queue_part_finish(ctx, key, call, "ANSWER" if call.answered_at else "", answeredtime)
     if target is None:
         # An outside number takes the call over: the employee's part is all Bitrix24 records.
         ctx.log["note"] = "transferred to an external number: the call ends in Bitrix24 with this part"
-        return Outcome()
+        return Outcome(queued=queued, deliver=[key], variables=variables)
     new_key = f"{ctx.linkedid}-t{_next_part(ctx)}"
     register = payloads.Register(
         USER_PHONE_INNER=target, PHONE_NUMBER=call.phone, TYPE=TYPES[call.direction],
@@ -75,10 +73,9 @@ def handle(ctx: EventContext) -> Outcome:
     entry = ctx.store.start_part(ctx.linkedid, new_key, call.direction, call.phone, call.line, target, register,
                                  ctx.outbox.owner, ctx.lease)
     if entry is not None:
-        ctx.queued.append(entry)
-    ctx.keys = [key, new_key]
+        queued.append(entry)
     ctx.log["new_part"] = new_key
-    return Outcome()
+    return Outcome(queued=queued, deliver=[key, new_key], variables=variables)
 
 
 def _next_part(ctx: EventContext) -> int:
