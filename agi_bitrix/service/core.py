@@ -104,7 +104,7 @@ class Service:
         """SIGHUP (`systemctl reload`): settings read again, the log reopened (after logrotate).
 
         Bad settings keep the ones in force, with the reason logged. The FastAGI and HTTP addresses
-        take effect at the next start.
+        and whether the dialer runs take effect at the next start.
         """
         try:
             settings = settings_mod.load(self.settings_path)
@@ -124,7 +124,7 @@ class Service:
             store.close()
         self.ami.settings = settings
         self.web.RequestHandlerClass = self._handler(settings)
-        notes = [f"[service] {k} changes at the next start" for k in ("fastagi",)
+        notes = [f"[service] {k} changes at the next start" for k in ("fastagi", "dialer")
                  if getattr(old.service, k) != getattr(settings.service, k)]
         if old.events.listen != settings.events.listen:
             notes.append("[events] listen changes at the next start")
