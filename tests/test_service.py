@@ -467,3 +467,44 @@ def test_check_says_whether_the_service_is_up_and_ready(service, emulator, tmp_p
     service.stop()
     res = service.cli("check")
     assert "WARNING  service    agi-bitrix service is not running" in res.stdout
+
+
+def test_the_fastagi_peer_speaks_as_asterisk_22():
+    """The test peer itself: block order, query string kept, HANGUP after a command in progress,
+    the last HANGUP at the end of the session, FAILURE when nothing listens."""
+    seen: List[bytes] = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            with conn:
+                f = conn.makefile("rwb", buffering=0)
+                while True:
+                    line = f.readline()
+                    seen.append(line)
+                    if line == b"\n":
+                        break
+                f.write(b'EXEC Wait "5"\n')
+                seen.append(f.readline())  # the answer of the command in progress comes first
+                seen.append(f.readline())  # then the HANGUP line
+                f.write(b'SET VARIABLE BITRIX_STATUS "OK"\n')  # dead-capable: still served
+                seen.append(f.readline())
+                conn.shutdown(socket.SHUT_WR)
+                seen.append(f.readline())  # after our close, one more HANGUP
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        peer = FakeFastAGI("127.0.0.1", port, "incoming?trunk=1", ["89161234567", ""], linkedid="1.2",
+                           hangup_after=0.2, timeout=WAIT)
+        run = peer.run()
+        thread.join(WAIT)
+    assert seen[0] == b"agi_network: yes\n" and seen[1] == b"agi_network_script: incoming?trunk=1\n"
+    assert seen[2] == b"agi_request: agi://127.0.0.1:%d/incoming?trunk=1\n" % port
+    assert b"agi_arg_1: 89161234567\n" in seen and b"agi_arg_2: \n" in seen
+    assert seen[-4:] == [b"200 result=-1\n", b"HANGUP\n", b"200 result=1\n", b"HANGUP\n"]
+    assert run.agistatus == "HANGUP" and run.set_variables == {"BITRIX_STATUS": "OK"}
+    assert run.sighup_sent and peer.hangup_lines == 1
+    assert FakeFastAGI("127.0.0.1", free_port(), "incoming", []).run().agistatus == "FAILURE"
