@@ -255,10 +255,11 @@ class Service:
             pass  # the observer has noted it
 
     def _dialer(self) -> None:
+        from agi_bitrix.bitrix.errors import BitrixError
         from agi_bitrix.bitrix.factory import make_client
         from agi_bitrix.commands.dialer import one_pass
         from agi_bitrix.dialer.engine import Dialer, DialerBusy, DialerLock
-        from agi_bitrix.pbx.ami import AMIClient
+        from agi_bitrix.pbx.ami import AMIClient, AMIError
         from agi_bitrix.store import Store
 
         settings = self.settings
@@ -282,8 +283,10 @@ class Service:
                             self.metrics.dialer_passes.inc()
                             for outcome in report.outcomes.values():
                                 self.metrics.dialer_outcomes.labels(str(outcome)).inc()
-                        except Exception:
+                        except (BitrixError, AMIError):
                             pass  # logged by one_pass; the next pass tries again
+                        except Exception as exc:  # the loop must outlive any one pass
+                            self.log.error("dialer_pass", reason=f"{type(exc).__name__}: {exc}")
                         self._stop.wait(self.settings.dialer.poll_interval)
                 finally:
                     ami.close()
