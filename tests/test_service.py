@@ -34,7 +34,9 @@ def until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> Any
 
 @pytest.fixture
 def service(tmp_path, emulator):
-    pbx = ServicePBX(tmp_path, emulator.webhook_url, env_timeout=0.5).start()
+    # Long enough that a loaded machine never stalls a well-behaved peer (the 1 MB block goes out in
+    # pieces), short enough for the tests of peers that do stall.
+    pbx = ServicePBX(tmp_path, emulator.webhook_url, env_timeout=2.0).start()
     try:
         yield pbx
     finally:
