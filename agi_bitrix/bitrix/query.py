@@ -41,21 +41,35 @@ def build(params: dict) -> str:
 # Reading PHP-style keys: what Bitrix24 POSTs to event handlers (`data[CALL_ID]=...`, `auth[...]`).
 _PHP_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 _BRACKETS = re.compile(r"\[([^\[\]]*)\]")
+# Bounds in the spirit of PHP's max_input_vars (1000) and max_input_nesting_level (64): an event
+# of Bitrix24 has a few dozen keys nested three deep, so anything far beyond is not one.
+MAX_KEYS = 1000
+MAX_DEPTH = 32
 
 
-def parse_php_pairs(pairs: Iterable[Tuple[str, str]]) -> Dict[str, Any]:
+class FormTooComplex(ValueError):
+    """A form with more keys or deeper nesting than the bounds: refused, never half parsed."""
+
+
+def parse_php_pairs(pairs: Iterable[Tuple[str, str]], max_keys: int = MAX_KEYS,
+                    max_depth: int = MAX_DEPTH) -> Dict[str, Any]:
     """Build nested params from PHP-style keys: ``a[b][]=1`` -> ``{"a": {"b": ["1"]}}``.
 
     Containers whose keys are exactly 0..n-1 in order become lists, as PHP's json_encode does.
+    Raises FormTooComplex beyond ``max_keys`` pairs or ``max_depth`` levels of brackets.
     """
     root: Dict[str, Any] = {}
-    for key, value in pairs:
+    for count, (key, value) in enumerate(pairs, 1):
+        if count > max_keys:
+            raise FormTooComplex(f"more than {max_keys} keys")
         m = _PHP_KEY.match(key)
         if not m:
             if key:
                 root[key] = value
             continue
         path = [m.group(1)] + _BRACKETS.findall(m.group(2))
+        if len(path) > max_depth:
+            raise FormTooComplex(f"keys nested deeper than {max_depth} levels")
         node = root
         for i, seg in enumerate(path):
             if seg == "":
@@ -71,9 +85,13 @@ def parse_php_pairs(pairs: Iterable[Tuple[str, str]]) -> Dict[str, Any]:
     return {k: _listify(v) for k, v in root.items()}
 
 
-def parse_php_query(query: str) -> Dict[str, Any]:
-    """Parse a query string / form body with PHP-style nested keys."""
-    return parse_php_pairs(urllib.parse.parse_qsl(query, keep_blank_values=True))
+def parse_php_query(query: str, max_keys: int = MAX_KEYS, max_depth: int = MAX_DEPTH) -> Dict[str, Any]:
+    """Parse a query string / form body with PHP-style nested keys (bounded, see parse_php_pairs)."""
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=max_keys)
+    except ValueError:  # parse_qsl's own field limit, counted before any key is looked at
+        raise FormTooComplex(f"more than {max_keys} keys") from None
+    return parse_php_pairs(pairs, max_keys, max_depth)
 
 
 def _next_index(node: dict) -> int:
