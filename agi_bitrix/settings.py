@@ -293,6 +293,10 @@ class EventsSettings(_Section):
     listen: str = "127.0.0.1:8077"  # where `agi-bitrix serve` listens (behind your https proxy)
     click_dedup: float = Field(5.0, ge=0, le=120)  # seconds in which a second click on a number is a repeat
     callback_user: str = ""         # inner number rung for the website callback form (default: default_user)
+    # The HTTP handler is open to the network: connections served at once (more are refused with
+    # 503 at once) and seconds one connection may take in all.
+    max_connections: int = Field(32, ge=1, le=1000)
+    request_timeout: float = Field(10.0, gt=0, le=300)
 
     @field_validator("handler_url")
     @classmethod
