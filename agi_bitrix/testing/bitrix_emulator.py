@@ -129,10 +129,11 @@ class _Page:
 
 
 class _Ctx:
-    __slots__ = ("user_id", "auth", "in_batch")
+    __slots__ = ("user_id", "auth", "in_batch", "app")
 
-    def __init__(self, user_id: int, auth: str, in_batch: bool = False) -> None:
-        self.user_id, self.auth, self.in_batch = user_id, auth, in_batch
+    def __init__(self, user_id: int, auth: str, in_batch: bool = False, app: str | None = None) -> None:
+        # app: the client_id of the application an OAuth token was issued to (None for a webhook)
+        self.user_id, self.auth, self.in_batch, self.app = user_id, auth, in_batch, app
 
 
 # --------------------------------------------------------------------------- parsing helpers
@@ -333,6 +334,8 @@ _METHODS: dict[str, tuple[tuple[str, ...] | None, str]] = {
     "profile": (None, "_m_profile"),
     "methods": (None, "_m_methods"),
     "batch": (("basic",), "_m_batch_placeholder"),
+    "app.info": (("basic",), "_m_app_info"),
+    "user.admin": (("basic",), "_m_user_admin"),
     "user.get": (("user", "user_basic", "user_brief"), "_m_user_get"),
     "telephony.externalcall.register": (("telephony",), "_m_register"),
     "telephony.externalcall.show": (("telephony",), "_m_show"),
@@ -438,6 +441,9 @@ class Bitrix24Emulator:
         self._access: dict[str, dict] = {}
         self._refresh: dict[str, dict] = {}
         self._codes: dict[str, float] = {}
+        # Applications installed on this portal: client_id -> client_secret. Every token belongs to one;
+        # the first is "the" application (events, lines, installation callback).
+        self._apps: dict[str, str] = {client_id: client_secret}
 
         # REST events: the single installed application's bindings, offline queue and deliveries.
         self.application_token = secrets.token_hex(16)  # per-app secret in every event's auth[application_token]
@@ -541,12 +547,15 @@ class Bitrix24Emulator:
     # ------------------------------------------------------------------ directory and CRM seeding
 
     def add_user(self, name: str, last_name: str = "", inner: str | None = None, active: bool = True,
-                 online: bool = True, user_id: int | None = None, timeman_status: str = "OPENED") -> dict:
-        """Add (or replace, with the same user_id) an employee; returns his user.get row."""
+                 online: bool = True, user_id: int | None = None, timeman_status: str = "OPENED",
+                 admin: bool | None = None) -> dict:
+        """Add (or replace, with the same user_id) an employee; returns his user.get row. ``admin``
+        (user.admin) defaults to True only for webhook_user_id, the portal's administrator."""
         with self._lock:
             uid = int(user_id) if user_id is not None else max(self._users, default=0) + 1
             self._users[uid] = {
                 "id": uid, "name": name, "last_name": last_name,
+                "admin": uid == self.webhook_user_id if admin is None else bool(admin),
                 "inner": None if inner in (None, "") else str(inner),
                 "active": bool(active), "online": bool(online), "timeman": None,
                 "last_activity": _portal_dt(self.clock()), "day_start": None, "day_finish": None,
@@ -817,10 +826,19 @@ class Bitrix24Emulator:
 
     # ------------------------------------------------------------------ OAuth (mode 2)
 
-    def issue_tokens(self) -> dict:
-        """A fresh valid token pair (a new chain), shaped like the token endpoint's answer."""
+    def add_application(self, client_id: str, client_secret: str = "other-client-secret") -> None:
+        """Another local application on this portal (its tokens work here, but app.info names it)."""
         with self._lock:
-            return self._issue_pair(self.webhook_user_id)
+            self._apps[client_id] = client_secret
+
+    def issue_tokens(self, user_id: int | None = None, client_id: str | None = None) -> dict:
+        """A fresh valid token pair (a new chain), shaped like the token endpoint's answer; by default
+        of the application's installing administrator (webhook_user_id)."""
+        with self._lock:
+            app = client_id or self.client_id
+            if app not in self._apps:
+                raise ValueError(f"no application {app!r} on this portal (add_application first)")
+            return self._issue_pair(self.webhook_user_id if user_id is None else int(user_id), app)
 
     def expire_access_tokens(self) -> None:
         with self._lock:
@@ -836,9 +854,10 @@ class Bitrix24Emulator:
             self._bindings.clear()
             self._offline.clear()
             for rec in self._refresh.values():
-                rec["state"] = "revoked"
+                if rec["app"] == self.client_id:
+                    rec["state"] = "revoked"
             for rec in self._access.values():
-                if rec["state"] != "expired":
+                if rec["state"] != "expired" and rec["app"] == self.client_id:
                     rec["state"] = "dead"
             self._codes.clear()
 
@@ -848,12 +867,13 @@ class Bitrix24Emulator:
             self._codes[code] = self.clock() + CODE_TTL
             return code
 
-    def _issue_pair(self, user_id: int) -> dict:
+    def _issue_pair(self, user_id: int, app: str | None = None) -> dict:
         now = self.clock()
+        app = app or self.client_id
         access, refresh = secrets.token_hex(24), secrets.token_hex(24)
-        self._access[access] = {"user_id": user_id, "expires": now + ACCESS_TTL, "state": "ok"}
+        self._access[access] = {"user_id": user_id, "expires": now + ACCESS_TTL, "state": "ok", "app": app}
         self._refresh[refresh] = {"user_id": user_id, "access": access, "state": "ok",
-                                  "expires": now + REFRESH_TTL}
+                                  "expires": now + REFRESH_TTL, "app": app}
         return {
             "access_token": access, "expires": int(now + ACCESS_TTL), "expires_in": ACCESS_TTL,
             "scope": ",".join(self.scopes), "domain": self.domain,
@@ -1067,7 +1087,7 @@ class Bitrix24Emulator:
                 raise ApiError(401, "invalid_token", "Unable to get application by token")
             if rec["state"] == "expired" or self.clock() >= rec["expires"]:
                 raise ApiError(401, "expired_token", "The access token provided has expired.")
-            return _Ctx(rec["user_id"], "oauth")
+            return _Ctx(rec["user_id"], "oauth", app=rec.get("app", self.client_id))
 
     def _invoke(self, method: str, params: dict, ctx: _Ctx, sub_call: bool) -> Any:
         if sub_call:  # top-level faults/delays were applied before auth
@@ -1126,7 +1146,7 @@ class Bitrix24Emulator:
         totals: dict[Any, Any] = {}
         nexts: dict[Any, Any] = {}
         times: dict[Any, Any] = {}
-        sub_ctx = _Ctx(ctx.user_id, ctx.auth, in_batch=True)
+        sub_ctx = _Ctx(ctx.user_id, ctx.auth, in_batch=True, app=ctx.app)
         for key, name, query in parsed:
             # References are replaced in the raw query, before it is parsed (values URL-encoded).
             sub = parse_php_query(self._substitute(query, results))
@@ -1190,7 +1210,8 @@ class Bitrix24Emulator:
         return 200, result
 
     def _grant(self, params: dict) -> dict:
-        if params.get("client_id") != self.client_id or params.get("client_secret") != self.client_secret:
+        client_id = params.get("client_id")
+        if not isinstance(client_id, str) or self._apps.get(client_id) != params.get("client_secret"):
             raise ApiError(400, "invalid_client", "Invalid client credentials")
         grant = params.get("grant_type")
         now = self.clock()
@@ -1202,7 +1223,8 @@ class Bitrix24Emulator:
             if rec is not None and rec["state"] == "used":
                 self.spent_refresh_uses += 1
                 raise ApiError(400, "invalid_grant", "The refresh token was already used")
-            if rec is None or rec["state"] != "ok" or now >= rec["expires"]:
+            if rec is None or rec["state"] != "ok" or now >= rec["expires"] or rec["app"] != client_id:
+                # A refresh token only ever works for the application it was issued to.
                 raise ApiError(400, "invalid_grant", "Invalid refresh token")
             # Single-use rotation: the used refresh token and its access token both die.
             rec["state"] = "used"
@@ -1210,11 +1232,11 @@ class Bitrix24Emulator:
             if access is not None:
                 access["state"] = "dead"
             self.refresh_count += 1
-            return self._issue_pair(rec["user_id"])
+            return self._issue_pair(rec["user_id"], rec["app"])
         if grant == "authorization_code":
             code = params.get("code")
             expires = self._codes.pop(code, None) if isinstance(code, str) else None
-            if expires is None or now > expires:
+            if expires is None or now > expires or client_id != self.client_id:
                 raise ApiError(400, "invalid_grant", "Invalid or expired authorization code")
             return self._issue_pair(self.webhook_user_id)
         raise ApiError(400, "invalid_request", "Unsupported grant_type")
@@ -1229,6 +1251,19 @@ class Bitrix24Emulator:
         return {"ID": str(ctx.user_id), "ADMIN": True,
                 "NAME": u["name"] if u else "Portal", "LAST_NAME": u["last_name"] if u else "Admin",
                 "PERSONAL_GENDER": "", "TIME_ZONE": ""}
+
+    def _m_app_info(self, p: dict, ctx: _Ctx) -> dict:
+        """The application the token belongs to (Bitrix24 REST docs: app.info); a webhook has none."""
+        if ctx.app is None:
+            raise ApiError(400, "ACCESS_DENIED", "Access denied! Application context required")
+        return {"ID": list(self._apps).index(ctx.app) + 1, "CODE": ctx.app, "VERSION": 1, "STATUS": "L",
+                "INSTALLED": True, "PAYMENT_EXPIRED": "N", "DAYS": None, "LANGUAGE_ID": "en",
+                "LICENSE": "en_project", "LICENSE_TYPE": "project", "LICENSE_FAMILY": "project"}
+
+    def _m_user_admin(self, p: dict, ctx: _Ctx) -> bool:
+        """Whether the token's user may manage applications (Bitrix24 REST docs: user.admin)."""
+        user = self._users.get(ctx.user_id)
+        return bool(user["admin"]) if user is not None else ctx.user_id == self.webhook_user_id
 
     def _m_methods(self, p: dict, ctx: _Ctx) -> list[str]:
         mine = set(self.scopes)
@@ -2142,7 +2177,8 @@ class Bitrix24Emulator:
     def _issue_access(self, user_id: int) -> str:
         """An access token for an event (no refresh token: call events give none)."""
         token = secrets.token_hex(24)
-        self._access[token] = {"user_id": user_id, "expires": self.clock() + ACCESS_TTL, "state": "ok"}
+        self._access[token] = {"user_id": user_id, "expires": self.clock() + ACCESS_TTL, "state": "ok",
+                               "app": self.client_id}
         return token
 
     def _emit(self, event: str, data: dict, user_id: int | None) -> list[tuple[str, str, list]]:
