@@ -42,8 +42,9 @@ class EventRefused(Exception):
     """Forged, foreign or malformed: logged, nothing dialed."""
 
 
-def verify(auth: Any, application_token: str, member_id: str) -> None:
-    """An online event must carry our application_token and our portal's member_id (reference §5.7)."""
+def verify(auth: Any, application_token: str, member_id: str, domain: str = "") -> None:
+    """An online event must carry our application_token (stored from a proven installation callback)
+    and our portal's member_id and domain (Bitrix24 REST docs: safe event handlers)."""
     if not application_token:
         raise EventRefused("no application_token is known yet: install the application with this handler as "
                            "its installation path, or use [events] delivery = offline")
@@ -52,6 +53,8 @@ def verify(auth: Any, application_token: str, member_id: str) -> None:
         raise EventRefused("wrong application_token")
     if member_id and str(auth.get("member_id") or "") != member_id:
         raise EventRefused("event from a foreign portal (member_id)")
+    if domain and str(auth.get("domain") or domain).lower() != domain.lower():
+        raise EventRefused("event from a foreign portal (domain)")
 
 
 def _key(prefix: str, *parts: str) -> str:

@@ -51,7 +51,7 @@ LOCK_POLL = 0.02
 TOKEN_METHOD = "oauth.token"
 
 SPENT = ("the application was revoked or its refresh token is spent: "
-         "run agi-bitrix auth --code CODE (or --refresh-token TOKEN) again")
+         "run agi-bitrix auth --code (or --refresh-token -) again")
 BAD_CODE = ("the authorization code is wrong, used or older than 30 seconds: open the authorization "
             "link again and run agi-bitrix auth --code at once")
 BAD_CLIENT = ("the OAuth server refused client_id/client_secret (or the application is not installed): "
@@ -492,18 +492,12 @@ def authorize(settings: Bitrix24Settings, state_dir: str, code: Optional[str] = 
                           TOKEN_METHOD) from None
 
 
-def install(state_dir: str, auth: Dict[str, Any], fallback_endpoint: str) -> Tokens:
-    """Store what the installation callback brought: the token pair and the application_token."""
+def install(state_dir: str, tokens: Tokens) -> None:
+    """Store the pair and application_token of a proven installation callback (bitrix/install.py)."""
     store = TokenStore(state_dir)
-    token = str(auth.get("application_token") or "")
-    if not token:
-        raise PortalError("NO_APPLICATION_TOKEN", "the installation callback carried no application_token",
-                          None, "install")
-    tokens = replace(Tokens.from_grant(auth, fallback_endpoint), application_token=token)
     try:
         with store.locked(LOCK_WAIT):
             store.save(tokens)
     except _LockTimeout:
         raise BitrixError("REFRESH_BUSY", "another process holds the token lock; try again", None,
                           TOKEN_METHOD) from None
-    return tokens

@@ -1,9 +1,10 @@
 """`agi-bitrix serve`: the HTTP handler for Bitrix24 events and the application's install callback.
 
 Put it behind your https proxy and give its public address to Bitrix24 (`[events] handler_url`).
-Every event must carry the application_token stored from the install callback and our portal's
-member_id; anything else is refused with a log line and nothing is dialed. Bitrix24 does not
-retry slow deliveries, so the answer is immediate and the work happens in a thread.
+The install callback is stored only once proven (bitrix/install.py). Every event must carry the
+application_token stored from it and our portal's member_id and domain; anything else is refused
+with a log line and nothing is dialed. Bitrix24 does not retry slow deliveries, so the answer is
+immediate and the work happens in a thread. The server's limits are in http_server.py.
 """
 from __future__ import annotations
 
@@ -11,13 +12,12 @@ import signal
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Dict
 from urllib.parse import urlsplit
 
+from agi_bitrix import http_server
 from agi_bitrix import settings as settings_mod
-
-MAX_BODY = 64 * 1024
 
 
 class SharedAMI:
@@ -58,31 +58,40 @@ def process_event(settings: Any, ami: Any, logger: Any, event: str, data: Any) -
         store.close()
 
 
-def install(settings: Any, logger: Any, auth: Any) -> str:
-    """The installation callback: store the tokens and application_token, bind the events."""
+def install(settings: Any, logger: Any, auth: Any, gate: Any) -> str:
+    """The installation callback: proven (bitrix/install.py), then stored; the events bound."""
+    from agi_bitrix.bitrix import install as install_mod
     from agi_bitrix.bitrix import oauth
     from agi_bitrix.bitrix.factory import make_client
     from agi_bitrix.events import EventRefused, bind_events
 
     if settings.bitrix24.mode != "oauth":
         raise EventRefused("install callback, but [bitrix24] is not set up as a local application")
-    auth = auth if isinstance(auth, dict) else {}
-    portal = urlsplit(settings.bitrix24.portal_url).netloc
-    if portal and str(auth.get("domain") or "") != portal:
-        raise EventRefused(f"install callback for another portal ({str(auth.get('domain'))[:60]!r})")
     try:
-        known = oauth.TokenStore(settings.storage.state_dir).load()
+        previous = oauth.TokenStore(settings.storage.state_dir).load()
     except oauth.TokenStoreError:
-        known = None
-    if known is not None and known.member_id and str(auth.get("member_id") or "") != known.member_id:
-        raise EventRefused("install callback from a foreign portal (member_id)")
-    oauth.install(settings.storage.state_dir, auth, settings.bitrix24.portal_url + "rest/")
+        previous = None  # a damaged store is what a proven installation repairs
+    try:
+        tokens = install_mod.accept(settings.bitrix24, auth, previous, gate)
+    except install_mod.InstallRefused as exc:
+        raise EventRefused(str(exc)) from None
+    oauth.install(settings.storage.state_dir, tokens)
     bound = bind_events(make_client(settings), settings)
-    logger.info("install", bound=bound)
+    logger.info("install", bound=bound, replaced=previous is not None, member_id=tokens.member_id)
     return "installed"
 
 
+def limits_of(settings: Any) -> http_server.Limits:
+    return http_server.Limits(max_connections=settings.events.max_connections,
+                              request_timeout=settings.events.request_timeout)
+
+
 def make_handler(settings: Any, logger: Any, ami: Any) -> type:
+    """The request handler for Bitrix24's events and the install callback (mount it on http_server)."""
+    from agi_bitrix.bitrix.install import ProofGate
+
+    gate = ProofGate()  # one per server: forged installation callbacks are rationed together
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "agi-bitrix"
 
@@ -102,30 +111,28 @@ def make_handler(settings: Any, logger: Any, ami: Any) -> type:
 
         def do_POST(self) -> None:
             from agi_bitrix.bitrix import oauth
-            from agi_bitrix.bitrix.query import parse_php_query
             from agi_bitrix.events import BOUND_EVENTS, EventRefused, verify
+            from agi_bitrix.http_server import BadRequest, read_form
 
+            peer = self.client_address[0]
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                if not 0 < length <= MAX_BODY:
-                    raise ValueError("empty or oversized body")
-                form = parse_php_query(self.rfile.read(length).decode("utf-8"))
-            except (ValueError, UnicodeDecodeError) as exc:
-                logger.error("event_refused", reason=f"malformed request: {exc}", peer=self.client_address[0])
+                form = read_form(self)
+            except BadRequest as exc:
+                logger.error("event_refused", reason=f"malformed request: {exc}", peer=peer)
                 self._answer(400, "malformed\n")
                 return
             event = str(form.get("event") or "").upper()
             try:
                 if event in ("ONAPPINSTALL", "ONAPPUPDATE") or (not event and isinstance(form.get("auth"), dict)):
-                    self._answer(200, install(settings, logger, form.get("auth")) + "\n")
+                    self._answer(200, install(settings, logger, form.get("auth"), gate) + "\n")
                     return
                 if event not in BOUND_EVENTS:
                     raise EventRefused(f"unexpected event {event[:40]!r}")
                 tokens = oauth.TokenStore(settings.storage.state_dir).load()
                 verify(form.get("auth"), tokens.application_token if tokens else "",
-                       tokens.member_id if tokens else "")
+                       tokens.member_id if tokens else "", urlsplit(settings.bitrix24.portal_url).netloc)
             except EventRefused as exc:
-                logger.error("event_refused", bitrix_event=event[:40] or None, reason=str(exc), peer=self.client_address[0])
+                logger.error("event_refused", bitrix_event=event[:40] or None, reason=str(exc), peer=peer)
                 self._answer(403, "refused\n")
                 return
             except Exception as exc:
@@ -148,13 +155,12 @@ def run(args: Any) -> int:
         print(f"agi-bitrix serve: {exc}", file=sys.stderr)
         return 1
     logger = log_mod.configure(settings.logging.file, settings.logging.level, settings.secrets())
-    host, _, port = settings.events.listen.rpartition(":")
     try:
-        server = ThreadingHTTPServer((host.strip("[]"), int(port)), make_handler(settings, logger, SharedAMI(settings)))
+        server = http_server.build(settings.events.listen, make_handler(settings, logger, SharedAMI(settings)),
+                                   limits_of(settings), logger)
     except OSError as exc:
         print(f"agi-bitrix serve: cannot listen on {settings.events.listen}: {exc.strerror}", file=sys.stderr)
         return 1
-    server.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     logger.info("serve_started", listen=settings.events.listen)
     print(f"listening on {settings.events.listen}", flush=True)
