@@ -106,12 +106,16 @@ class PBX:
                        (seconds, seconds))
         db.close()
 
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """An admin command through the installed entry point, with this PBX's settings."""
+    def cli(self, *args: str, timeout: float = 120, stdin: str | None = None) -> subprocess.CompletedProcess:
+        """An admin command through the installed entry point, with this PBX's settings; `stdin` is
+        piped to it (secrets go there, never on the command line)."""
         env = dict(os.environ, AGI_BITRIX_SETTINGS=str(self.settings_file))
         env.pop("AST_AGI_DIR", None)
+        if stdin is None:
+            return subprocess.run([*self.prefix, str(ENTRY), *args], capture_output=True, text=True, env=env,
+                                  stdin=subprocess.DEVNULL, timeout=timeout)
         return subprocess.run([*self.prefix, str(ENTRY), *args], capture_output=True, text=True, env=env,
-                              stdin=subprocess.DEVNULL, timeout=timeout)
+                              input=stdin, timeout=timeout)
 
     def background(self, *args: str) -> subprocess.Popen:
         """A long-running admin command (the worker, serve) through the installed entry point."""

@@ -178,7 +178,7 @@ def test_callback_form_rings_an_employee_then_the_visitor(online, emulator):
 def test_offline_events_through_the_worker(pbx, emulator):
     with FakeAMI(username="crm", secret="ami-secret-3") as ami:
         desk = Desk(pbx, emulator, ami, "offline")
-        res = pbx.cli("auth", "--code", emulator.authorization_code())
+        res = pbx.cli("auth", "--code", stdin=emulator.authorization_code())
         assert res.returncode == 0 and "events bound (offline)" in res.stdout, res.stdout + res.stderr
         data = emulator.click_to_call(emulator.people["102"], "+79167654327")
         assert emulator.offline_events

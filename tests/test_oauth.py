@@ -24,7 +24,7 @@ def use_oauth(pbx, emulator, timeout: str = "2") -> None:
 
 def authorized(pbx, emulator, timeout: str = "2") -> None:
     use_oauth(pbx, emulator, timeout)
-    res = pbx.cli("auth", "--code", emulator.authorization_code())
+    res = pbx.cli("auth", "--code", stdin=emulator.authorization_code() + "\n")
     assert res.returncode == 0, res.stderr
 
 
@@ -43,13 +43,13 @@ def test_no_tokens_yet_is_a_clear_refusal(pbx, emulator):
 
 def test_auth_code_through_the_cli(pbx, emulator):
     use_oauth(pbx, emulator)
-    res = pbx.cli("auth", "--code", "not-a-code")
+    res = pbx.cli("auth", "--code", stdin="not-a-code\n")
     assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
     assert "older than 30 seconds" in res.stderr and emulator.client_secret not in res.stderr
 
     code = emulator.authorization_code()
     redirect = f"https://pbx.example.com/?code={code}&state=x&domain=portal.bitrix24.ru&member_id=m"
-    res = pbx.cli("auth", "--code", redirect)  # the address bar as the browser shows it
+    res = pbx.cli("auth", "--code", stdin=redirect + "\n")  # the address bar as the browser shows it
     assert res.returncode == 0, res.stderr
     assert len(res.stdout.strip().splitlines()) == 1 and "OAuth tokens stored" in res.stdout
     store = pbx.state_dir / "oauth-tokens.json"
@@ -63,25 +63,46 @@ def test_auth_code_through_the_cli(pbx, emulator):
     assert emulator.requests_for("telephony.externalcall.register")[-1]["auth"] == "oauth"
     assert only_call(emulator)["register"]["USER_PHONE_INNER"] == "101"
 
-    again = pbx.cli("auth", "--code", code)  # a code works once
+    again = pbx.cli("auth", "--code", "-", stdin=code)  # a code works once
     assert again.returncode == 1 and "authorization code" in again.stderr
 
 
-def test_auth_refresh_token_through_the_cli(pbx, emulator):
-    res = pbx.cli("auth", "--refresh-token", "x")  # still in webhook mode: nothing to authorize
+def test_auth_refresh_token_through_the_cli(pbx, emulator, tmp_path):
+    res = pbx.cli("auth", "--refresh-token", "-", stdin="x\n")  # still in webhook mode: nothing to authorize
     assert res.returncode == 1 and "client_id" in res.stderr
 
     use_oauth(pbx, emulator)
     pair = emulator.issue_tokens()
-    res = pbx.cli("auth", "--refresh-token", pair["refresh_token"])
+    res = pbx.cli("auth", "--refresh-token", "-", stdin=pair["refresh_token"] + "\n")
     assert res.returncode == 0, res.stderr
-    assert pair["refresh_token"] not in res.stdout and emulator.refresh_count == 1
+    assert pair["refresh_token"] not in res.stdout + res.stderr and emulator.refresh_count == 1
     run = pbx.run(["incoming", "89161234567"], linkedid="1795500002.1")
     assert run.set_variables["BITRIX_STATUS"] == "OK" and len(emulator.calls) == 1
 
-    spent = pbx.cli("auth", "--refresh-token", pair["refresh_token"])
+    spent_file = tmp_path / "token"
+    spent_file.write_text(pair["refresh_token"] + "\n")
+    spent = pbx.cli("auth", "--refresh-token-file", str(spent_file))
     assert spent.returncode == 1 and "revoked or its refresh token is spent" in spent.stderr
     assert pair["refresh_token"] not in spent.stderr and len(spent.stderr.strip().splitlines()) == 1
+    assert emulator.requests_for("oauth.token")[-1]["params"]["refresh_token"] == pair["refresh_token"]
+
+
+def test_auth_never_takes_a_refresh_token_from_the_command_line(pbx, emulator):
+    """A command line is visible to every user of the machine (ps): the token must come by stdin or file."""
+    use_oauth(pbx, emulator)
+    pair = emulator.issue_tokens()
+    res = pbx.cli("auth", "--refresh-token", pair["refresh_token"])
+    assert res.returncode == 2 and "--refresh-token -" in res.stderr
+    assert pair["refresh_token"] not in res.stdout + res.stderr
+    assert emulator.requests_for("oauth.token") == [] and not (pbx.state_dir / "oauth-tokens.json").exists()
+
+
+def test_auth_code_on_the_command_line_still_works_with_a_warning(pbx, emulator):
+    use_oauth(pbx, emulator)
+    code = emulator.authorization_code()
+    res = pbx.cli("auth", "--code", code)
+    assert res.returncode == 0 and "visible to every user of this machine" in res.stderr
+    assert code not in res.stdout + res.stderr
 
 
 def test_48_concurrent_call_steps_refresh_exactly_once(any_pbx, emulator):

@@ -33,8 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("auth", help="store OAuth tokens for the local application (mode 2)")
     p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--code", help="authorization code from the redirect (valid 30 s)")
-    group.add_argument("--refresh-token", help="a refresh token of the application")
+    # Secrets are read from standard input or a file: a command line is visible to every user in `ps`.
+    group.add_argument("--code", nargs="?", const="-", metavar="-",
+                       help="authorization code, or the whole address of the redirect (valid 30 s), "
+                            "read from standard input (typed without echo, or piped)")
+    group.add_argument("--code-file", metavar="PATH", help="read the authorization code from a file")
+    group.add_argument("--refresh-token", nargs="?", const="-", metavar="-",
+                       help="a refresh token of the application, read from standard input")
+    group.add_argument("--refresh-token-file", metavar="PATH", help="read a refresh token from a file")
     p = sub.add_parser("outbox", help="call records kept while Bitrix24 was unreachable")
     p.add_argument("action", choices=("flush", "status", "retry", "replay"), help="flush: deliver now; status: "
                    "counts; retry: put dead letters back in line; replay FILE...: bring back what call steps "

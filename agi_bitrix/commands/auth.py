@@ -1,17 +1,26 @@
-"""`agi-bitrix auth --code CODE | --refresh-token TOKEN`: store the OAuth tokens of mode 2.
+"""`agi-bitrix auth --code | --refresh-token -`: store the OAuth tokens of mode 2.
 
-Prints one line and never a token. The code from the authorization redirect lives 30 seconds,
-so --code also takes the whole address the browser was sent to (`...?code=...&domain=...`).
+Prints one line and never a token. The secret is read from standard input (typed without echo,
+or piped) or from a file, never taken from the command line, where every user of the machine
+sees it in `ps`. The code from the authorization redirect lives 30 seconds, so --code also
+takes the whole address the browser was sent to (`...?code=...&domain=...`).
 """
 from __future__ import annotations
 
+import getpass
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 from urllib.parse import parse_qs, urlsplit
 
 from agi_bitrix import settings as settings_mod
 from agi_bitrix.commands.check import missing_scopes
+
+CODE_ON_COMMAND_LINE = ("note: the code was visible to every user of this machine (ps) while this ran; "
+                        "it is spent now, but next time give --code alone and paste it")
+TOKEN_ON_COMMAND_LINE = ("a refresh token on the command line is visible to every user of this machine (ps): "
+                         "give --refresh-token - and type or pipe it, or --refresh-token-file PATH")
 
 
 def _fail(text: str, secrets: Any = ()) -> int:
@@ -27,10 +36,41 @@ def _code_of(value: str) -> str:
     return (parse_qs(urlsplit(value).query).get("code") or [""])[0]
 
 
+def read_secret(value: Optional[str], path: Optional[str], what: str) -> str:
+    """`-`: standard input (a terminal does not echo it); PATH: the file's first line."""
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise OSError(f"cannot read the {what} from {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        return (text.strip().splitlines() or [""])[0].strip()
+    if value != "-":
+        return (value or "").strip()
+    if sys.stdin is None or sys.stdin.closed:
+        return ""
+    if sys.stdin.isatty():
+        return getpass.getpass(f"{what}: ").strip()
+    return sys.stdin.readline().strip()
+
+
+def _secrets_of(args: Any) -> tuple:
+    """(code, refresh token) from where the arguments say."""
+    code_arg, token_arg = getattr(args, "code", None), getattr(args, "refresh_token", None)
+    if code_arg not in (None, "-"):
+        print(f"agi-bitrix auth: {CODE_ON_COMMAND_LINE}", file=sys.stderr)
+    code_file, token_file = getattr(args, "code_file", None), getattr(args, "refresh_token_file", None)
+    code = read_secret(code_arg, code_file, "authorization code or address") if (code_arg or code_file) else ""
+    token = read_secret(token_arg, token_file, "refresh token") if (token_arg or token_file) else ""
+    return _code_of(code), token
+
+
 def run(args: Any) -> int:
     from agi_bitrix.bitrix.errors import BitrixError
     from agi_bitrix.bitrix.oauth import TokenStore, authorize
 
+    if getattr(args, "refresh_token", None) not in (None, "-"):
+        print(f"agi-bitrix auth: {TOKEN_ON_COMMAND_LINE}", file=sys.stderr)
+        return 2
     try:
         settings = settings_mod.load(getattr(args, "settings", None))
     except settings_mod.SettingsError as exc:
@@ -39,11 +79,16 @@ def run(args: Any) -> int:
     missing = [key for key in settings_mod.OAUTH_KEYS if not getattr(b24, key)]
     if missing:
         return _fail(f"set [bitrix24] {', '.join(missing)} of the local application first")
-    code, refresh = getattr(args, "code", None), getattr(args, "refresh_token", None)
-    code, refresh = _code_of((code or "").strip()), (refresh or "").strip()
+    try:
+        code, refresh = _secrets_of(args)
+    except OSError as exc:
+        return _fail(str(exc))
+    except (EOFError, KeyboardInterrupt):
+        return _fail("nothing read")
     secrets = [s for s in (code, refresh, *settings.secrets()) if s]
     if not (code or refresh):
-        return _fail("give --code CODE or --refresh-token TOKEN")
+        return _fail("no code or refresh token was read (give --code and paste it, or pipe a refresh "
+                     "token into --refresh-token -)")
     try:
         tokens = authorize(b24, settings.storage.state_dir, code=code or None, refresh_token=refresh or None)
     except BitrixError as exc:
