@@ -97,6 +97,43 @@ def test_auth_never_takes_a_refresh_token_from_the_command_line(pbx, emulator):
     assert emulator.requests_for("oauth.token") == [] and not (pbx.state_dir / "oauth-tokens.json").exists()
 
 
+def test_auth_typed_on_a_terminal_is_not_echoed(pbx, emulator):
+    """`auth --code` on a terminal: the code (or address) is typed without echo."""
+    import pty
+    import select
+    import subprocess
+    import time
+
+    from conftest import ENTRY
+
+    use_oauth(pbx, emulator)
+    code = emulator.authorization_code()
+    master, slave = pty.openpty()
+    env = dict(os.environ, AGI_BITRIX_SETTINGS=str(pbx.settings_file))
+    env.pop("AST_AGI_DIR", None)
+    proc = subprocess.Popen([str(ENTRY), "auth", "--code"], stdin=slave, stdout=subprocess.PIPE,
+                            stderr=slave, env=env, start_new_session=True)
+    os.close(slave)
+    seen = b""
+    end = time.time() + 60
+    while b"authorization code" not in seen and time.time() < end:  # the prompt, then type
+        if select.select([master], [], [], 0.5)[0]:
+            seen += os.read(master, 1024)
+    os.write(master, code.encode() + b"\n")
+    out, _ = proc.communicate(timeout=60)
+    while True:
+        try:
+            chunk = os.read(master, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.returncode == 0 and b"OAuth tokens stored" in out
+    assert code.encode() not in seen + out
+
+
 def test_auth_code_on_the_command_line_still_works_with_a_warning(pbx, emulator):
     use_oauth(pbx, emulator)
     code = emulator.authorization_code()
