@@ -31,7 +31,7 @@ from agi_bitrix.bitrix.errors import BitrixError
 from agi_bitrix.bitrix.oauth import Tokens
 from agi_bitrix.settings import Bitrix24Settings
 
-PROOF_TIMEOUT = 10.0   # seconds for the one batch request of a proof
+PROOF_TIMEOUT = 5.0    # seconds for the one batch request of a proof (within serve's request_timeout)
 PROOF_BURST = 3        # proofs in a row; then one more every PROOF_EVERY seconds
 PROOF_EVERY = 5.0
 

@@ -7,7 +7,10 @@ and ``telephony.externalLine.*``, ``user.get``, CRM look-ups, workgroups (``sone
 the leaky-bucket and operating limits and fault injection. It also plays the portal's side of REST
 events: ``event.bind``/``get``/``unbind``, the offline queue (``event.offline.get``/``clear``/``error``),
 the application's installation callback and the click-to-call / website-callback events, which it
-POSTs form-encoded to bound handlers on loopback (it never reaches out to the internet).
+POSTs form-encoded to bound handlers on loopback (it never reaches out to the internet). Several
+applications may live on the portal (``add_application``): every token belongs to one, refreshes
+only with that application's client_id, and ``app.info`` / ``user.admin`` answer for the token's
+application and user, so an installation callback can be proven as on a real portal.
 Where the public facts are unsure it is deliberately strict (the harsher behaviour), so a client bug
 shows up here instead of on a customer's portal.
 
