@@ -90,12 +90,18 @@ class Desk:
 
 
 @pytest.fixture
-def online(pbx, emulator):
+def desk(pbx, emulator):
+    """Online events; `serve` not started yet (a test may change its settings first)."""
     with FakeAMI(username="crm", secret="ami-secret-2") as ami:
-        desk = Desk(pbx, emulator, ami, "online")
-        desk.serve()
-        yield desk
-        desk.stop()
+        made = Desk(pbx, emulator, ami, "online")
+        yield made
+        made.stop()
+
+
+@pytest.fixture
+def online(desk):
+    desk.serve()
+    return desk
 
 
 def test_click_to_call_answered_finishes_the_same_call_id(online, emulator):

@@ -15,8 +15,7 @@ import pytest
 import requests
 
 from agi_bitrix.testing.bitrix_emulator import Bitrix24Emulator
-from agi_bitrix.testing.fake_ami import FakeAMI
-from test_click2call import Desk
+from test_click2call import Desk, desk, online  # noqa: F401 (fixtures: serve with online events)
 
 INBOUND = dict(channel="PJSIP/provider-00000001", context="bitrix-inbound", extension="74951234567",
                dnid="74951234567")
@@ -43,21 +42,6 @@ def wait_for_log(desk: Desk, event: str, timeout: float = 60.0) -> dict:
             return found[0]
         time.sleep(0.05)
     raise AssertionError(f"no {event} in the log: {desk.pbx.log()[-3:]}")
-
-
-@pytest.fixture
-def desk(pbx, emulator):
-    """serve (online events) installed by the genuine callback, not started until the test asks."""
-    with FakeAMI(username="crm", secret="ami-secret-7") as ami:
-        made = Desk(pbx, emulator, ami, "online")
-        yield made
-        made.stop()
-
-
-@pytest.fixture
-def online(desk):
-    desk.serve()
-    return desk
 
 
 @pytest.fixture
