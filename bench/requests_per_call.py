@@ -38,8 +38,8 @@ class Box:
         self.env = {"AGI_BITRIX_SETTINGS": str(self.settings)}
         if mode == "oauth":
             env = dict(os.environ, **self.env)
-            subprocess.run([str(ENTRY), "auth", "--code", emu.authorization_code()], env=env, check=True,
-                           capture_output=True, stdin=subprocess.DEVNULL)
+            subprocess.run([str(ENTRY), "auth", "--code"], env=env, check=True, capture_output=True,
+                           input=emu.authorization_code(), text=True)
 
     def step(self, args: List[str], **kw: object) -> str:
         run = FakeAsterisk([str(ENTRY)], args, env=self.env, timeout=60, **kw).run()  # type: ignore[arg-type]
