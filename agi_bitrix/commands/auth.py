@@ -17,8 +17,9 @@ from urllib.parse import parse_qs, urlsplit
 from agi_bitrix import settings as settings_mod
 from agi_bitrix.commands.check import missing_scopes
 
-CODE_ON_COMMAND_LINE = ("note: the code was visible to every user of this machine (ps) while this ran; "
-                        "it is spent now, but next time give --code alone and paste it")
+# A code lives 30 s, works once and needs client_secret, so the literal form is still taken.
+CODE_ON_COMMAND_LINE = ("note: a code on the command line is visible to every user of this machine (ps): "
+                        "next time give --code alone and paste it")
 TOKEN_ON_COMMAND_LINE = ("a refresh token on the command line is visible to every user of this machine (ps): "
                          "give --refresh-token - and type or pipe it, or --refresh-token-file PATH")
 
