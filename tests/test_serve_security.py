@@ -141,6 +141,15 @@ def test_reinstall_replaces_the_pair_after_the_same_proof(online, emulator):
     assert online.finished(data["CALL_ID"])["status_code"] == "200"
 
 
+def test_an_update_callback_without_tokens_cannot_change_the_application_token(online, emulator):
+    url = f"http://127.0.0.1:{online.port}/"
+    before = stored(online)
+    assert emulator.post_event(url, "ONAPPUPDATE", {"VERSION": "2", "PREVIOUS_VERSION": "1"},
+                               application_token="attacker-app-token") == 403
+    assert stored(online) == before and "nothing proves it" in refusals(online)[0]["reason"]
+    assert click(emulator, url, "attacker-app-token") == 403
+
+
 def test_events_naming_another_portal_are_refused(online, emulator):
     url = f"http://127.0.0.1:{online.port}/"
     data = {"CALL_ID": "externalCall.forged.10", "USER_ID": str(emulator.people["101"]),
