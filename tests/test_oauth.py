@@ -37,7 +37,7 @@ def test_no_tokens_yet_is_a_clear_refusal(pbx, emulator):
     use_oauth(pbx, emulator)
     run = pbx.run(["incoming", "89161234567"], linkedid="1795500000.1")
     assert run.returncode == 0 and run.set_variables["BITRIX_STATUS"] == "ERROR"
-    assert "no OAuth tokens yet: run agi-bitrix auth --code CODE" in pbx.log()[-1]["reason"]
+    assert "no OAuth tokens yet: run agi-bitrix auth --code" in pbx.log()[-1]["reason"]
     assert not emulator.calls
 
 

@@ -56,7 +56,7 @@ BAD_CODE = ("the authorization code is wrong, used or older than 30 seconds: ope
             "link again and run agi-bitrix auth --code at once")
 BAD_CLIENT = ("the OAuth server refused client_id/client_secret (or the application is not installed): "
               "copy them again from the application's page in Bitrix24 into [bitrix24]")
-NO_TOKENS = "no OAuth tokens yet: run agi-bitrix auth --code CODE"
+NO_TOKENS = "no OAuth tokens yet: run agi-bitrix auth --code"
 
 
 class TokenStoreError(Exception):
@@ -171,7 +171,7 @@ class TokenStore:
         try:
             return Tokens.from_dict(json.loads(raw))
         except (ValueError, TypeError):
-            raise TokenStoreError(f"{self.path} is damaged: run agi-bitrix auth --code CODE again") from None
+            raise TokenStoreError(f"{self.path} is damaged: run agi-bitrix auth --code again") from None
 
     @contextmanager
     def reserve(self) -> Iterator["_Room"]:
