@@ -1251,7 +1251,7 @@ class Bitrix24Emulator:
 
     def _m_profile(self, p: dict, ctx: _Ctx) -> dict:
         u = self._users.get(ctx.user_id)
-        return {"ID": str(ctx.user_id), "ADMIN": True,
+        return {"ID": str(ctx.user_id), "ADMIN": self._m_user_admin(p, ctx),
                 "NAME": u["name"] if u else "Portal", "LAST_NAME": u["last_name"] if u else "Admin",
                 "PERSONAL_GENDER": "", "TIME_ZONE": ""}
 
