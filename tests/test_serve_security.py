@@ -292,3 +292,28 @@ def test_clients_that_vanish_mid_answer_leave_no_traceback(online, emulator):
     assert not [e for e in online.pbx.log() if e["event"] == "http_error"]
     errors = stderr_of(online)
     assert errors == "", errors[-2000:]
+
+
+# -- the same bounded server inside `agi-bitrix service` ----------------------------------------
+
+def test_the_service_hosts_the_handler_on_the_same_bounded_server(tmp_path, emulator):
+    from conftest import ServicePBX
+
+    box = ServicePBX(tmp_path, emulator.webhook_url)
+    box.values["events"] = {"max_connections": "2", "request_timeout": "120"}
+    box.write()
+    box.start()
+    try:
+        port = box.service.web.server_address[1]
+        held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
+        for sock in held:
+            sock.sendall(b"GET / HTTP/1.0\r\n")  # headers never finished
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as extra:
+            assert extra.recv(4096).startswith(b"HTTP/1.0 503")
+        for sock in held:
+            sock.close()
+        box.wait_for(lambda: any(e["event"] == "http_busy_over" for e in box.log()), "the end of the busy spell")
+        assert raw_post(port, b"a" + b"%5Ba%5D" * 8000 + b"=1").startswith(b"HTTP/1.0 400")
+    finally:
+        box.stop()
+    assert [e["event"] for e in box.log() if e["event"].startswith("http_busy")] == ["http_busy", "http_busy_over"]

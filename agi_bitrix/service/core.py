@@ -300,12 +300,12 @@ class Service:
 
     # -- HTTP: the event handler, /healthz, /metrics -------------------------------------------------------
     def _http_server(self, listen: str) -> Any:
-        from http.server import ThreadingHTTPServer
+        """The same bounded server as `agi-bitrix serve` (connection cap, request timeout): it is
+        open to the network. Its limits change at the next start."""
+        from agi_bitrix import http_server
+        from agi_bitrix.commands.serve import limits_of
 
-        host, _, port = listen.rpartition(":")
-        server = ThreadingHTTPServer((host.strip("[]"), int(port)), self._handler(self.settings))
-        server.daemon_threads = True
-        return server
+        return http_server.build(listen, self._handler(self.settings), limits_of(self.settings), self.log)
 
     def _handler(self, settings: Any) -> type:
         from agi_bitrix.commands.serve import make_handler
