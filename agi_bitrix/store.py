@@ -11,7 +11,7 @@ import json
 import os
 import sqlite3
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -144,9 +144,16 @@ def _friendly(exc: BaseException, path: Path) -> str:
 
 
 class Store:
-    def __init__(self, state_dir: str, pooled: bool = False) -> None:
+    def __init__(self, state_dir: str, pooled: bool = False, write_lock: Any = None) -> None:
         """`pooled`: the connection is handed from thread to thread (one step at a time uses it),
-        as `agi-bitrix service` does to save opening the database on every call step."""
+        as `agi-bitrix service` does to save opening the database on every call step.
+
+        `write_lock`: what the threads of one process sharing this database queue on before a write
+        transaction. SQLite lets one writer in at a time and makes the others poll with growing
+        sleeps (SQLite docs: sqlite3_busy_timeout); a hundred threads polling lose turns to each
+        other for seconds, while a queue on a lock hands the turn on as soon as it is free. Other
+        processes still wait through the busy timeout."""
+        self.write_lock = write_lock if write_lock is not None else nullcontext()
         self.path = Path(state_dir) / DB_NAME
         try:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
@@ -173,6 +180,7 @@ class Store:
         """A private store in memory, for a call step whose state_dir cannot be written."""
         store = cls.__new__(cls)
         store.path = Path(":memory:")
+        store.write_lock = nullcontext()
         store.db = sqlite3.connect("file::memory:", uri=True, isolation_level=None)
         store.db.row_factory = sqlite3.Row
         store.db.executescript(_SCHEMA)
@@ -237,6 +245,12 @@ class Store:
         the portal answers the same way (register by EXTERNAL_CALL_ID, finish after `sending_at`).
         Each fsync costs a few ms under the database's one write lock: at 100 steps at once that
         lock, not the CPU, set the steps' latency."""
+        with self.write_lock:
+            with self._write(durable) as db:
+                yield db
+
+    @contextmanager
+    def _write(self, durable: bool) -> Iterator[sqlite3.Connection]:
         if not durable:
             self.db.execute("PRAGMA synchronous = NORMAL")
         try:

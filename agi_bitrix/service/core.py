@@ -46,6 +46,8 @@ class Service:
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
         self._stores: List[Any] = []
+        # The threads' writers queue here for the database's one write lock (store.py, Store).
+        self._write_lock = threading.RLock()
         self._auth: Any = None
         self._auth_key: Tuple[Any, ...] = ()
         self.http = self._new_http(self.settings)
@@ -165,7 +167,7 @@ class Service:
 
         with self._lock:
             store = self._stores.pop() if self._stores else None
-        return store if store is not None else Store(settings.storage.state_dir, pooled=True)
+        return store if store is not None else Store(settings.storage.state_dir, pooled=True, write_lock=self._write_lock)
 
     def close(self, store: Any) -> None:
         reusable = not store.db.in_transaction  # never hand a half-done transaction to the next step
@@ -229,7 +231,7 @@ class Service:
                     if store is None or str(store.path.parent) != settings.storage.state_dir:
                         if store is not None:
                             store.close()
-                        store = Store(settings.storage.state_dir)
+                        store = Store(settings.storage.state_dir, write_lock=self._write_lock)
                     client = make_client(settings, http=self.http, auth=self._shared_auth(settings))
                     client.timeout = max(settings.bitrix24.timeout, FLUSH_REQUEST_TIMEOUT)
                     client.observe = self._observe
@@ -270,7 +272,7 @@ class Service:
             return
         try:
             with DialerLock(settings.storage.state_dir):
-                store = Store(settings.storage.state_dir)
+                store = Store(settings.storage.state_dir, write_lock=self._write_lock)
                 ami = AMIClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
                 try:
                     client = make_client(settings, http=self.http, auth=self._shared_auth(settings))
