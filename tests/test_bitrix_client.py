@@ -169,6 +169,19 @@ def test_rate_budget_is_shared_through_the_file(tmp_path):
     assert other_portal.acquire("m", budget) == 0
 
 
+def test_rate_file_rewritten_in_place_holds_only_the_new_state(tmp_path):
+    # Overwritten and cut to length (never truncated to zero first): no tail of older, longer text.
+    t = FakeTime()
+    limiter = RateLimiter(str(tmp_path), "p", burst=3, per_second=2, clock=t.clock, sleep=t.sleep)
+    limiter.path.write_text("{torn write " + "x" * 500)
+    assert limiter.acquire("m", Deadline(10)) == 0
+    assert json.loads(limiter.path.read_text()) == {"level": 1.0, "at": t.now}
+    limiter.block("m", t.now + 42)
+    t.now += 1
+    limiter.acquire("n", Deadline(10))
+    assert json.loads(limiter.path.read_text())["blocked"] == {"m": t.now + 41}
+
+
 def test_429_blocks_the_method_until_operating_reset_at(tmp_path):
     t = FakeTime()
     limiter = RateLimiter(str(tmp_path), "p", clock=t.clock, sleep=t.sleep)

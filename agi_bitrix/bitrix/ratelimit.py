@@ -70,9 +70,12 @@ class RateLimiter:
             yield state
             after = json.dumps(state, sort_keys=True)
             if after != before:
-                os.lseek(fd, 0, os.SEEK_SET)
-                os.ftruncate(fd, 0)
-                os.write(fd, after.encode())
+                # Overwrite, then cut to length: truncating to zero first makes ext4 flush the
+                # file on close (its auto_da_alloc for the truncate-and-rewrite pattern, Linux
+                # ext4 docs), a disk write on every request.
+                data = after.encode()
+                os.pwrite(fd, data, 0)
+                os.ftruncate(fd, len(data))
         finally:
             os.close(fd)  # closing releases the flock
 
