@@ -24,7 +24,8 @@ class CallType(IntEnum):
 
 
 class _Payload(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # defer_build: a call step builds the validator of the payloads it sends, not of all of them.
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     def params(self) -> Dict[str, Any]:
         return self.model_dump(exclude_none=True, mode="json")
