@@ -34,8 +34,10 @@ def test_a_step_waits_for_another_threads_write_instead_of_failing(tmp_path, emu
         host._write_lock = SpyLock()
         settings = host.load_settings()
         first, second = host.store(settings), host.store(settings)  # two connections of the pool
-        # No SQLite busy wait at all: without the queue the second writer fails at once.
-        second.db.execute("PRAGMA busy_timeout = 0")
+        # A short SQLite busy wait: without the queue the second writer gives up while the first
+        # still holds the database (the test holds it until the second is seen waiting); the 2 s
+        # only spare it a brief write of the service's own deliverer.
+        second.db.execute("PRAGMA busy_timeout = 2000")
         holding, go, outcome = threading.Event(), threading.Event(), []
 
         def write_first() -> None:
