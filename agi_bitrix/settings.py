@@ -353,6 +353,26 @@ class ServiceSettings(_Section):
         return [ipaddress.ip_network(p.strip(), strict=False) for p in self.allow.split(",") if p.strip()]
 
 
+class PlacementsSettings(_Section):
+    """The call-card widgets (the dialer's highlight and the agi-bitrix tab), served by `agi-bitrix serve`."""
+    public_url: str = ""            # https address under which operators' browsers reach serve; empty: no widgets
+    timeout: float = Field(2.0, gt=0, le=4)      # seconds a widget request may wait for the portal
+    auth_cache: float = Field(60.0, ge=0, le=600)  # seconds a verified operator token is trusted again
+    bx24_js: str = "https://api.bitrix24.com/api/v1/"  # the BX24 JS library the widget pages load
+
+    @field_validator("public_url")
+    @classmethod
+    def _public(cls, value: str) -> str:
+        return checked_url(value) if value else value
+
+    @field_validator("bx24_js")
+    @classmethod
+    def _library(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^\s\"'<>]+", value):
+            raise ValueError("must be the http(s) address of the BX24 JS library")
+        return value
+
+
 class Settings(_Section):
     bitrix24: Bitrix24Settings = Bitrix24Settings()
     calls: CallsSettings = CallsSettings()
@@ -362,6 +382,7 @@ class Settings(_Section):
     dialer: DialerSettings = DialerSettings()
     events: EventsSettings = EventsSettings()
     service: ServiceSettings = ServiceSettings()
+    placements: PlacementsSettings = PlacementsSettings()
     path: str = ""
 
     def secrets(self) -> list[str]:

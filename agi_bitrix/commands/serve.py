@@ -76,9 +76,21 @@ def install(settings: Any, logger: Any, auth: Any, gate: Any) -> str:
     except install_mod.InstallRefused as exc:
         raise EventRefused(str(exc)) from None
     oauth.install(settings.storage.state_dir, tokens)
-    bound = bind_events(make_client(settings), settings)
-    logger.info("install", bound=bound, replaced=previous is not None, member_id=tokens.member_id)
+    client = make_client(settings)
+    bound = bind_events(client, settings)
+    logger.info("install", bound=bound, replaced=previous is not None, member_id=tokens.member_id,
+                widgets=_bind_widgets(client, settings))
     return "installed"
+
+
+def _bind_widgets(client: Any, settings: Any) -> str:
+    """The call-card widgets go with every (re)install; a failure is logged, the install still holds."""
+    from agi_bitrix.placements.bind import bind_placements
+
+    try:
+        return ", ".join(bind_placements(client, settings)) or "off"
+    except Exception as exc:
+        return f"not bound: {exc}"
 
 
 def limits_of(settings: Any) -> http_server.Limits:
@@ -89,8 +101,10 @@ def limits_of(settings: Any) -> http_server.Limits:
 def make_handler(settings: Any, logger: Any, ami: Any) -> type:
     """The request handler for Bitrix24's events and the install callback (mount it on http_server)."""
     from agi_bitrix.bitrix.install import ProofGate
+    from agi_bitrix.placements.app import PlacementApp, respond
 
     gate = ProofGate()  # one per server: forged installation callbacks are rationed together
+    widgets = PlacementApp(settings, logger)
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "agi-bitrix"
@@ -107,6 +121,8 @@ def make_handler(settings: Any, logger: Any, ami: Any) -> type:
             self.wfile.write(body)
 
         def do_GET(self) -> None:
+            if widgets.serves(self.path):
+                return respond(self, widgets, "GET")
             self._answer(200, "agi-bitrix event handler\n")
 
         def do_POST(self) -> None:
@@ -114,6 +130,8 @@ def make_handler(settings: Any, logger: Any, ami: Any) -> type:
             from agi_bitrix.events import BOUND_EVENTS, EventRefused, verify
             from agi_bitrix.http_server import BadRequest, read_form
 
+            if widgets.serves(self.path):  # the call-card widgets (agi_bitrix/placements)
+                return respond(self, widgets, "POST")
             peer = self.client_address[0]
             try:
                 form = read_form(self)

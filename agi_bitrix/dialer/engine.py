@@ -271,7 +271,8 @@ class Dialer:
         attempt = Attempt(attempt_id, task.id, number, operator.inner or "", self.d.mode,
                           {"title": task.title, "client": client.name, "crm_type": client.entity_type,
                            "crm_id": client.entity_id, "operator_name": operator.name,
-                           "operator_id": operator.user_id, "responsible_id": task.responsible_id},
+                           "operator_id": operator.user_id, "responsible_id": task.responsible_id,
+                           "deadline": task.deadline},
                           time.time(), "dialing", None)
         if not self.state.start_attempt(attempt):
             return attempt, None

@@ -11,6 +11,8 @@ POSTs form-encoded to bound handlers on loopback (it never reaches out to the in
 applications may live on the portal (``add_application``): every token belongs to one, refreshes
 only with that application's client_id, and ``app.info`` / ``user.admin`` answer for the token's
 application and user, so an installation callback can be proven as on a real portal.
+Widgets (``placement.*``, ``user.current`` and the form a placement frame gets) live in
+emulator_placements.py.
 Where the public facts are unsure it is deliberately strict (the harsher behaviour), so a client bug
 shows up here instead of on a customer's portal.
 
@@ -42,6 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
 from agi_bitrix.bitrix.query import parse_php_pairs, parse_php_query
+from agi_bitrix.testing.emulator_placements import PLACEMENT_METHODS, PlacementsMixin
 
 __all__ = ["Bitrix24Emulator", "ApiError", "parse_php_query", "parse_php_pairs", "DEFAULT_SCOPES"]
 
@@ -371,6 +374,10 @@ _METHODS: dict[str, tuple[tuple[str, ...] | None, str]] = {
     "event.offline.get": (None, "_m_offline_get"),
     "event.offline.clear": (None, "_m_offline_clear"),
     "event.offline.error": (None, "_m_offline_error"),
+    "user.current": (("user", "user_basic", "user_brief"), "_m_user_current"),
+    "placement.bind": (("placement",), "_m_placement_bind"),
+    "placement.unbind": (("placement",), "_m_placement_unbind"),
+    "placement.get": (("placement",), "_m_placement_get"),
 }
 # The docs call these application-only; public server code accepts webhooks too (reference 5.0).
 _APP_ONLY = {"telephony.externalcall.register", "telephony.externalcall.finish", "telephony.externalline.add",
@@ -387,7 +394,7 @@ _SELF_LOCKING = {"telephony.externalcall.attachrecord"}
 
 # --------------------------------------------------------------------------- the emulator
 
-class Bitrix24Emulator:
+class Bitrix24Emulator(PlacementsMixin):
     """In-process fake of a Bitrix24 cloud portal's REST API (see module docstring)."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, webhook_user_id: int = 1,
@@ -458,6 +465,7 @@ class Bitrix24Emulator:
         self._delivered = threading.Condition(self._lock)
         self._seq.update({"handler": 0, "offline": 0})
 
+        self._placements_init()
         self.count_503 = 0
         self.refresh_count = 0
         self.spent_refresh_uses = 0
@@ -856,6 +864,7 @@ class Bitrix24Emulator:
         with self._lock:
             self._bindings.clear()
             self._offline.clear()
+            self._placements.clear()
             for rec in self._refresh.values():
                 if rec["app"] == self.client_id:
                     rec["state"] = "revoked"
@@ -1103,7 +1112,7 @@ class Bitrix24Emulator:
         if scopes is not None and not set(scopes) & set(self.scopes):
             kind = "webhook token" if ctx.auth == "webhook" else "access token"
             raise ApiError(403, "insufficient_scope", f"The request requires higher privileges than provided by the {kind}")
-        if ctx.auth == "webhook" and (method in _EVENT_METHODS or
+        if ctx.auth == "webhook" and (method in _EVENT_METHODS or method in PLACEMENT_METHODS or
                                       (method in _APP_ONLY and not self.allow_webhook_telephony)):
             raise ApiError(403, "WRONG_AUTH_TYPE", "Current authorization type is denied for this method")
         self._check_operating(method)
@@ -2125,6 +2134,7 @@ class Bitrix24Emulator:
         _require_loopback(handler_url)
         with self._lock:
             self._bindings.clear()
+            self._placements.clear()
             tokens = self._issue_pair(self.webhook_user_id)
             auth = self._event_auth(tokens["access_token"])
             auth["refresh_token"] = tokens["refresh_token"]  # long-term access only comes with install

@@ -1,0 +1,155 @@
+"""Who opened the widget: the frame's AUTH_ID checked against our own portal, cached briefly.
+
+Bitrix24 POSTs a placement frame the OAuth access token of the employee who opened it (Bitrix24
+REST docs: api-reference/widgets/_includes/widget_data.md). `user.current` with that token, sent
+to the portal in our settings (never to the DOMAIN the request names), answers with that employee
+(api-reference/user/user-current.md); a token of another portal or a made-up one is refused there.
+`member_id` must be our portal's, and APPLICATION_TOKEN, when we know ours, must match.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, TypeVar
+from urllib.parse import urlsplit
+
+from agi_bitrix.bitrix.client import Bitrix24
+from agi_bitrix.bitrix.errors import AuthError, BitrixError, ScopeError
+from agi_bitrix.bitrix.ratelimit import RateLimiter
+from agi_bitrix.deadline import Deadline
+from agi_bitrix.settings import Settings
+
+_TOKEN = re.compile(r"[A-Za-z0-9._\-]{16,512}")
+CACHE_MAX = 2000
+T = TypeVar("T")
+
+
+class Refused(Exception):
+    """Forged, foreign or expired credentials: the request gets nothing."""
+
+
+class Unavailable(Exception):
+    """The portal did not confirm in time (slow, down): the widget falls back to showing nothing."""
+
+
+@dataclass(frozen=True)
+class Operator:
+    user_id: int
+    name: str
+    inner: str
+
+
+class FrameAuth:
+    """A client auth for one frame's token: used as given, never refreshed (it is the employee's)."""
+
+    mode = "frame"
+
+    def __init__(self, rest_base: str, token: str) -> None:
+        self.base, self.token = rest_base, token
+
+    def credentials(self) -> Tuple[str, Dict[str, str]]:
+        return self.base, {"auth": self.token}
+
+    def on_expired(self, used: Dict[str, str], deadline: Optional[Deadline] = None) -> bool:
+        return False
+
+    def on_rejected(self, used: Dict[str, str], deadline: Optional[Deadline] = None) -> bool:
+        return False
+
+
+def within(deadline: Deadline, work: Callable[[], T]) -> T:
+    """Run `work` in a helper thread and wait at most the budget: a socket timeout alone does not
+    bound a portal that drips bytes. A late answer still finishes in the background."""
+    box: "queue.Queue[Tuple[bool, Any]]" = queue.Queue(1)
+
+    def run() -> None:
+        try:
+            box.put((True, work()))
+        except BaseException as exc:  # handed to the waiting thread
+            box.put((False, exc))
+
+    threading.Thread(target=run, daemon=True, name="agi-bitrix-widget-portal").start()
+    try:
+        ok, value = box.get(timeout=max(0.0, deadline.remaining()))
+    except queue.Empty:
+        raise Unavailable("the portal did not answer in time") from None
+    if ok:
+        return value
+    raise value
+
+
+class Verifier:
+    """Checks frames' credentials; one per server (its cache lives as long as the server)."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.cache: Dict[str, Tuple[float, Operator]] = {}
+
+    def rest_base(self) -> str:
+        return self.settings.bitrix24.portal_url + "rest/"
+
+    def client(self, token: str) -> Bitrix24:
+        """A REST client acting as the employee himself (his own permissions in the portal)."""
+        b24 = self.settings.bitrix24
+        limiter = RateLimiter(self.settings.storage.state_dir, urlsplit(b24.portal_url).netloc,
+                              b24.rate_burst, b24.rate_per_second)
+        return Bitrix24(FrameAuth(self.rest_base(), token), timeout=self.settings.placements.timeout,
+                        limiter=limiter)
+
+    def _ours(self) -> Tuple[str, str]:
+        from agi_bitrix.bitrix.oauth import TokenStore, TokenStoreError
+
+        if self.settings.bitrix24.mode != "oauth":
+            raise Refused("widgets need the local application ([bitrix24] portal_url, client_id, client_secret)")
+        try:
+            tokens = TokenStore(self.settings.storage.state_dir).load()
+        except TokenStoreError as exc:
+            raise Refused(f"no application tokens: {exc}") from None
+        if tokens is None or not tokens.member_id:
+            raise Refused("the application is not installed yet (no member_id known)")
+        return tokens.member_id, tokens.application_token or ""
+
+    def operator(self, form: Mapping[str, Any], deadline: Deadline) -> Tuple[Operator, str]:
+        """The employee behind this request and his token, or Refused / Unavailable."""
+        member_id, app_token = self._ours()
+        if not hmac.compare_digest(str(form.get("member_id") or ""), member_id):
+            raise Refused("request from a foreign portal (member_id)")
+        given_app = form.get("APPLICATION_TOKEN")
+        if app_token and given_app is not None and not hmac.compare_digest(str(given_app), app_token):
+            raise Refused("wrong APPLICATION_TOKEN")
+        token = str(form.get("AUTH_ID") or "")
+        if not _TOKEN.fullmatch(token):
+            raise Refused("no usable AUTH_ID")
+        key = hashlib.sha256(token.encode()).hexdigest()
+        now = self.clock()
+        with self.lock:
+            hit = self.cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1], token
+        found = within(deadline, lambda: self._ask(token, deadline))
+        with self.lock:
+            if len(self.cache) >= CACHE_MAX:
+                self.cache = {k: v for k, v in self.cache.items() if v[0] > now}
+                if len(self.cache) >= CACHE_MAX:
+                    self.cache.clear()
+            self.cache[key] = (now + self.settings.placements.auth_cache, found)
+        return found, token
+
+    def _ask(self, token: str, deadline: Deadline) -> Operator:
+        try:
+            row = self.client(token).call("user.current", {}, deadline)
+        except (AuthError, ScopeError) as exc:
+            raise Refused(f"the portal did not accept the AUTH_ID ({exc.code})") from None
+        except BitrixError as exc:
+            raise Unavailable(exc.summary()) from None
+        if not isinstance(row, dict) or not str(row.get("ID") or "").isdigit():
+            raise Unavailable("user.current answered without a user")
+        name = " ".join(str(p) for p in (row.get("NAME"), row.get("LAST_NAME")) if p) or f"#{row['ID']}"
+        return Operator(int(row["ID"]), name, str(row.get("UF_PHONE_INNER") or "").strip())
