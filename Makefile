@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,8 +13,20 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/agi-bitrix demo
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed browser
 	$(BIN)/python -m pytest -q
+
+# The widget tests drive the system's Chromium (Playwright downloads no browser). On a fresh
+# machine it is installed from the distribution when we are root; otherwise the run stops here.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Chromium for the widget tests (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  fi; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "make test: Chromium is missing and could not be installed: run 'apt-get install chromium' as root" >&2; \
+	  exit 1; }
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/agi_event.py
