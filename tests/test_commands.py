@@ -114,9 +114,12 @@ def test_check_broken_settings_one_line(tmp_path):
 def test_demo_shows_registered_and_finished_calls():
     res = cli("demo")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("register:") == 7 and res.stdout.count("finish: STATUS_CODE") == 7
+    assert res.stdout.count("register:") == 8 and res.stdout.count("finish: STATUS_CODE") == 8
     # The service path: three steps over FastAGI, then the fallback to process mode once it stopped.
     assert res.stdout.count("/incoming, , 74951234567) -> BITRIX_STATUS=OK") == 1
     assert res.stdout.count("-> AGISTATUS=FAILURE") == 2
+    # The dialer's call is marked in the operator's Bitrix24 call card (the widgets, through serve).
+    assert "call card title:  АВТООБЗВОН · Задача #1 «Позвонить клиенту»" in res.stdout
+    assert "call card status: попытка 1 из 5 · у клиента " in res.stdout
     assert "STATUS_CODE 200" in res.stdout and "STATUS_CODE 486" in res.stdout
     assert "card: hide" in res.stdout and "recording:" in res.stdout

@@ -181,9 +181,12 @@ def test_tab_shows_the_task_its_attempts_and_the_clients_time(browser, center, e
     call = center.dial("Позвонить клиенту", "+7 916 555-44-36", "Ivan Petrov")
     options = {"CALL_ID": call["CALL_ID"], "PHONE_NUMBER": "+79165554436", "CALL_DIRECTION": "incoming",
                "CALL_STATE": "connected", "CALL_LIST_MODE": "false", "CRM_ENTITY_TYPE": "CONTACT"}
+    _, _, worker = center.frame(center.boris, "PAGE_BACKGROUND_WORKER")
+    mark = requests.post(center.url + "placement/lookup", data=dict(worker, CALL_ID=call["CALL_ID"], LANG="ru"),
+                         timeout=10).json()
     action, query, body = center.frame(center.boris, "CALL_CARD", options)
-    page = browser.open(portal_page(action, query, body, card_title="Ivan Petrov", card_status="Автообзвон",
-                                    tabs="CRM · <b>Клиент и задача</b>", height=330))
+    page = browser.open(portal_page(action, query, body, card_title=mark["title"], card_status=mark["status"],
+                                    tabs="CRM · <b>Клиент и задача</b>", height=300))
     assert browser.wait_state(page, {"dialer", "unavailable", "refused", "unknown"}) == "dialer"
     tab = browser.widget(page)
     link = tab.locator("#task a")
@@ -198,7 +201,7 @@ def test_tab_shows_the_task_its_attempts_and_the_clients_time(browser, center, e
     assert len(rows) == 2 and "идёт сейчас" in rows[1] and "Boris Test" in rows[1]
     if SHOT:
         Path(SHOT).parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=SHOT, full_page=True)
+        page.locator(".card").screenshot(path=SHOT)
     page.close()
 
 

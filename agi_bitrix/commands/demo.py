@@ -225,18 +225,28 @@ def run(args: Any) -> int:
         with Bitrix24Emulator() as emulator:
             people = {101: ("Anna", "Petrova"), 102: ("Boris", "Ivanov"), 103: ("Vera", "Smirnova")}
             users: Dict[int, str] = {}
+            by_inner: Dict[str, int] = {}
             for inner, (name, last) in people.items():
                 user = emulator.add_user(name, last, inner=str(inner))
                 users[int(user["ID"])] = f"{name} ({inner})"
+                by_inner[str(inner)] = int(user["ID"])
             emulator.add_contact("Ivan Sidorov", ["+79161234567"], assigned_by_id=int(next(iter(users))))
             print(f"Bitrix24 emulator at {emulator.base_url}; settings, state and log in {folder}\n")
-            scenarios(Demo(folder, emulator), folder)
+            demo = Demo(folder, emulator)
+            scenarios(demo, folder)
+            from agi_bitrix.commands.demo_widgets import dialer_card
+
+            print("6. The auto-dialer calls a task's client; Boris's Bitrix24 call card marks the call")
+            marked = dialer_card(folder, emulator, demo.script, by_inner)
             print("\nWhat Bitrix24 received:")
             for call in sorted(emulator.calls.values(), key=lambda c: c["registered_at"]):
                 print("\n".join(_describe(call, users)))
             total = len(emulator.requests)
             print(f"\n{len(emulator.calls)} calls, {total} REST requests; log: {folder / 'agi-bitrix.log'}")
             unfinished = [c for c in emulator.calls.values() if not c.get("finished")]
+            if not marked:
+                print("agi-bitrix demo: the dialer call got no mark in its call card", file=sys.stderr)
+                return 1
             if unfinished:
                 print(f"agi-bitrix demo: {len(unfinished)} call(s) were not finished", file=sys.stderr)
                 return 1
