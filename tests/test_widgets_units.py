@@ -1,0 +1,88 @@
+"""The widgets' parts in-process: the operator's token cache with a clock the test moves, the
+application token check, the error callback, GET refused, the texts and the title's plain text."""
+from __future__ import annotations
+
+import pytest
+
+from agi_bitrix import settings as settings_mod
+from agi_bitrix.deadline import Deadline
+from agi_bitrix.placements.app import PlacementApp
+from agi_bitrix.placements.identity import Refused, Verifier
+from agi_bitrix.placements.texts import language, plain
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines = []
+
+    def info(self, event, **fields):
+        self.lines.append(("info", event, fields))
+
+    def error(self, event, **fields):
+        self.lines.append(("error", event, fields))
+
+
+@pytest.fixture
+def oauth(pbx, emulator):
+    pbx.values["bitrix24"] = {"portal_url": emulator.base_url, "client_id": emulator.client_id,
+                              "client_secret": emulator.client_secret, "oauth_url": emulator.oauth_url}
+    pbx.values["placements"] = {"public_url": "https://pbx.example.com/agi-bitrix/", "auth_cache": "60"}
+    pbx.write()
+    res = pbx.cli("auth", "--code", emulator.authorization_code())
+    assert res.returncode == 0, res.stderr
+    return settings_mod.load(str(pbx.settings_file))
+
+
+def test_a_confirmed_token_is_trusted_briefly_then_asked_again(oauth, emulator):
+    now = [1000.0]
+    verifier = Verifier(oauth, clock=lambda: now[0])
+    boris = emulator.people["102"]
+    _, form = emulator.frame_form(boris, "CALL_CARD")
+    operator, _ = verifier.operator(form, Deadline(2))
+    assert (operator.user_id, operator.name, operator.inner) == (boris, "Boris Test", "102")
+    now[0] += 59
+    verifier.operator(form, Deadline(2))
+    assert len(emulator.requests_for("user.current")) == 1
+    now[0] += 2  # past [placements] auth_cache: the portal is asked again, and now says no
+    emulator.revoke_app()
+    with pytest.raises(Refused, match="did not accept"):
+        verifier.operator(form, Deadline(2))
+    assert len(emulator.requests_for("user.current")) == 2
+
+
+def test_a_known_application_token_must_match(oauth, emulator, pbx):
+    from agi_bitrix.bitrix.oauth import TokenStore
+    from dataclasses import replace
+
+    store = TokenStore(str(pbx.state_dir))
+    store.save(replace(store.load(), application_token=emulator.application_token))
+    _, form = emulator.frame_form(emulator.people["102"], "CALL_CARD")
+    verifier = Verifier(oauth)
+    verifier.operator(form, Deadline(2))
+    with pytest.raises(Refused, match="APPLICATION_TOKEN"):
+        verifier.operator(dict(form, APPLICATION_TOKEN="forged"), Deadline(2))
+
+
+def test_webhook_mode_has_no_widgets(pbx, emulator):
+    settings = settings_mod.load(str(pbx.settings_file))
+    _, form = emulator.frame_form(emulator.people["102"], "CALL_CARD")
+    with pytest.raises(Refused, match="local application"):
+        Verifier(settings).operator(form, Deadline(2))
+    assert emulator.requests_for("user.current") == []
+
+
+def test_error_callback_is_logged_and_get_is_refused(oauth):
+    log = Log()
+    app = PlacementApp(oauth, log)
+    assert app.handle("GET", "/placement/worker", {}).status == 405
+    answer = app.handle("POST", "/placement/error", {"error": "ERROR_PLACEMENT_LOADING_OVERTIME"})
+    assert answer.status == 200
+    assert ("error", "widget_disabled") in [(level, event) for level, event, _ in log.lines]
+    assert app.handle("POST", "/placement/nothing", {}).status == 404
+
+
+def test_texts_follow_the_users_language_and_titles_stay_plain():
+    assert (language("ru"), language("kz"), language("en"), language("de"), language(None)) == \
+        ("ru", "ru", "en", "en", "en")
+    assert plain('<img src=x onerror=alert(1)>\n"x"') == '‹img src=x onerror=alert(1)› "x"'
+    assert len(plain("я" * 200)) == 80
