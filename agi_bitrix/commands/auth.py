@@ -106,16 +106,13 @@ def run(args: Any) -> int:
         # Click-to-call needs its events bound to this application (reference §5.7).
         from agi_bitrix.bitrix.factory import make_client
         from agi_bitrix.events import bind_events
-        from agi_bitrix.placements.bind import bind_placements
+        from agi_bitrix.placements.bind import bind_summary
 
         try:
             notes.append(f"events bound ({settings.events.delivery}): {', '.join(bind_events(make_client(settings), settings))}")
         except Exception as exc:
             notes.append(f"click-to-call events not bound: {exc}")
-        try:
-            notes.append(f"widgets: {', '.join(bind_placements(make_client(settings), settings)) or 'off'}")
-        except Exception as exc:
-            notes.append(f"call-card widgets not bound: {exc}")
+        notes.append(f"widgets: {bind_summary(make_client(settings), settings)}")
     until = time.strftime("%H:%M", time.localtime(tokens.expires))
     print(f"OAuth tokens stored in {TokenStore(settings.storage.state_dir).path} for "
           f"{urlsplit(tokens.client_endpoint).netloc} (member_id {tokens.member_id or '?'}), "

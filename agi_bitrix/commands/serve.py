@@ -64,6 +64,7 @@ def install(settings: Any, logger: Any, auth: Any, gate: Any) -> str:
     from agi_bitrix.bitrix import oauth
     from agi_bitrix.bitrix.factory import make_client
     from agi_bitrix.events import EventRefused, bind_events
+    from agi_bitrix.placements.bind import bind_summary
 
     if settings.bitrix24.mode != "oauth":
         raise EventRefused("install callback, but [bitrix24] is not set up as a local application")
@@ -79,18 +80,8 @@ def install(settings: Any, logger: Any, auth: Any, gate: Any) -> str:
     client = make_client(settings)
     bound = bind_events(client, settings)
     logger.info("install", bound=bound, replaced=previous is not None, member_id=tokens.member_id,
-                widgets=_bind_widgets(client, settings))
+                widgets=bind_summary(client, settings))
     return "installed"
-
-
-def _bind_widgets(client: Any, settings: Any) -> str:
-    """The call-card widgets go with every (re)install; a failure is logged, the install still holds."""
-    from agi_bitrix.placements.bind import bind_placements
-
-    try:
-        return ", ".join(bind_placements(client, settings)) or "off"
-    except Exception as exc:
-        return f"not bound: {exc}"
 
 
 def limits_of(settings: Any) -> http_server.Limits:

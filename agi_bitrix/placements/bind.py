@@ -42,6 +42,14 @@ def bind_placements(client: Any, settings: Settings) -> List[str]:
     return [WORKER, CARD]
 
 
+def bind_summary(client: Any, settings: Settings) -> str:
+    """Bind, and say what happened in a few words: a failure must not undo an install or an auth."""
+    try:
+        return ", ".join(bind_placements(client, settings)) or "off"
+    except Exception as exc:
+        return f"not bound: {exc}"
+
+
 def bound(client: Any) -> Dict[str, List[str]]:
     """Placement code -> the handler URLs the portal has for this application."""
     found: Dict[str, List[str]] = {}
