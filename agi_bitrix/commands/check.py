@@ -189,9 +189,9 @@ def _bitrix(report: Report, settings: settings_mod.Settings) -> None:
     later = [s for s in missing if s in DIALER_SCOPES]
     if later:
         report.warn("bitrix24", f"the {kind} lacks the scope(s) {', '.join(later)} the auto-dialer needs: {fix}")
-    from agi_bitrix.placements.bind import report as widgets_report
+    from agi_bitrix.placements.bind import report_widgets
 
-    widgets_report(report, client, settings, scopes)
+    report_widgets(report, client, settings, scopes)
     if "user" in missing:
         return
     employees = _employees(client, report)

@@ -59,7 +59,7 @@ def bound(client: Any) -> Dict[str, List[str]]:
     return found
 
 
-def report(report: Any, client: Any, settings: Settings, scopes: Any) -> None:
+def report_widgets(report: Any, client: Any, settings: Settings, scopes: Any) -> None:
     """`check`: are the widgets bound, and to this server's public address?"""
     from agi_bitrix.bitrix.errors import BitrixError
 
