@@ -175,6 +175,9 @@ def test_ordinary_call_and_another_operators_call_get_nothing(browser, center, e
     page, state = open_worker(browser, center, emulator.people["103"], initialized(dialer_call))
     assert state == "ordinary" and card_commands(page) == []
     page.close()
+    action, query, body = center.frame(emulator.people["103"], "CALL_CARD", {"CALL_ID": dialer_call["CALL_ID"]})
+    tab = requests.post(action, params=query, data=body, timeout=10)
+    assert tab.status_code == 200 and 'data-agi-state="unknown"' in tab.text and "Чужая задача" not in tab.text
 
 
 def test_tab_shows_the_task_its_attempts_and_the_clients_time(browser, center, emulator):
