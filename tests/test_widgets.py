@@ -46,7 +46,7 @@ class Center(CallCenter):
         pbx.values["dialer"] = dialer
         ami.on_originate(self._decide)
         self.url = f"http://127.0.0.1:{self.desk.port}/"
-        pbx.values["placements"] = {"public_url": self.url, "timeout": "1.5"}
+        pbx.values["placements"] = {"public_url": self.url, "timeout": "4"}  # a loaded test machine
         pbx.write()
         self.hangup = threading.Event()
 

@@ -26,7 +26,7 @@ class Log:
 def oauth(pbx, emulator):
     pbx.values["bitrix24"] = {"portal_url": emulator.base_url, "client_id": emulator.client_id,
                               "client_secret": emulator.client_secret, "oauth_url": emulator.oauth_url}
-    pbx.values["placements"] = {"public_url": "https://pbx.example.com/agi-bitrix/", "auth_cache": "60"}
+    pbx.values["placements"] = {"public_url": "https://pbx.example.com/agi-bitrix/", "auth_cache": "60", "timeout": "4"}
     pbx.write()
     res = pbx.cli("auth", "--code", emulator.authorization_code())
     assert res.returncode == 0, res.stderr
@@ -38,15 +38,15 @@ def test_a_confirmed_token_is_trusted_briefly_then_asked_again(oauth, emulator):
     verifier = Verifier(oauth, clock=lambda: now[0])
     boris = emulator.people["102"]
     _, form = emulator.frame_form(boris, "CALL_CARD")
-    operator, _ = verifier.operator(form, Deadline(2))
+    operator, _ = verifier.operator(form, Deadline(8))
     assert (operator.user_id, operator.name, operator.inner) == (boris, "Boris Test", "102")
     now[0] += 59
-    verifier.operator(form, Deadline(2))
+    verifier.operator(form, Deadline(8))
     assert len(emulator.requests_for("user.current")) == 1
     now[0] += 2  # past [placements] auth_cache: the portal is asked again, and now says no
     emulator.revoke_app()
     with pytest.raises(Refused, match="did not accept"):
-        verifier.operator(form, Deadline(2))
+        verifier.operator(form, Deadline(8))
     assert len(emulator.requests_for("user.current")) == 2
 
 
@@ -58,16 +58,16 @@ def test_a_known_application_token_must_match(oauth, emulator, pbx):
     store.save(replace(store.load(), application_token=emulator.application_token))
     _, form = emulator.frame_form(emulator.people["102"], "CALL_CARD")
     verifier = Verifier(oauth)
-    verifier.operator(form, Deadline(2))
+    verifier.operator(form, Deadline(8))
     with pytest.raises(Refused, match="APPLICATION_TOKEN"):
-        verifier.operator(dict(form, APPLICATION_TOKEN="forged"), Deadline(2))
+        verifier.operator(dict(form, APPLICATION_TOKEN="forged"), Deadline(8))
 
 
 def test_webhook_mode_has_no_widgets(pbx, emulator):
     settings = settings_mod.load(str(pbx.settings_file))
     _, form = emulator.frame_form(emulator.people["102"], "CALL_CARD")
     with pytest.raises(Refused, match="local application"):
-        Verifier(settings).operator(form, Deadline(2))
+        Verifier(settings).operator(form, Deadline(8))
     assert emulator.requests_for("user.current") == []
 
 

@@ -45,6 +45,7 @@ hours_weekend = 00:00-24:00
 listen = 127.0.0.1:{port}
 [placements]
 public_url = http://127.0.0.1:{port}/
+timeout = 4
 """
 
 
