@@ -2,12 +2,14 @@
 application token check, the error callback, GET refused, the texts and the title's plain text."""
 from __future__ import annotations
 
+import secrets
+
 import pytest
 
 from agi_bitrix import settings as settings_mod
 from agi_bitrix.deadline import Deadline
 from agi_bitrix.placements.app import PlacementApp
-from agi_bitrix.placements.identity import Refused, Verifier
+from agi_bitrix.placements.identity import Refused, Unavailable, Verifier
 from agi_bitrix.placements.texts import language, plain
 
 
@@ -86,3 +88,17 @@ def test_texts_follow_the_users_language_and_titles_stay_plain():
         ("ru", "ru", "en", "en", "en")
     assert plain('<img src=x onerror=alert(1)>\n"x"') == '‹img src=x onerror=alert(1)› "x"'
     assert len(plain("я" * 200)) == 80
+
+
+def test_made_up_tokens_cannot_spend_the_request_budget(oauth, emulator):
+    now = [1000.0]
+    verifier = Verifier(oauth, clock=lambda: now[0])
+    _, form = emulator.frame_form(emulator.people["102"], "CALL_CARD")
+    for _ in range(10):
+        with pytest.raises(Refused):
+            verifier.operator(dict(form, AUTH_ID=secrets.token_hex(24)), Deadline(8))
+    with pytest.raises(Unavailable, match="not asked"):
+        verifier.operator(form, Deadline(8))  # even a genuine one waits its turn
+    assert len(emulator.requests_for("user.current")) == 10
+    now[0] += 1.0
+    assert verifier.operator(form, Deadline(8))[0].inner == "102"

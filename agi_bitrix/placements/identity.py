@@ -26,6 +26,9 @@ from agi_bitrix.settings import Settings
 
 _TOKEN = re.compile(r"[A-Za-z0-9._\-]{16,512}")
 CACHE_MAX = 2000
+# Unconfirmed tokens may cost at most this many `user.current` requests (burst, then per second):
+# made-up tokens must not spend the PBX's request budget that the calls need.
+ASK_BURST, ASK_PER_SECOND = 10, 1.0
 T = TypeVar("T")
 
 
@@ -91,6 +94,7 @@ class Verifier:
         self.clock = clock
         self.lock = threading.Lock()
         self.cache: Dict[str, Tuple[float, Operator]] = {}
+        self.allowance, self.allowance_at = float(ASK_BURST), clock()
 
     def rest_base(self) -> str:
         return self.settings.bitrix24.portal_url + "rest/"
@@ -133,6 +137,7 @@ class Verifier:
             hit = self.cache.get(key)
         if hit is not None and hit[0] > now:
             return hit[1], token
+        self._spend(now)
         found = within(deadline, lambda: self._ask(token, deadline))
         with self.lock:
             if len(self.cache) >= CACHE_MAX:
@@ -141,6 +146,14 @@ class Verifier:
                     self.cache.clear()
             self.cache[key] = (now + self.settings.placements.auth_cache, found)
         return found, token
+
+    def _spend(self, now: float) -> None:
+        with self.lock:
+            self.allowance = min(ASK_BURST, self.allowance + (now - self.allowance_at) * ASK_PER_SECOND)
+            self.allowance_at = now
+            if self.allowance < 1:
+                raise Unavailable("too many unconfirmed widget requests; the portal is not asked")
+            self.allowance -= 1
 
     def _ask(self, token: str, deadline: Deadline) -> Operator:
         try:
