@@ -128,7 +128,7 @@ class PlacementApp:
                                        title=plain(card.task.title or card.attempt.info.get("title")))
         status = t["card_status"].format(n=card.number, max=d.max_attempts,
                                          time=card.client_time(d.default_timezone).strftime("%H:%M"))
-        log.update(outcome="highlighted", task=card.attempt.task_id, attempt=card.attempt.attempt_id)
+        log.update(outcome="highlighted", task=card.attempt.task_id, linkedid=card.attempt.attempt_id)
         return _json(200, {"state": "dialer", "title": title, "status": status})
 
     # -- CALL_CARD ---------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ class PlacementApp:
             store.close()
         if dialer is not None:
             d = self.settings.dialer
-            log.update(outcome="dialer", task=dialer.attempt.task_id)
+            log.update(outcome="dialer", task=dialer.attempt.task_id, linkedid=dialer.attempt.attempt_id)
             url = task_url(self.settings, dialer.attempt.task_id, operator.user_id)
             return self._page("card.html", lang, 200, state="dialer", card=dialer, task_url=url,
                               max_attempts=d.max_attempts,
@@ -163,7 +163,7 @@ class PlacementApp:
             log["outcome"] = "unknown call"
             return self._page("card.html", lang, 200, state="unknown")
         manager, later = self._manager(ordinary.call, form, deadline, log)
-        log["outcome"] = "ordinary"
+        log.update(outcome="ordinary", linkedid=ordinary.call.linkedid)
         return self._page("card.html", lang, 200, state="ordinary", card=ordinary, manager=manager,
                           manager_later=later)
 
