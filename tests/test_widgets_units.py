@@ -2,6 +2,7 @@
 application token check, the error callback, GET refused, the texts and the title's plain text."""
 from __future__ import annotations
 
+import re
 import secrets
 
 import pytest
@@ -102,3 +103,11 @@ def test_made_up_tokens_cannot_spend_the_request_budget(oauth, emulator):
     assert len(emulator.requests_for("user.current")) == 10
     now[0] += 1.0
     assert verifier.operator(form, Deadline(8))[0].inner == "102"
+
+
+def test_check_says_widgets_need_the_local_application(pbx, emulator):
+    res = pbx.cli("check")
+    assert re.search(r"OK +widgets +off \(\[placements\] public_url is empty\)", res.stdout)
+    pbx.set("placements", "public_url", "https://pbx.example.com/agi-bitrix/")
+    res = pbx.cli("check")
+    assert res.returncode == 1 and "[placements] needs the local application (OAuth mode)" in res.stdout
