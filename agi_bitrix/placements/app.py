@@ -187,7 +187,8 @@ class PlacementApp:
         return (f"{name} ({inner})" if name and inner else name), False
 
     def _page(self, template: str, lang: str, status: int, **values: Any) -> Response:
-        page = render(template, lang, library=self.settings.placements.bx24_js, **values)
+        page = render(template, lang, library=self.settings.placements.bx24_js,
+                      zone=self.settings.dialer.operator_timezone, **values)
         return Response(status, page["body"], headers={
             "Content-Security-Policy": csp(page["nonce"], self.settings.placements.bx24_js)})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from datetime import datetime
 from typing import Any, Dict, Optional
+from zoneinfo import ZoneInfo
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
@@ -14,13 +15,14 @@ _ENV = Environment(loader=PackageLoader("agi_bitrix.placements", "templates"),
                    autoescape=select_autoescape(default=True, default_for_string=True))
 
 
-def _when(ts: Optional[float]) -> str:
-    return datetime.fromtimestamp(ts).astimezone().strftime("%d.%m.%Y %H:%M") if ts else ""
+# Times as the operator reads them: in [dialer] timezone (the PBX itself may run on UTC).
+def _when(ts: Optional[float], zone: str) -> str:
+    return datetime.fromtimestamp(ts, ZoneInfo(zone)).strftime("%d.%m.%Y %H:%M") if ts else ""
 
 
-def _deadline(value: Any) -> str:
+def _deadline(value: Any, zone: str) -> str:
     try:
-        return datetime.fromisoformat(str(value)).astimezone().strftime("%d.%m.%Y %H:%M")
+        return datetime.fromisoformat(str(value)).astimezone(ZoneInfo(zone)).strftime("%d.%m.%Y %H:%M")
     except ValueError:
         return str(value or "")
 
