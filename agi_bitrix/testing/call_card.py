@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 LIBRARY = "https://api.bitrix24.com/api/v1/"
 CHROMIUM = os.environ.get("AGI_BITRIX_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -169,7 +170,7 @@ class Browser:
         self.portal = _serve_page(lambda: self.page_html)
 
     def open(self, html: str) -> Any:
-        """A fresh tab showing this portal page; returns (page, the widget's frame)."""
+        """A fresh tab showing this portal page (the widget's frame is `widget(page)`)."""
         self.page_html = html
         page = self.context.new_page()
         page.on("dialog", lambda dialog: (self.dialogs.append(dialog.message), dialog.dismiss()))
@@ -184,7 +185,8 @@ class Browser:
     def wait_state(self, page: Any, states: Any, timeout_ms: int = 20000) -> str:
         """Wait until the widget frame reports one of `states` (data-agi-state on its <html>); the
         frame is cross-origin, so it is read inside the frame."""
-        for _ in range(int(timeout_ms / 100)):
+        end = time.monotonic() + timeout_ms / 1000
+        while time.monotonic() < end:
             frame = page.frame(name="widget")
             if frame is not None and frame.url not in ("", "about:blank"):
                 try:
@@ -207,8 +209,3 @@ class Browser:
 
 def card_commands(page: Any) -> list:
     return page.evaluate("() => window.card.commands")
-
-
-def screenshot(page: Any, path: Optional[Path]) -> None:
-    if path is not None:
-        page.screenshot(path=str(path), full_page=True)
