@@ -140,6 +140,7 @@ def _spilled(report: Report, count: int, spill: Path, state_dir: Path) -> None:
 def _bitrix(report: Report, settings: settings_mod.Settings) -> None:
     from agi_bitrix.bitrix.errors import AuthError, BitrixError, NetworkError
     from agi_bitrix.bitrix.factory import NotConfigured, make_client
+    from agi_bitrix.placements.bind import report_widgets
 
     b24 = settings.bitrix24
     try:
@@ -189,8 +190,6 @@ def _bitrix(report: Report, settings: settings_mod.Settings) -> None:
     later = [s for s in missing if s in DIALER_SCOPES]
     if later:
         report.warn("bitrix24", f"the {kind} lacks the scope(s) {', '.join(later)} the auto-dialer needs: {fix}")
-    from agi_bitrix.placements.bind import report_widgets
-
     report_widgets(report, client, settings, scopes)
     if "user" in missing:
         return

@@ -218,6 +218,8 @@ def scenarios(demo: Demo, folder: Path) -> None:
 
 
 def run(args: Any) -> int:
+    from agi_bitrix.commands.demo_widgets import dialer_card
+
     keep: Optional[str] = getattr(args, "keep", None)
     folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="agi-bitrix-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -234,8 +236,6 @@ def run(args: Any) -> int:
             print(f"Bitrix24 emulator at {emulator.base_url}; settings, state and log in {folder}\n")
             demo = Demo(folder, emulator)
             scenarios(demo, folder)
-            from agi_bitrix.commands.demo_widgets import dialer_card
-
             print("6. The auto-dialer calls a task's client; Boris's Bitrix24 call card marks the call")
             marked = dialer_card(folder, emulator, demo.script, by_inner)
             print("\nWhat Bitrix24 received:")
