@@ -114,11 +114,11 @@ def dialer_card(folder: Path, emulator: Bitrix24Emulator, script: List[str], peo
             print(f"    task #{task['ID']} dialed; Boris's card pops up for {call['CALL_ID']}")
             query, form = emulator.frame_form(boris, "PAGE_BACKGROUND_WORKER")
             base = f"http://127.0.0.1:{port}/placement/"
-            mark = requests.post(base + "lookup", data=dict(form, CALL_ID=call["CALL_ID"], LANG="ru"),
-                                 timeout=10).json()
+            card = {"CALL_ID": call["CALL_ID"], "PHONE_NUMBER": call["register"]["PHONE_NUMBER"]}
+            mark = requests.post(base + "lookup", data=dict(form, LANG="ru", **card), timeout=10).json()
             print(f"    call card title:  {mark.get('title', '(none)')}")
             print(f"    call card status: {mark.get('status', '(none)')}")
-            query, form = emulator.frame_form(boris, "CALL_CARD", {"CALL_ID": call["CALL_ID"]})
+            query, form = emulator.frame_form(boris, "CALL_CARD", card)
             tab = requests.post(base + "card", params=query, data=form, timeout=10).text
             print("    tab «Клиент и задача»:")
             for line in _text(tab)[1:]:
