@@ -236,7 +236,7 @@ def run(args: Any) -> int:
             print(f"Bitrix24 emulator at {emulator.base_url}; settings, state and log in {folder}\n")
             demo = Demo(folder, emulator)
             scenarios(demo, folder)
-            print("6. The auto-dialer calls a task's client; Boris's Bitrix24 call card marks the call")
+            print("8. The auto-dialer calls a task's client; Boris's Bitrix24 call card marks the call")
             marked = dialer_card(folder, emulator, demo.script, by_inner)
             print("\nWhat Bitrix24 received:")
             for call in sorted(emulator.calls.values(), key=lambda c: c["registered_at"]):
