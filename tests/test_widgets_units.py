@@ -45,12 +45,12 @@ def test_a_confirmed_token_is_trusted_briefly_then_asked_again(oauth, emulator):
     assert (operator.user_id, operator.name, operator.inner) == (boris, "Boris Test", "102")
     now[0] += 59
     verifier.operator(form, Deadline(8))
-    assert len(emulator.requests_for("user.current")) == 1
+    assert len(emulator.requests_for("batch")) == 1
     now[0] += 2  # past [placements] auth_cache: the portal is asked again, and now says no
     emulator.revoke_app()
     with pytest.raises(Refused, match="did not accept"):
         verifier.operator(form, Deadline(8))
-    assert len(emulator.requests_for("user.current")) == 2
+    assert len(emulator.requests_for("batch")) == 2
 
 
 def test_a_known_application_token_must_match(oauth, emulator, pbx):
@@ -71,7 +71,7 @@ def test_webhook_mode_has_no_widgets(pbx, emulator):
     _, form = emulator.frame_form(emulator.people["102"], "CALL_CARD")
     with pytest.raises(Refused, match="local application"):
         Verifier(settings).operator(form, Deadline(8))
-    assert emulator.requests_for("user.current") == []
+    assert emulator.requests_for("batch") == []
 
 
 def test_error_callback_is_logged_and_get_is_refused(oauth):
@@ -100,7 +100,7 @@ def test_made_up_tokens_cannot_spend_the_request_budget(oauth, emulator):
             verifier.operator(dict(form, AUTH_ID=secrets.token_hex(24)), Deadline(8))
     with pytest.raises(Unavailable, match="not asked"):
         verifier.operator(form, Deadline(8))  # even a genuine one waits its turn
-    assert len(emulator.requests_for("user.current")) == 10
+    assert len(emulator.requests_for("batch")) == 10
     now[0] += 1.0
     assert verifier.operator(form, Deadline(8))[0].inner == "102"
 
@@ -111,3 +111,12 @@ def test_check_says_widgets_need_the_local_application(pbx, emulator):
     pbx.set("placements", "public_url", "https://pbx.example.com/agi-bitrix/")
     res = pbx.cli("check")
     assert res.returncode == 1 and "[placements] needs the local application (OAuth mode)" in res.stdout
+
+
+def test_a_token_of_another_application_on_our_portal_is_refused(oauth, emulator):
+    emulator.add_application("local.other.app")
+    stranger = emulator.issue_tokens(user_id=emulator.people["102"], client_id="local.other.app")
+    _, form = emulator.frame_form(emulator.people["102"], "CALL_CARD")
+    with pytest.raises(Refused, match="another application"):
+        Verifier(oauth).operator(dict(form, AUTH_ID=stranger["access_token"]), Deadline(8))
+    assert Verifier(oauth).operator(form, Deadline(8))[0].inner == "102"

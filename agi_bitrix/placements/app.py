@@ -72,7 +72,7 @@ class PlacementApp:
                 # Bitrix24 disabled the background worker (it POSTs without tokens): say so plainly.
                 self.logger.error("widget_disabled", reason=str(form.get("error") or form.get("ERROR") or
                                                                  "ERROR_PLACEMENT_LOADING_OVERTIME")[:80],
-                                  fix="run agi-bitrix auth --code CODE again (or reinstall the application) to bind the widgets anew")
+                                  fix="run agi-bitrix auth --code again (or reinstall the application) to bind the widgets anew")
                 return Response(200, b"ok\n", "text/plain; charset=utf-8")
             return Response(404, b"unknown widget\n", "text/plain; charset=utf-8")
         finally:

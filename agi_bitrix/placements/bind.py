@@ -73,7 +73,7 @@ def report_widgets(report: Any, client: Any, settings: Settings, scopes: Any) ->
         return
     if "placement" not in set(scopes or ()):
         report.problem("widgets", "the application lacks the scope placement: tick it in the local application's "
-                                  "settings in Bitrix24, save, and run agi-bitrix auth --code CODE again")
+                                  "settings in Bitrix24, save, and run agi-bitrix auth --code again")
         return
     try:
         have = bound(client)
@@ -86,7 +86,7 @@ def report_widgets(report: Any, client: Any, settings: Settings, scopes: Any) ->
             report.ok("widgets", f"{code} bound to {urls[code]}")
         elif handlers:
             report.problem("widgets", f"{code} points to {', '.join(handlers)}, not {urls[code]}: run agi-bitrix "
-                                      "auth --code CODE again (or reinstall the application) to bind it anew")
+                                      "auth --code again (or reinstall the application) to bind it anew")
         else:
-            report.problem("widgets", f"{code} is not bound: run agi-bitrix auth --code CODE again (or "
+            report.problem("widgets", f"{code} is not bound: run agi-bitrix auth --code again (or "
                                       "reinstall the application) to bind it")

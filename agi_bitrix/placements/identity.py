@@ -3,7 +3,8 @@
 Bitrix24 POSTs a placement frame the OAuth access token of the employee who opened it (Bitrix24
 REST docs: api-reference/widgets/_includes/widget_data.md). `user.current` with that token, sent
 to the portal in our settings (never to the DOMAIN the request names), answers with that employee
-(api-reference/user/user-current.md); a token of another portal or a made-up one is refused there.
+(api-reference/user/user-current.md); a token of another portal or a made-up one is refused there,
+and `app.info` must name our application (a token of another application proves nothing to us).
 `member_id` must be our portal's, and APPLICATION_TOKEN, when we know ours, must match.
 """
 from __future__ import annotations
@@ -156,12 +157,23 @@ class Verifier:
             self.allowance -= 1
 
     def _ask(self, token: str, deadline: Deadline) -> Operator:
+        # One request: who the token's user is, and whose application the token is (a real token
+        # of another application on our portal proves nothing to us; Bitrix24 REST docs: app.info).
+        commands = {"me": ("user.current", {}), "app": ("app.info", {})}
         try:
-            row = self.client(token).call("user.current", {}, deadline)
+            answer = self.client(token).batch(commands, deadline=deadline)
+            for key, (method, _) in commands.items():
+                error = answer.error(key, method)
+                if error is not None:
+                    raise error
         except (AuthError, ScopeError) as exc:
             raise Refused(f"the portal did not accept the AUTH_ID ({exc.code})") from None
         except BitrixError as exc:
             raise Unavailable(exc.summary()) from None
+        app = answer.results.get("app")
+        if not isinstance(app, dict) or str(app.get("CODE") or "") != self.settings.bitrix24.client_id:
+            raise Refused("the AUTH_ID belongs to another application")
+        row = answer.results.get("me")
         if not isinstance(row, dict) or not str(row.get("ID") or "").isdigit():
             raise Unavailable("user.current answered without a user")
         name = " ".join(str(p) for p in (row.get("NAME"), row.get("LAST_NAME")) if p) or f"#{row['ID']}"
