@@ -94,8 +94,8 @@ def dialer_card(folder: Path, emulator: Bitrix24Emulator, script: List[str], peo
         contact = emulator.add_contact("Olga Smirnova", ["+7 916 222-33-44"], assigned_by_id=boris)
         task = emulator.add_task("Позвонить клиенту", boris, group_id=int(group["ID"]),
                                  deadline="2026-01-10T18:00:00+03:00", crm=[f"C_{contact['ID']}"])
-        auth = subprocess.run([*script, "auth", "--code", emulator.authorization_code()], env=env,
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        auth = subprocess.run([*script, "auth", "--code", "-"], env=env, capture_output=True, text=True,
+                              input=emulator.authorization_code() + "\n")  # as pasted: never on the command line
         print(f"    agi-bitrix auth: {(auth.stdout or auth.stderr).strip().split('; note: ')[-1]}")
         serve = subprocess.Popen([*script, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  stdin=subprocess.DEVNULL, text=True)
