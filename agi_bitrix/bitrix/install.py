@@ -44,8 +44,9 @@ class InstallBusy(InstallRefused):
     """Too many callbacks to prove just now (a flood): refused without asking the portal."""
 
 
-class _OneToken:
-    """The callback's access token at the configured portal: no renewal, no other address."""
+class OneToken:
+    """One given access token at the configured portal: no renewal, no other address (the
+    installation callback's here, a widget frame's in placements/identity.py)."""
 
     mode = "oauth"
 
@@ -121,7 +122,7 @@ def check_addresses(b24: Bitrix24Settings, auth: Dict[str, Any], previous: Optio
 
 def prove(b24: Bitrix24Settings, access_token: str) -> None:
     """Ask the configured portal, with the callback's token, whose application and user it is."""
-    client = Bitrix24(_OneToken(b24.portal_url + "rest/", access_token), timeout=PROOF_TIMEOUT)
+    client = Bitrix24(OneToken(b24.portal_url + "rest/", access_token), timeout=PROOF_TIMEOUT)
     portal = _host(b24.portal_url)
     try:
         answer = client.batch({"app": ("app.info", {}), "admin": ("user.admin", {})})

@@ -16,10 +16,11 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Mapping, Tuple, TypeVar
 from urllib.parse import urlsplit
 
 from agi_bitrix.bitrix.client import Bitrix24
+from agi_bitrix.bitrix.install import OneToken
 from agi_bitrix.bitrix.errors import AuthError, BitrixError, ScopeError
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.deadline import Deadline
@@ -46,24 +47,6 @@ class Operator:
     user_id: int
     name: str
     inner: str
-
-
-class FrameAuth:
-    """A client auth for one frame's token: used as given, never refreshed (it is the employee's)."""
-
-    mode = "frame"
-
-    def __init__(self, rest_base: str, token: str) -> None:
-        self.base, self.token = rest_base, token
-
-    def credentials(self) -> Tuple[str, Dict[str, str]]:
-        return self.base, {"auth": self.token}
-
-    def on_expired(self, used: Dict[str, str], deadline: Optional[Deadline] = None) -> bool:
-        return False
-
-    def on_rejected(self, used: Dict[str, str], deadline: Optional[Deadline] = None) -> bool:
-        return False
 
 
 def within(deadline: Deadline, work: Callable[[], T]) -> T:
@@ -105,7 +88,7 @@ class Verifier:
         b24 = self.settings.bitrix24
         limiter = RateLimiter(self.settings.storage.state_dir, urlsplit(b24.portal_url).netloc,
                               b24.rate_burst, b24.rate_per_second)
-        return Bitrix24(FrameAuth(self.rest_base(), token), timeout=self.settings.placements.timeout,
+        return Bitrix24(OneToken(self.rest_base(), token), timeout=self.settings.placements.timeout,
                         limiter=limiter)
 
     def _ours(self) -> Tuple[str, str]:
