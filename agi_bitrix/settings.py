@@ -53,6 +53,20 @@ def checked_url(value: str) -> str:
 
 
 OAUTH_KEYS = ("portal_url", "client_id", "client_secret")
+WEBHOOK_SHAPE = "https://PORTAL/rest/USER_ID/CODE/"
+
+
+def checked_webhook(value: str) -> str:
+    """An inbound webhook is https://PORTAL/rest/USER_ID/CODE/ and nothing after it (Bitrix24 REST
+    docs: inbound webhooks); the method name is appended per request."""
+    if not value:
+        return value
+    parts = [p for p in urlsplit(value).path.split("/") if p]
+    if not parts or parts[0] != "rest" or len(parts) < 3:
+        raise ValueError(f"must look like {WEBHOOK_SHAPE} (copy it from the inbound webhook's page in Bitrix24)")
+    if len(parts) > 3:
+        raise ValueError(f"ends with a method ({'/'.join(parts[3:])}): remove it, keep {WEBHOOK_SHAPE}")
+    return value
 
 
 class Bitrix24Settings(_Section):
@@ -71,6 +85,11 @@ class Bitrix24Settings(_Section):
     @classmethod
     def _url(cls, value: str) -> str:
         return checked_url(value)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, value: str) -> str:
+        return checked_webhook(value)
 
     @property
     def mode(self) -> Literal["webhook", "oauth", "none"]:
@@ -139,11 +158,18 @@ class StorageSettings(_Section):
 class LoggingSettings(_Section):
     file: str = "/var/log/agi-bitrix/agi-bitrix.log"
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # The language of the admin commands' texts; auto = the locale (LC_ALL, LC_MESSAGES, LANG).
+    language: Literal["auto", "ru", "en"] = "auto"
 
     @field_validator("level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
 
 def _inner_template(value: str) -> str:
@@ -418,18 +444,30 @@ def settings_path(explicit: Optional[str] = None) -> Path:
 def _read_ini(path: Path) -> Dict[str, Dict[str, str]]:
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
     try:
-        with path.open(encoding="utf-8") as fh:
+        # utf-8-sig: Windows editors save a byte-order mark that configparser would take for text.
+        with path.open(encoding="utf-8-sig") as fh:
             parser.read_file(fh)
     except FileNotFoundError:
         raise SettingsError(f"settings file {path} not found (run: agi-bitrix install, or set {ENV_PATH_VAR})")
     except PermissionError:
-        raise SettingsError(f"settings file {path} is not readable by this user")
+        user = _user_name()
+        raise SettingsError(f"settings file {path} is not readable by the user {user} (as root: "
+                            f"chown {user} {path}; chmod 600 {path}; and let {user} enter its folder)")
     except UnicodeDecodeError:
         raise SettingsError(f"settings file {path} is not UTF-8 text")
     except configparser.Error as exc:
         first = str(exc).splitlines()[0]
         raise SettingsError(f"settings file {path} is broken: {first}")
     return {name: dict(parser.items(name)) for name in parser.sections()}
+
+
+def _user_name() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _overrides(env: Dict[str, str]) -> Dict[str, Dict[str, str]]:

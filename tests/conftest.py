@@ -34,6 +34,14 @@ def keep_install_record():
         record.write_bytes(before)
 
 
+@pytest.fixture(autouse=True)
+def english_locale(monkeypatch):
+    """Admin texts follow the locale: the tests read English unless a test asks for Russian."""
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    for name in ("LC_ALL", "LC_MESSAGES"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def emulator():
     with Bitrix24Emulator(webhook_code=WEBHOOK_CODE) as emu:
@@ -54,6 +62,8 @@ class PBX:
         self.state_dir = root / "state"
         self.log_file = root / "log" / "agi-bitrix.log"
         self.prefix: List[str] = []  # e.g. setpriv ...: run steps and commands as another user
+        for folder in (self.state_dir, self.log_file.parent):  # as `agi-bitrix install` leaves them
+            folder.mkdir(parents=True, exist_ok=True)
         self.values: Dict[str, Dict[str, str]] = {
             "bitrix24": {"webhook_url": webhook_url, "timeout": "2"},
             "calls": {"default_user": "101", "crm_create": "yes", "anonymous_number": "0000"},

@@ -19,7 +19,7 @@ from agi_bitrix import __version__
 from agi_bitrix.bitrix import query
 from agi_bitrix.bitrix.auth import Auth
 from agi_bitrix.bitrix.errors import (AuthError, BitrixError, ExpiredToken, LimitError, NetworkError,
-                                      PortalError, classify)
+                                      PortalError, classify, connection_failure)
 from agi_bitrix.bitrix.ratelimit import MIN_REQUEST_TIME, RateLimiter
 from agi_bitrix.deadline import Deadline, DeadlineExceeded
 
@@ -86,10 +86,11 @@ class Bitrix24:
                                                                  allow_redirects=False))
         except (DeadlineExceeded, requests.Timeout):
             self._observed(method, 0)
-            raise NetworkError("TIMEOUT", f"no answer within {timeout:.1f} s", None, method)
+            raise NetworkError("TIMEOUT", f"no answer within {timeout:.1f} s", None, method, cause="timeout")
         except requests.RequestException as exc:
             self._observed(method, 0)
-            raise NetworkError("UNREACHABLE", _short(exc), None, method)
+            cause, text = connection_failure(exc, url)
+            raise NetworkError("UNREACHABLE", text, None, method, cause=cause)
         self._observed(method, resp.status_code)
         return resp
 
@@ -170,8 +171,12 @@ class Bitrix24:
         try:
             resp = _bounded(deadline, lambda: self.http.post(url, files={field: (filename, content)},
                                                              timeout=timeout))
-        except (DeadlineExceeded, requests.RequestException) as exc:
-            raise NetworkError("UPLOAD_FAILED", _short(exc), None, "upload")
+        except DeadlineExceeded:
+            raise NetworkError("UPLOAD_FAILED", f"no answer within {timeout:.1f} s", None, "upload",
+                               cause="timeout")
+        except requests.RequestException as exc:
+            cause, text = connection_failure(exc, url)
+            raise NetworkError("UPLOAD_FAILED", text, None, "upload", cause=cause)
         if resp.status_code >= 400:
             raise classify(resp.status_code, f"HTTP_{resp.status_code}", "upload refused", "upload")
         return resp.text
@@ -201,10 +206,3 @@ def new_session(pool: int = 10) -> requests.Session:
 def _bounded(deadline: Optional[Deadline], fn: Callable[[], requests.Response]) -> requests.Response:
     return fn() if deadline is None else deadline.call(fn)
 
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    # urllib3 messages repeat the pool and URL; keep the cause.
-    if "Caused by" in text:
-        text = text.split("Caused by", 1)[1].strip(" ()")
-    return text[:200]

@@ -1,7 +1,10 @@
 """What can go wrong talking to Bitrix24, typed by what the caller should do about it."""
 from __future__ import annotations
 
-from typing import Optional
+import socket
+import ssl
+from typing import Iterator, Optional, Tuple
+from urllib.parse import urlsplit
 
 
 class BitrixError(Exception):
@@ -58,9 +61,48 @@ class PortalError(BitrixError):
 
 
 class NetworkError(BitrixError):
-    """No answer in time, connection refused, TLS failure, 5xx: may heal by itself."""
+    """No answer in time, connection refused, TLS failure, 5xx: may heal by itself.
+
+    `cause` says which, for a diagnosis: dns, refused, tls, timeout or '' (anything else).
+    """
 
     retryable = True
+
+    def __init__(self, *args: object, cause: str = "", **kw: object) -> None:
+        self.cause = cause
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and everything it wraps (requests -> urllib3 -> socket), each once."""
+    seen, todo = set(), [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        todo += [item.__cause__, item.__context__, getattr(item, "reason", None)]  # type: ignore[list-item]
+        todo += [a for a in getattr(item, "args", ()) if isinstance(a, BaseException)]
+
+
+def connection_failure(exc: BaseException, url: str) -> Tuple[str, str]:
+    """(cause, one plain sentence) for a failed connection, instead of the HTTP library's repr."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "?", parts.port or (443 if parts.scheme == "https" else 80)
+    chain = list(_chain(exc))
+    if any(isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError" for e in chain):
+        return "dns", f"the name {host} does not resolve (DNS)"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return "refused", f"{host} refused the connection on port {port}"
+    if any(isinstance(e, (ssl.SSLError, ssl.CertificateError)) for e in chain):
+        return "tls", f"the TLS handshake with {host} failed (certificate or protocol)"
+    if any(isinstance(e, (socket.timeout, TimeoutError)) for e in chain):
+        return "timeout", f"{host} did not answer"
+    for e in chain:
+        if isinstance(e, OSError) and e.strerror:
+            return "", f"{host}:{port}: {e.strerror}"
+    return "", f"{host}:{port}: {type(exc).__name__}"
 
 
 # Codes by meaning (reference §1.2-1.3, §2). A code decides before the HTTP status does.

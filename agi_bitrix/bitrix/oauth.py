@@ -35,7 +35,8 @@ from urllib.parse import urlsplit
 import requests
 
 from agi_bitrix import __version__
-from agi_bitrix.bitrix.errors import AuthError, BitrixError, ExpiredToken, NetworkError, PortalError, classify
+from agi_bitrix.bitrix.errors import (AuthError, BitrixError, ExpiredToken, NetworkError, PortalError, classify,
+                                      connection_failure)
 from agi_bitrix.deadline import Deadline
 from agi_bitrix.ownership import match_owner, open_private
 from agi_bitrix.settings import Bitrix24Settings, checked_url
@@ -256,8 +257,9 @@ def grant(url: str, params: Dict[str, str], timeout: float = REFRESH_TIMEOUT) ->
         failure = NetworkError("TIMEOUT", f"the OAuth server {host} did not answer within {timeout:.0f} s",
                                None, TOKEN_METHOD)
     except requests.RequestException as exc:
-        failure = NetworkError("UNREACHABLE", f"the OAuth server {host} cannot be reached "
-                               f"({type(exc).__name__})", None, TOKEN_METHOD)
+        cause, text = connection_failure(exc, url)
+        failure = NetworkError("UNREACHABLE", f"the OAuth server cannot be reached: {text}", None,
+                               TOKEN_METHOD, cause=cause)
     if failure is not None:
         raise failure  # outside the handler: the requests error (its URL) is not even chained
     try:

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, List
 
 from agi_bitrix import settings as settings_mod
+from agi_bitrix.admin_texts import Texts, choose_language
 from agi_bitrix.commands.admin import CommandFailed
 
 
@@ -31,17 +32,18 @@ def _open(args: Any) -> Any:
     return settings, store, client, logger
 
 
-def status(store: Any) -> int:
+def status(store: Any, t: Texts) -> int:
     from agi_bitrix.dialer.state import DialerState
 
     rows = DialerState(store).tasks()
     if not rows:
-        print("the dialer has not worked on any task yet")
+        print(t("the dialer has not worked on any task yet"))
         return 0
-    print(f"{'task':>8}  {'client':<24} {'operator':<9} {'attempts':>8}  {'next try':<16} last outcome")
+    print(f"{t('task'):>8}  {t('client'):<24} {t('operator'):<9} {t('attempts'):>8}  {t('next try'):<16} "
+          f"{t('last outcome')}")
     for st in rows:
-        when = "done" if st.final else (datetime.fromtimestamp(st.next_try).strftime("%d.%m %H:%M")
-                                        if st.next_try > time.time() else "now")
+        when = t("done") if st.final else (datetime.fromtimestamp(st.next_try).strftime("%d.%m %H:%M")
+                                           if st.next_try > time.time() else t("now"))
         print(f"{st.task_id:>8}  {st.client[:24]:<24} {st.operator[:9]:<9} {st.attempts:>8}  {when:<16} "
               f"{st.last_outcome or '-'}")
     return 0
@@ -68,15 +70,16 @@ def one_pass(dialer: Any, logger: Any) -> Any:
 
 def run(args: Any) -> int:
     settings, store, client, logger = _open(args)
+    language = settings.logging.language
     if args.action == "status":
-        return status(store)
+        return status(store, Texts(choose_language(getattr(args, "lang", None), language)))
     from agi_bitrix.bitrix.errors import BitrixError
     from agi_bitrix.dialer.engine import Dialer, DialerBusy, DialerLock
     from agi_bitrix.pbx.ami import AMIClient, AMIError
 
     ast = settings.asterisk
     if not ast.ami_user:
-        raise CommandFailed("set [asterisk] ami_user and ami_secret (the dialer dials through AMI)")
+        raise CommandFailed("set [asterisk] ami_user and ami_secret (the dialer dials through AMI)", language)
     stopping: List[int] = []
     if not args.once:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -97,7 +100,7 @@ def run(args: Any) -> int:
                             print(f"  {attempt}: {outcome}")
                 except (BitrixError, AMIError) as exc:
                     if args.once:
-                        raise CommandFailed(str(exc)) from None
+                        raise CommandFailed(str(exc), language) from None
                 if args.once or stopping:
                     break
                 end = time.monotonic() + settings.dialer.poll_interval
@@ -105,5 +108,5 @@ def run(args: Any) -> int:
                     time.sleep(0.2)
             ami.close()
     except DialerBusy as exc:
-        raise CommandFailed(str(exc)) from None
+        raise CommandFailed(str(exc), language) from None
     return 0

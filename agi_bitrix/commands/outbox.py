@@ -9,6 +9,7 @@ import time
 from typing import Any, List, Tuple
 
 from agi_bitrix import settings as settings_mod
+from agi_bitrix.admin_texts import Texts, choose_language
 from agi_bitrix.commands.admin import CommandFailed
 
 FLUSH_REQUEST_TIMEOUT = 10.0  # off the call path a request may wait longer than a ringing caller
@@ -63,26 +64,27 @@ def _replay(outbox: Any, logger: Any, files: List[str]) -> None:
     print(f"replayed {calls} call record(s), {entries} entr(y/ies) journaled (those replayed before are skipped)")
 
 
-def _age(seconds: float) -> str:
+def _age(seconds: float, t: Texts) -> str:
     if seconds < 120:
-        return f"{int(seconds)} s"
+        return t("{n} s", n=int(seconds))
     if seconds < 7200:
-        return f"{int(seconds // 60)} min"
-    return f"{seconds / 3600:.1f} h"
+        return t("{n} min", n=int(seconds // 60))
+    return t("{n} h", n=f"{seconds / 3600:.1f}")
 
 
-def status(outbox: Any) -> int:
+def status(outbox: Any, t: Texts) -> int:
     info = outbox.store.outbox_status()
     counts = info["counts"]
-    print(f"waiting: {counts['pending']}   delivered: {counts['done']}   dead letters: {counts['dead']}")
+    print(t("waiting: {pending}   delivered: {done}   dead letters: {dead}", **counts))
     if info["oldest_pending"]:
-        print(f"oldest waiting: {_age(time.time() - info['oldest_pending'])} old")
+        print(t("oldest waiting: {age} old", age=_age(time.time() - info["oldest_pending"], t)))
     if info["last_error"]:
-        print(f"last error: {info['last_error']}")
+        print(t("last error: {error}", error=info["last_error"]))
     for entry in outbox.store.entries(state="dead")[:20]:
-        print(f"dead #{entry.id} {entry.kind} of call {entry.linkedid}: {entry.last_error}")
+        print(t("dead #{id} {kind} of call {linkedid}: {error}", id=entry.id, kind=entry.kind,
+                linkedid=entry.linkedid, error=entry.last_error))
     if counts["dead"]:
-        print("fix the cause, then: agi-bitrix outbox retry")
+        print(t("fix the cause, then: agi-bitrix outbox retry"))
     return 0
 
 
@@ -90,7 +92,7 @@ def run(args: Any) -> int:
     settings, outbox, logger = open_outbox(args)
     try:
         if args.action == "status":
-            return status(outbox)
+            return status(outbox, Texts(choose_language(getattr(args, "lang", None), settings.logging.language)))
         if args.action == "retry":
             count = outbox.store.retry_dead()
             print(f"{count} dead letter(s) put back in line; they go out with the next flush")

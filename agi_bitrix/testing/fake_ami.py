@@ -31,6 +31,22 @@ MAX_LINE = 1024        # bytes including the line terminator
 MAX_HEADERS = 128
 MAX_UNIQUEID = 149
 READ_CLASSES = frozenset({"call", "system", "user"})   # manager.conf `read` of the lab user
+WRITE_CLASSES = frozenset({"call", "originate", "reporting"})  # its `write`: no `system`
+# The write classes an action needs, any one of them (main/manager.c registration); () = anyone.
+ACTION_AUTHORITY: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "login": ((), "Login Manager"),
+    "logoff": ((), "Logoff Manager"),
+    "ping": ((), "Keepalive command"),
+    "listcommands": ((), "List available manager commands"),
+    "originate": (("originate",), "Originate a call"),
+    "extensionstate": (("call", "reporting"), "Check Extension Status"),
+    "getvar": (("call", "reporting"), "Gets a channel variable or function value"),
+    "hangup": (("system", "call"), "Hangup channel"),
+    "coreshowchannels": (("system", "reporting"), "List currently active channels"),
+}
+_ACTION_NAMES = {"login": "Login", "logoff": "Logoff", "ping": "Ping", "listcommands": "ListCommands",
+                 "originate": "Originate", "extensionstate": "ExtensionState", "getvar": "Getvar",
+                 "hangup": "Hangup", "coreshowchannels": "CoreShowChannels"}
 
 STATUS_TEXT: Dict[int, str] = {
     0: "Idle", 1: "InUse", 2: "Busy", 4: "Unavailable", 8: "Ringing",
@@ -185,7 +201,8 @@ class FakeAMI:
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, username: str = "crm",
                  secret: str = "change-me", version: str = AMI_VERSION,
                  auth_fail_delay: float = 1.0,
-                 dialplan: Optional[Dict[str, Iterable[str]]] = None) -> None:
+                 dialplan: Optional[Dict[str, Iterable[str]]] = None,
+                 read: Iterable[str] = READ_CLASSES, write: Iterable[str] = WRITE_CLASSES) -> None:
         self.host = host
         self._port = port
         self.username = username
@@ -193,6 +210,8 @@ class FakeAMI:
         prefix = "Asterisk Call Manager/"
         self.banner = version if version.startswith(prefix) else prefix + version
         self.auth_fail_delay = auth_fail_delay
+        self.read = frozenset(read)     # manager.conf `read =` and `write =` of the user
+        self.write = frozenset(write)
         # {context: extens}; None = every Context/Exten exists (an empty one never does).
         self.dialplan = ({c: set(e) for c, e in dialplan.items()} if dialplan is not None else None)
         self.actions: List[Message] = []
@@ -428,6 +447,10 @@ class FakeAMI:
             else:
                 sess.send(self._resp(msg, "Error", "Permission denied"))
             return
+        needs = ACTION_AUTHORITY.get(key, ((), ""))[0]
+        if needs and not self.write & set(needs):
+            sess.send(self._resp(msg, "Error", "Permission denied"))   # manager.c process_message
+            return
         with self._lock:
             self.actions.append(msg)
             delay = self._delays.get(key)
@@ -452,6 +475,7 @@ class FakeAMI:
             "getvar": lambda: self._getvar(sess, msg),
             "hangup": lambda: self._hangup_action(sess, msg),
             "coreshowchannels": lambda: self._core_show_channels(sess, msg),
+            "listcommands": lambda: self._list_commands(sess, msg),
         }.get(key)
         if handler is None:
             sess.send(self._resp(msg, "Error", f"Invalid/unknown command: {msg.get('Action')}. "
@@ -491,11 +515,11 @@ class FakeAMI:
             return
         events = (msg.get("Events") or "on").strip().lower()
         if events in ("on", "yes", "true", "1"):
-            sess.classes = set(READ_CLASSES)
+            sess.classes = set(self.read)
         elif events in ("off", "no", "false", "0"):
             sess.classes = set()
-        else:
-            sess.classes = {c.strip() for c in events.split(",")} & READ_CLASSES
+        else:   # the event mask is cut to the user's read classes (manager.c set_eventmask)
+            sess.classes = {c.strip() for c in events.split(",")} & self.read
         with self._lock:
             self.logins += 1
         sess.send(self._resp(msg, "Success", "Authentication accepted"))
@@ -504,6 +528,15 @@ class FakeAMI:
             up = str(int(time.time() - self._started))
             sess.send([("Event", "FullyBooted"), ("Privilege", "system,all"), ("Uptime", up),
                        ("LastReload", up), ("Status", "Fully Booted")])
+
+    def _list_commands(self, sess: _Session, msg: Message) -> None:
+        """Only the actions this user's write classes allow, one `Name: synopsis (Priv: ...)` line
+        each (manager.c action_listcommands)."""
+        lines = []
+        for key, (needs, synopsis) in ACTION_AUTHORITY.items():
+            if not needs or self.write & set(needs):
+                lines.append((_ACTION_NAMES[key], f"{synopsis}. (Priv: {','.join(needs) or '<none>'})"))
+        sess.send(self._resp(msg, "Success", None, lines))
 
     def _logoff(self, sess: _Session, msg: Message) -> None:
         sess.send(self._resp(msg, "Goodbye", "Thanks for all the fish."))
@@ -593,8 +626,8 @@ class FakeAMI:
         data = msg.get("Data") or ""
         if not channel:
             return "Channel not specified"
-        if app and (any(w in app.lower() for w in _APP_NEEDS_SYSTEM)
-                    or any(w in data for w in _DATA_NEEDS_SYSTEM)):
+        if app and "system" not in self.write and (any(w in app.lower() for w in _APP_NEEDS_SYSTEM)
+                                                   or any(w in data for w in _DATA_NEEDS_SYSTEM)):
             return "Originate Access Forbidden: app or data blacklisted"
         priority = msg.get("Priority") or ""
         if priority and not _INT.match(priority):
