@@ -2,7 +2,8 @@
 
 Many AGI processes append to the same file at once; each line goes out in a single write to an
 O_APPEND file, so lines never interleave. When the file cannot be opened the line goes to stderr
-(Asterisk's console), never to stdout, which belongs to the AGI protocol.
+(Asterisk's console), never to stdout, which belongs to the AGI protocol. Long-running commands
+(worker, dialer, serve, service) reopen the file once logrotate has moved it away.
 
 The logger is this small module rather than a logging library: a call step in process mode writes
 one line, and importing structlog (it pulls in asyncio) cost that step about 100 ms of CPU.
@@ -72,6 +73,43 @@ def _open(path: str) -> TextIO:
     return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
 
 
+class LogFile:
+    """The log file, reopened before a write when its path no longer names the open file (moved
+    or removed by logrotate): the check of the standard library's WatchedFileHandler."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stream = _open(path)
+
+    def _rotated(self) -> bool:
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            return True
+        held = os.fstat(self._stream.fileno())
+        return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
+
+    def write(self, text: str) -> int:
+        if self._rotated():
+            try:
+                fresh = _open(self.path)
+            except OSError:
+                pass  # keep writing to the moved file rather than lose the line
+            else:
+                self._stream.close()
+                self._stream = fresh
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+
 class Logger:
     """`logger.info("event", key=value, ...)`: one JSON line, written whole, under a lock (threads)."""
 
@@ -121,10 +159,10 @@ class Logger:
             self.warning("log_file_unwritable", reason=problem)
 
 
-def _stream(file: Optional[str]) -> "tuple[TextIO, Optional[str]]":
+def _stream(file: Optional[str]) -> "tuple[Any, Optional[str]]":
     if file:
         try:
-            return _open(file), None
+            return LogFile(file), None
         except OSError as exc:
             return sys.stderr, f"cannot write log file {file}: {exc.strerror or exc}"
     return sys.stderr, None
