@@ -1,7 +1,7 @@
 """Bitrix24 events: click-to-call (ONEXTERNALCALLSTART) and the website callback form
 (ONEXTERNALCALLBACKSTART), received by `agi-bitrix serve` or polled by the worker.
 
-Click-to-call (reference §5.7): Bitrix24 has already registered the call and sends its CALL_ID.
+Click-to-call (Bitrix24 REST docs: ONEXTERNALCALLSTART): Bitrix24 has already registered the call and sends its CALL_ID.
 agi-bitrix rings the employee's phone first (AMI Originate into [bitrix-click2call]); when he
 answers, the `click-answered` step dials the client; the call's hangup step finishes that same
 CALL_ID with the real outcome. Never a second register. Whatever stops it earlier (no inner

@@ -76,7 +76,7 @@ class Bitrix24Settings(_Section):
     client_secret: str = ""
     oauth_url: str = "https://oauth.bitrix.info/oauth/token/"
     timeout: float = Field(2.0, gt=0, le=60)
-    # The PBX-wide request budget per portal (leaky bucket, reference §2.1). The portal allows a
+    # The PBX-wide request budget per portal (leaky bucket, Bitrix24 REST docs: limits). The portal allows a
     # burst of 50 draining 2/s (Enterprise 250 and 5/s) per source IP; keep headroom for others.
     rate_burst: int = Field(40, ge=1, le=10000)
     rate_per_second: float = Field(2.0, gt=0, le=1000)

@@ -1,4 +1,5 @@
-"""Asterisk DIALSTATUS -> Bitrix24 STATUS_CODE (CONTRACT.md §2, reference §5.4)."""
+"""Asterisk DIALSTATUS (apps/app_dial.c) -> Bitrix24 STATUS_CODE (Bitrix24 REST docs:
+telephony.externalcall.finish)."""
 from __future__ import annotations
 
 DIALSTATUS_CODES = {

@@ -239,7 +239,7 @@ def test_variable_with_comma_and_quote_is_one_variable(fake, client):
     assert sent.getall("Variable") == [
         'CUSTOMER="x,y \\"quoted\\" back\\\\slash,B=2"', '__CRMID="42"']
     assert originate_variables(sent) == [("CUSTOMER", nasty), ("__CRMID", "42")]
-    # The parser is Asterisk's (reference LAB): unquoted commas do split.
+    # The parser is Asterisk's (main/app.c, as observed on Asterisk): unquoted commas do split.
     assert split_app_args('A=1,B=2') == ["A=1", "B=2"]
     assert split_app_args('C="x,y"') == ["C=x,y"] and split_app_args("D=p\\,q") == ["D=p,q"]
 

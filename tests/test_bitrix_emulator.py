@@ -1,4 +1,4 @@
-"""The Bitrix24 emulator behaves like the portal facts in shared/reference/bitrix24-rest.md."""
+"""The Bitrix24 emulator behaves like the Bitrix24 REST docs describe the portal."""
 from __future__ import annotations
 
 import base64

@@ -1,5 +1,5 @@
 """The emulator's auto-dialer surface: workgroups, tasks, comments, notifications, workday, external
-lines (facts: shared/reference/bitrix24-rest.md sections 4-7, 9, 10)."""
+lines, as the Bitrix24 REST docs describe them (tasks, workgroups, im, timeman, telephony)."""
 from __future__ import annotations
 
 import urllib.parse

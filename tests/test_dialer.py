@@ -23,7 +23,7 @@ def past(minutes: int = 10) -> str:
 
 
 class CallCenter:
-    """The portal of seed 004: group CallCenter, operators 101/102, tasks to call clients."""
+    """A call center's portal: group CallCenter, operators 101/102, tasks to call clients."""
 
     def __init__(self, pbx, emulator, ami: FakeAMI) -> None:
         self.pbx, self.emu, self.ami = pbx, emulator, ami

@@ -110,3 +110,13 @@ def test_systemd_analyze_security_exposure_at_most_5(unit, tmp_path):
 @pytest.mark.parametrize("name", ["settings.ini.sample", "extensions.conf.sample"])
 def test_packaged_samples_are_the_repository_samples(name):
     assert (REPO / "agi_bitrix" / "data" / name).read_bytes() == (REPO / name).read_bytes()
+
+
+def test_code_cites_public_documentation_not_files_outside_the_repository():
+    pattern = re.compile(r"reference §|reference \d|\(reference|CONTRACT\.md|DESIGN\.md|[Ss]eed \d|shared/(reference|seeds)"
+                         r"|fixtures PART|/work/")
+    me = Path(__file__).resolve()
+    found = [f"{path.relative_to(REPO)}:{n}" for folder in ("agi_bitrix", "tests", "bench")
+             for path in sorted((REPO / folder).rglob("*.py")) if path.resolve() != me
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert found == []

@@ -1,6 +1,6 @@
 """The AGI session: pyst2 for the protocol, wrapped so its known defects never reach a call.
 
-pyst2 (reference §4.2) escapes nothing, writes every line it sees to stderr (Asterisk's console),
+pyst2 (rdegges/pyst2 asterisk/agi.py) escapes nothing, writes every line it sees to stderr (Asterisk's console),
 and after a SIGHUP refuses every later command, even the ones Asterisk still serves on a dead
 channel. This wrapper keeps pyst2's command/response handling and replaces the rest:
 - the environment block is parsed here (split at the first ':', one space dropped, empty kept);
@@ -82,7 +82,7 @@ class _Pyst(pyst.AGI):
         self.env: Dict[str, str] = {}
 
     def test_hangup(self) -> None:
-        """Dead-capable commands keep working after SIGHUP (reference §1.6)."""
+        """Dead-capable commands keep working after SIGHUP (Asterisk res/res_agi.c)."""
 
     def get_result(self, stdin: Any = None) -> Dict[str, Any]:
         """A `200` answer read as pyst2 reads it, but without the pprint of every result for the

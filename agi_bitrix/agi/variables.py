@@ -1,4 +1,4 @@
-"""Channel variables agi-bitrix sets or reads, in one place (CONTRACT.md §2)."""
+"""Channel variables agi-bitrix sets or reads, in one place (the README lists them)."""
 
 STATUS = "BITRIX_STATUS"            # OK | QUEUED | ERROR
 CALL_ID = "BITRIX_CALL_ID"          # Bitrix24 CALL_ID, empty when not known yet

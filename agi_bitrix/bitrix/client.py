@@ -35,7 +35,7 @@ class BatchResult:
 
     def __init__(self, body: Mapping[str, Any]) -> None:
         def _map(value: Any) -> Dict[str, Any]:
-            # PHP sends an empty map as [] and a map keyed 0..n-1 as a list (reference §3).
+            # PHP sends an empty map as [] and a map keyed 0..n-1 as a list (Bitrix24 REST docs: batch).
             if isinstance(value, list):
                 return {str(i): item for i, item in enumerate(value)}
             return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
@@ -79,7 +79,8 @@ class Bitrix24:
         try:
             resp = _bounded(deadline, lambda: self.http.post(url, data=body, headers=headers, timeout=timeout,
                                                              allow_redirects=False))
-            # A renamed portal answers 302; a blindly followed POST would lose its body (reference §0).
+            # A renamed portal answers 302; a blindly followed POST would lose its body (Bitrix24 REST
+            # docs: how to call the REST API after a domain change).
             if resp.status_code in (301, 302, 307, 308) and resp.headers.get("Location"):
                 resp = _bounded(deadline, lambda: self.http.post(resp.headers["Location"], data=body,
                                                                  headers=headers, timeout=timeout,

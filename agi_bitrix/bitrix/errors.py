@@ -105,7 +105,8 @@ def connection_failure(exc: BaseException, url: str) -> Tuple[str, str]:
     return "", f"{host}:{port}: {type(exc).__name__}"
 
 
-# Codes by meaning (reference §1.2-1.3, §2). A code decides before the HTTP status does.
+# Codes by meaning (Bitrix24 REST docs: system errors, OAuth error codes, limits). A code decides
+# before the HTTP status does.
 _AUTH = {"no_auth_found", "invalid_token", "payment_required", "not_installed",
          "application_not_found", "invalid_grant", "invalid_client", "portal_deleted",
          "authorization_error"}
@@ -119,7 +120,7 @@ _NOT_FOUND = {"error_method_not_found", "not_found"}
 
 def classify(status: int, code: str, description: str, method: str,
              reset_at: Optional[float] = None) -> BitrixError:
-    """Map an error body to its type. Codes come in any case (reference §0)."""
+    """Map an error body to its type. Codes come in any case (Bitrix24 REST docs: system errors)."""
     low = (code or "").lower()
     if low == "expired_token":
         return ExpiredToken(code, description, status, method)

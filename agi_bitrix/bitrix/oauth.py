@@ -1,7 +1,7 @@
 """Mode 2: a Bitrix24 local application (OAuth 2.0) whose token pair every process on the PBX shares.
 
-A refresh token is single-use: each refresh returns a new pair and kills the old one (reference
-§1.2). Asterisk runs one process per call step, so dozens may see `expired_token` in the same
+A refresh token is single-use: each refresh returns a new pair and kills the old one (Bitrix24 REST
+docs: OAuth 2.0 authorization, token renewal). Asterisk runs one process per call step, so dozens may see `expired_token` in the same
 second, and one careless refresh locks the integration out until an administrator re-authorizes.
 So:
 
@@ -146,7 +146,7 @@ def _number(value: Any, default: float) -> float:
 
 
 def token_url(server_endpoint: str, default: str) -> str:
-    """`<OAuth host>/oauth/token/`, the host taken from server_endpoint once known (reference §1.2)."""
+    """`<OAuth host>/oauth/token/`, the host taken from server_endpoint once known (Bitrix24 OAuth docs)."""
     if server_endpoint:
         parts = urlsplit(server_endpoint)
         return f"{parts.scheme}://{parts.netloc}/oauth/token/"
@@ -243,7 +243,7 @@ class TokenStore:
 
 
 def grant(url: str, params: Dict[str, str], timeout: float = REFRESH_TIMEOUT) -> Dict[str, Any]:
-    """One request to the OAuth token endpoint (GET, as the reference shows).
+    """One request to the OAuth token endpoint (GET, as Bitrix24's OAuth docs show).
 
     The URL carries client_secret and a token: no message built here ever contains it, so
     errors name only the host and what went wrong.

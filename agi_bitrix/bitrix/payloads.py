@@ -1,4 +1,4 @@
-"""Payloads of the telephony methods, as pydantic models (reference §5)."""
+"""Payloads of the telephony methods, as pydantic models (Bitrix24 REST docs: telephony.externalcall.*)."""
 from __future__ import annotations
 
 from datetime import datetime

@@ -1,11 +1,12 @@
 """The PBX-wide request budget per portal, shared by every process through one small file.
 
-Bitrix24 counts the requests of a portal per source IP in a leaky bucket (reference §2.1): each
+Bitrix24 counts the requests of a portal per source IP in a leaky bucket (Bitrix24 REST docs:
+limits): each
 request adds 1, the level drains by Y per second, above X the portal answers 503. Asterisk runs
 one process per call step, so the bucket is mirrored in a file under state_dir and updated under
 flock: a process reserves the next free slot and sleeps until it comes, which turns a burst of
 calls into a short queue instead of a burst of 503s. The same file remembers, per method, the
-portal's operating_reset_at and a 429 OPERATION_TIME_LIMIT block (§2.2), so no process knocks on
+portal's operating_reset_at and a 429 OPERATION_TIME_LIMIT block (same page), so no process knocks on
 a blocked method before the portal frees it.
 """
 from __future__ import annotations

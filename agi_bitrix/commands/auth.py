@@ -103,7 +103,7 @@ def run(args: Any) -> int:
     if b24.mode == "webhook":
         notes.append("webhook_url is set, so the webhook stays in use until you empty it")
     else:
-        # Click-to-call needs its events bound to this application (reference §5.7).
+        # Click-to-call needs its events bound to this application (Bitrix24 REST docs: event.bind).
         from agi_bitrix.bitrix.factory import make_client
         from agi_bitrix.events import bind_events
         from agi_bitrix.placements.bind import bind_summary

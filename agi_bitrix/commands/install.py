@@ -1,4 +1,4 @@
-"""`agi-bitrix install --agi-bin DIR [--settings PATH] [--owner USER]` (CONTRACT.md §1).
+"""`agi-bitrix install --agi-bin DIR [--settings PATH] [--owner USER]` (see the README).
 
 Idempotent: a second run changes nothing. Needs root only to chown to the Asterisk user.
 """

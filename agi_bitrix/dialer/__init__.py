@@ -1,1 +1,1 @@
-"""The auto-dialer: works through the call tasks of a Bitrix24 workgroup (seed 004)."""
+"""The auto-dialer: works through the call tasks of a Bitrix24 workgroup."""

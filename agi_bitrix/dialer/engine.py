@@ -1,6 +1,6 @@
 """One pass of the auto-dialer: read the due tasks, pick operators, dial, record what happened.
 
-The order of checks follows the call center's spec (seed 004) and what a call center expects
+The order of checks follows what the README promises and what a call center expects
 beyond it: nobody is dialed unless an operator is online and free; the responsible operator
 takes his own tasks, and a task whose responsible stays away too long goes to another one;
 calling hours and the do-not-call list are checked right before each dial; a number from the

@@ -33,7 +33,7 @@ def task_url(settings: Settings, task_id: int, user_id: int) -> str:
 
 
 def comment(task_id: int, message: str) -> Tuple[str, Any]:
-    # task.commentitem.add is order-sensitive (reference §7.6): TASKID must come before FIELDS.
+    # task.commentitem.add is order-sensitive (Bitrix24 REST docs: data encoding): TASKID must come before FIELDS.
     return "task.commentitem.add", {"TASKID": task_id, "FIELDS": {"POST_MESSAGE": message}}
 
 

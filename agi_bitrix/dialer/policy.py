@@ -62,7 +62,7 @@ def retry_after(outcome: str, settings: DialerSettings) -> float:
             "unreachable": settings.retry_unreachable}.get(outcome, settings.retry_ours)
 
 
-# Originate Reason (reference §3.2) -> outcome; congestion and our own failures are not the client's.
+# Originate Reason (Asterisk main/pbx.c) -> outcome; congestion and our own failures are not the client's.
 REASONS = {4: "answered", 5: "busy", 3: "noanswer", 0: "unreachable", 8: "congestion", 1: "failed"}
 COUNTED = {"busy", "noanswer", "unreachable"}
 STATUS_CODES = {"busy": "486", "noanswer": "304", "unreachable": "480", "congestion": "503", "failed": "OTHER",

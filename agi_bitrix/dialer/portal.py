@@ -1,7 +1,8 @@
 """What the dialer reads from Bitrix24: the group, its operators, the due tasks, their clients.
 
 Reads are batched and paginated (target: at most 10 REST requests per 100 due tasks). Requests
-use UPPER_CASE field names; `tasks.task.*` answers in camelCase (reference §7.1).
+use UPPER_CASE field names; `tasks.task.*` answers in camelCase (Bitrix24 REST docs:
+tasks.task.list).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ each other's answers), its reader dies on the first `ChanVariable` event (then e
 and it never reconnects. Ours: one reader thread, ActionID routing, strict header checks, and a
 reconnect (banner + Login) on the next action after the socket drops.
 
-Wire facts it relies on (reference §3.1-3.2): `Key: value` lines, CRLF, a blank line ends a
+Wire facts it relies on (Asterisk main/manager.c): `Key: value` lines, CRLF, a blank line ends a
 message; no escaping exists, so CR/LF/NUL in a value is refused before anything is sent; lines
 over 1024 bytes and headers beyond 128 are silently dropped by Asterisk, so they are refused too.
 """
@@ -38,7 +38,7 @@ MAX_UNIQUEID = 149            # ChannelId / OtherChannelId limit
 _MAX_BUFFER = 1 << 20         # a peer that never sends a newline is not an AMI
 REPEATABLE = frozenset({"variable", "chanvariable"})
 
-# Originate Reason (old control-frame codes, reference §3.2).
+# Originate Reason (old control-frame codes: Asterisk main/pbx.c pbx_dial_reason).
 REASON_TEXT: Dict[int, str] = {
     0: "failure", 1: "hangup", 3: "no answer", 4: "answered", 5: "busy", 8: "congestion",
 }
@@ -166,7 +166,7 @@ def quote_variable(name: str, value: str) -> str:
     """`NAME="value"` for one Originate Variable header.
 
     Asterisk splits a Variable header at commas outside quotes and strips quotes/backslashes
-    (reference: `C="x,y"` -> `x,y`), so the whole value is quoted and `\\` `"` escaped.
+    (Asterisk main/manager.c action_originate: `C="x,y"` -> `x,y`), so the whole value is quoted and `\\` `"` escaped.
     """
     if not isinstance(name, str) or not _VAR_NAME.fullmatch(name):
         raise ValueError(f"bad channel variable name {name!r}")

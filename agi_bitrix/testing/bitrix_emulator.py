@@ -379,14 +379,15 @@ _METHODS: dict[str, tuple[tuple[str, ...] | None, str]] = {
     "placement.unbind": (("placement",), "_m_placement_unbind"),
     "placement.get": (("placement",), "_m_placement_get"),
 }
-# The docs call these application-only; public server code accepts webhooks too (reference 5.0).
+# The docs call these application-only; public server code accepts webhooks too (Bitrix24 REST docs: telephony).
 _APP_ONLY = {"telephony.externalcall.register", "telephony.externalcall.finish", "telephony.externalline.add",
              "telephony.externalline.get", "telephony.externalline.update", "telephony.externalline.delete"}
 # The docs say these work only with application auth; unlike telephony nothing contradicts that, so a
-# webhook always gets WRONG_AUTH_TYPE (ONEXTERNALCALLSTART cannot reach a webhook at all, reference 1.1).
+# webhook always gets WRONG_AUTH_TYPE (ONEXTERNALCALLSTART cannot reach a webhook at all: Bitrix24 REST docs, inbound webhooks).
 _EVENT_METHODS = {"event.bind", "event.get", "event.unbind", "event.offline.get", "event.offline.clear",
                   "event.offline.error"}
-# Legacy methods that bind arguments by position, so their body may be a JSON array (reference 7.6).
+# Legacy methods that bind arguments by position, so their body may be a JSON array (Bitrix24 REST docs:
+# data encoding).
 _POSITIONAL_BODY = {"task.commentitem.add"}
 # Handlers that take the lock themselves (they do network I/O that must not hold it).
 _SELF_LOCKING = {"telephony.externalcall.attachrecord"}
@@ -1997,7 +1998,8 @@ class Bitrix24Emulator(PlacementsMixin):
         if not message:
             raise ApiError(400, "MESSAGE_EMPTY", "Message can't be empty")
         tag, sub_tag = _opt_str(up.get("TAG")), _opt_str(up.get("SUB_TAG"))
-        # TAG uniqueness is per application; a webhook has none, so it must name one (reference 9).
+        # TAG uniqueness is per application; a webhook has none, so it must name one (Bitrix24
+        # REST docs: im.notify, CLIENT_ID).
         client = _opt_str(up.get("CLIENT_ID")) if ctx.auth == "webhook" else self.client_id
         if (tag or sub_tag) and not client:
             raise ApiError(400, "CLIENT_ID_EMPTY", "CLIENT_ID is required with TAG or SUB_TAG over a webhook")

@@ -1,8 +1,7 @@
 """A strict fake Asterisk Manager Interface (AMI) server for tests.
 
-It frames and words its answers like Asterisk 22.10.1 did in the captured lab frames
-(fixtures PART B: Originate ack, OriginateResponse success/busy) and like manager.c for the
-rest (reference §3.1-3.4), and it records every client mistake a real Asterisk would silently
+It frames and words its answers like Asterisk 22.10.1 did in captured lab frames (Originate ack,
+OriginateResponse success/busy) and like Asterisk's main/manager.c for the rest, and it records every client mistake a real Asterisk would silently
 punish in `violations`: a stray CR inside a value, an action without ActionID, a line over
 1024 bytes (Asterisk discards the whole message), more than 128 headers (the rest are ignored).
 
@@ -25,7 +24,7 @@ __all__ = ["FakeAMI", "OriginateOutcome", "originate_variables", "split_app_args
            "STATUS_TEXT", "DEVICE_STATES"]
 
 # The fixtures (Asterisk 22.10.1) do not show the greeting; 22.x reports AMI 11.0.0
-# (the reference has 13.0.0 on master). Clients must not depend on it.
+# (main/manager.c on master says 13.0.0). Clients must not depend on it.
 AMI_VERSION = "11.0.0"
 MAX_LINE = 1024        # bytes including the line terminator
 MAX_HEADERS = 128
