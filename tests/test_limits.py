@@ -31,7 +31,7 @@ def test_burst_of_40_calls_within_a_budget_that_mirrors_the_portal(pbx, emulator
     # budget long enough to wait their turn: 40 requests at 5/s after a burst of 8 take ~6.5 s.
     pbx.set("bitrix24", "rate_burst", "8")
     pbx.set("bitrix24", "rate_per_second", "5")
-    pbx.set("bitrix24", "timeout", "30")
+    pbx.set("bitrix24", "timeout", "60")
     runs = burst_of_incoming(pbx, "1795600000", 40)
     assert [r.set_variables.get("BITRIX_STATUS") for r in runs] == ["OK"] * 40
     assert_each_call_once(emulator, "1795600000", 40)
@@ -44,10 +44,15 @@ def test_burst_of_40_calls_within_a_budget_that_mirrors_the_portal(pbx, emulator
 
 def test_burst_of_40_calls_against_a_smaller_bucket_backs_off(pbx, emulator):
     emulator.set_bucket(10, drain_per_second=5)
+    # The portal's clock moves 0.14 s per request it receives (its bucket drains 0.7 per request),
+    # whatever the speed of this machine: 40 requests overflow a bucket of 10, so 503s are certain,
+    # and every retry drains it again, so all calls get through.
+    start = time.time()
+    emulator.clock = lambda: start + 0.14 * emulator.request_count
     # The PBX believes in the default burst of 40: the portal's 503s make every process back off
     # (and mark the shared budget full) until all 40 got through, each exactly once.
     pbx.set("bitrix24", "rate_per_second", "5")
-    pbx.set("bitrix24", "timeout", "30")
+    pbx.set("bitrix24", "timeout", "60")
     runs = burst_of_incoming(pbx, "1795600100", 40)
     assert [r.set_variables.get("BITRIX_STATUS") for r in runs] == ["OK"] * 40
     assert_each_call_once(emulator, "1795600100", 40)
@@ -75,7 +80,7 @@ def test_429_is_respected_until_operating_reset_at(pbx, emulator):
     emulator.set_operating_limit(REGISTER, reset_at)
 
     run = pbx.run(["incoming", "89031112233"], linkedid="1795600300.2")
-    assert run.returncode == 0 and run.set_variables["BITRIX_STATUS"] in ("QUEUED", "ERROR")
+    assert run.returncode == 0 and run.set_variables["BITRIX_STATUS"] == "QUEUED"
     assert "OPERATION_TIME_LIMIT" in json.dumps(pbx.log()[-1])
     assert [r["status"] for r in emulator.requests_for(REGISTER)] == [200, 429]
     state = json.loads(next(pbx.state_dir.glob("ratelimit-*.json")).read_text())
@@ -83,7 +88,7 @@ def test_429_is_respected_until_operating_reset_at(pbx, emulator):
 
     # Every other process holds the method back on its own, without asking the portal.
     run = pbx.run(["incoming", "89031112244"], linkedid="1795600300.3")
-    assert run.set_variables["BITRIX_STATUS"] in ("QUEUED", "ERROR")
+    assert run.set_variables["BITRIX_STATUS"] == "QUEUED"
     assert "held back until" in json.dumps(pbx.log()[-1])
     assert len(emulator.requests_for(REGISTER)) == 2
 

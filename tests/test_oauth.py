@@ -8,13 +8,13 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import List
 
-from conftest import only_call
+from conftest import STEP_BUDGET, only_call
 
 INBOUND = dict(channel="PJSIP/provider-00000001", context="bitrix-inbound", extension="74951234567",
                dnid="74951234567")
 
 
-def use_oauth(pbx, emulator, timeout: str = "2") -> None:
+def use_oauth(pbx, emulator, timeout: str = STEP_BUDGET) -> None:
     """Switch the PBX to the local application of the emulator's portal (no tokens yet)."""
     pbx.values["bitrix24"] = {"portal_url": emulator.base_url, "client_id": emulator.client_id,
                               "client_secret": emulator.client_secret, "oauth_url": emulator.oauth_url,
@@ -22,7 +22,7 @@ def use_oauth(pbx, emulator, timeout: str = "2") -> None:
     pbx.write()
 
 
-def authorized(pbx, emulator, timeout: str = "2") -> None:
+def authorized(pbx, emulator, timeout: str = STEP_BUDGET) -> None:
     use_oauth(pbx, emulator, timeout)
     res = pbx.cli("auth", "--code", stdin=emulator.authorization_code() + "\n")
     assert res.returncode == 0, res.stderr
@@ -186,14 +186,14 @@ def test_revoked_application_ends_in_a_clear_error_without_secrets(pbx, emulator
     emulator.expire_access_tokens()
     emulator.revoke_app()
     run = pbx.run(["incoming", "89161234567"], linkedid="1795500400.1")
-    assert run.returncode == 0 and run.set_variables["BITRIX_STATUS"] in ("ERROR", "QUEUED")
+    assert run.returncode == 0 and run.set_variables["BITRIX_STATUS"] == "QUEUED"
     line = pbx.log()[-1]
     assert "revoked or its refresh token is spent: run agi-bitrix auth" in json.dumps(line)
     asked = len(emulator.requests_for("oauth.token"))
 
     # The refused refresh token is marked: later steps do not knock on the OAuth server again.
     run = pbx.run(["incoming", "89031112233"], linkedid="1795500400.2")
-    assert run.returncode == 0 and run.set_variables["BITRIX_STATUS"] in ("ERROR", "QUEUED")
+    assert run.returncode == 0 and run.set_variables["BITRIX_STATUS"] == "QUEUED"
     assert len(emulator.requests_for("oauth.token")) == asked and emulator.spent_refresh_uses == 0
     assert not emulator.calls
 
@@ -209,7 +209,7 @@ def test_app_removed_while_its_token_is_live(pbx, emulator):
     secrets = secrets_of(pbx, emulator)
     emulator.revoke_app()  # live access tokens now answer invalid_token: no refresh may follow
     run = pbx.run(["incoming", "89161234567"], linkedid="1795500500.1")
-    assert run.returncode == 0 and run.set_variables["BITRIX_STATUS"] in ("ERROR", "QUEUED")
+    assert run.returncode == 0 and run.set_variables["BITRIX_STATUS"] == "QUEUED"
     assert "invalid_token" in json.dumps(pbx.log()[-1])
     assert emulator.refresh_count == 0 and len(emulator.requests_for("oauth.token")) == 1  # the code only
     assert not any(secret in pbx.log_text() + run.stderr for secret in secrets)
@@ -252,13 +252,12 @@ def test_slow_oauth_server_never_holds_the_caller(any_pbx, emulator):
     pbx = any_pbx
     authorized(pbx, emulator, timeout="1")
     emulator.expire_access_tokens()
-    emulator.set_delay(3.0, method="oauth.token", count=1)
+    emulator.set_delay(10.0, method="oauth.token", count=1)   # the step's budget is 1 s
     run = pbx.run(["incoming", "89161234567"], linkedid="1795500900.1")
-    assert run.duration < 1.5 and run.set_variables["BITRIX_STATUS"] == "QUEUED"
+    assert run.duration < 7 and run.set_variables["BITRIX_STATUS"] == "QUEUED"
     assert "in the background" in pbx.log()[-1]["reason"]
-    for _ in range(60):  # the child finishes the rotation on its own
-        if emulator.refresh_count == 1:
-            break
+    end = time.monotonic() + 60
+    while emulator.refresh_count != 1 and time.monotonic() < end:  # the child finishes the rotation
         time.sleep(0.1)
     time.sleep(0.3)
     assert emulator.refresh_count == 1 and emulator.spent_refresh_uses == 0

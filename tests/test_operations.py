@@ -120,3 +120,10 @@ def test_code_cites_public_documentation_not_files_outside_the_repository():
              for path in sorted((REPO / folder).rglob("*.py")) if path.resolve() != me
              for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
     assert found == []
+
+
+def test_the_sample_settings_load_as_they_are():
+    from agi_bitrix.settings import load
+
+    settings = load(str(REPO / "settings.ini.sample"), environ={})
+    assert settings.logging.language == "auto" and settings.bitrix24.mode == "none"

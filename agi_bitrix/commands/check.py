@@ -4,6 +4,7 @@ Every problem is one line naming what is wrong and the command or setting that f
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -119,7 +120,12 @@ def _folder(report: Report, area: str, folder: Path) -> None:
     """A folder install created: missing means install did not run (or was undone); never create it
     here, as root, with the wrong owner."""
     if not folder.is_dir():
-        report.problem(area, "{path} does not exist: run agi-bitrix install again", path=folder)
+        ancestor = next(p for p in folder.absolute().parents if p.exists())
+        if ancestor.is_dir() and not folder.exists():
+            report.problem(area, "{path} does not exist: run agi-bitrix install again", path=folder)
+        else:  # a file where a folder should be: install cannot fix that
+            report.problem(area, "{path} is not writable by this user ({reason}); it must be writable by the user "
+                           "Asterisk runs as", path=folder, reason=os.strerror(errno.ENOTDIR))
         return
     probe = folder / f".check-{os.getpid()}"
     try:

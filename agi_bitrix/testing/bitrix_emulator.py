@@ -777,6 +777,12 @@ class Bitrix24Emulator(PlacementsMixin):
         with self._lock:
             return copy.deepcopy(self._requests)
 
+    @property
+    def request_count(self) -> int:
+        """How many REST requests arrived so far (cheap: no copy of the request log)."""
+        with self._lock:
+            return len(self._requests)
+
     def requests_for(self, method: str) -> list[dict]:
         name = method.lower()
         with self._lock:
