@@ -117,7 +117,6 @@ def test_broken_settings(pbx, emulator, tmp_path, text, expect):
 
 
 def test_secrets_never_reach_the_log_or_stderr(pbx, emulator):
-    pbx.set("bitrix24", "timeout", "1")
     pbx.run(["incoming", "89161234567"], linkedid="8.6")
     emulator.stop()  # portal gone: errors mention the URL, which holds the secret
     run = pbx.run(["hangup", "ANSWER", "3"], linkedid="8.6", dead=True)

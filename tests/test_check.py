@@ -14,18 +14,9 @@ from agi_bitrix.testing.fake_ami import FakeAMI
 from conftest import ENTRY, WEBHOOK_CODE
 
 
-def check(pbx, *extra, env=None):
-    res = pbx.cli("check", *extra) if env is None else _cli_env(pbx, env, "check", *extra)
+def check(pbx, *extra):
+    res = pbx.cli("check", *extra)
     return res, _problems(res.stdout)
-
-
-def _cli_env(pbx, env, *args):
-    import subprocess
-
-    full = dict(os.environ, AGI_BITRIX_SETTINGS=str(pbx.settings_file), **env)
-    full.pop("AST_AGI_DIR", None)
-    return subprocess.run([str(ENTRY), *args], capture_output=True, text=True, env=full,
-                          stdin=subprocess.DEVNULL, timeout=120)
 
 
 def _problems(stdout):

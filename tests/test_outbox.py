@@ -133,12 +133,14 @@ def test_two_flushers_at_once(pbx, emulator):
 def test_kill_9_of_a_flusher_mid_run_loses_and_duplicates_nothing(pbx, emulator):
     _queue_many(pbx, emulator, 8)
     emulator.set_delay(0.3)
+    before = emulator.request_count
     victim = _flusher(pbx)
-    time.sleep(1.6)  # several requests in, one of them in flight
+    wait_for(lambda: emulator.request_count >= before + 3)  # several requests in, the last in flight
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     emulator.clear_faults()
-    time.sleep(0.5)  # requests the victim left in flight complete on the portal
+    # Requests the victim left in flight complete on the portal.
+    wait_for(lambda: all(r["status"] is not None for r in emulator.requests))
     # Its leases run out; the next flush takes over (with the lease time passed).
     import sqlite3
 
@@ -156,12 +158,15 @@ def test_kill_9_of_a_flusher_mid_run_loses_and_duplicates_nothing(pbx, emulator)
 
 def test_recording_attached_after_finish_and_upload_retried(pbx, emulator, tmp_path):
     rec = tmp_path / "call.mp3"
-    rec.write_bytes(b"ID3" + bytes(500))  # just written: MixMonitor may still be on it
+    rec.write_bytes(b"ID3" + bytes(500))
+    now = time.time()
+    os.utime(rec, (now + 600, now + 600))  # still being written (however slow this machine is)
     pbx.run(["incoming", "89161234567"], linkedid="1795400400.1")
     run = pbx.run(["hangup", "ANSWER", "5", str(rec)], linkedid="1795400400.1", dead=True)
     assert run.set_variables["BITRIX_STATUS"] == "QUEUED"  # finish delivered, recording waits to settle
     assert only_call(emulator)["finished"] and only_call(emulator)["record"] is None
-    time.sleep(2.2)
+    os.utime(rec, (now - 30, now - 30))  # MixMonitor closed it a while ago
+    _expire_backoff(pbx)
     emulator.fail_next(500, "INTERNAL_SERVER_ERROR", "disk hiccup", method="telephony.externalcall.attachrecord")
     assert "still waiting 1" in pbx.cli("outbox", "flush").stdout
     assert "disk hiccup" in pbx.cli("outbox", "status").stdout

@@ -26,9 +26,11 @@ import argparse
 import base64
 import binascii
 import copy
+import errno
 import hashlib
 import json
 import os
+import random
 import re
 import secrets
 import socket
@@ -480,7 +482,7 @@ class Bitrix24Emulator(PlacementsMixin):
         if self._server is not None:
             return self
         self._stopping.clear()
-        server = _Server((self.host, self._port), _Handler)
+        server = self._bind()
         server.emulator = self
         self._port = server.server_address[1]
         self._server = server
@@ -488,6 +490,28 @@ class Bitrix24Emulator(PlacementsMixin):
                                         name=f"bitrix24-emulator:{self._port}", daemon=True)
         self._thread.start()
         return self
+
+    def _bind(self) -> "_Server":
+        """A port outside the kernel's ephemeral range, so that while the portal is stopped no
+        outgoing connection of this machine takes it as its local port and start() can rebind
+        it; a port still busy (a closing connection) is retried for a while."""
+        if self._port:
+            end = time.monotonic() + 10
+            while True:
+                try:
+                    return _Server((self.host, self._port), _Handler)
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE or time.monotonic() > end:
+                        raise
+                    time.sleep(0.05)
+        low = _ephemeral_low()
+        for _ in range(100):
+            try:
+                return _Server((self.host, random.randrange(10000, low)), _Handler)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        return _Server((self.host, 0), _Handler)
 
     def stop(self) -> None:
         """Stop serving and cut open keep-alive connections (a stopped portal answers nothing)."""
@@ -2589,6 +2613,15 @@ def _post_form(url: str, pairs: list[tuple[str, str]], timeout: float) -> tuple[
 
 
 # --------------------------------------------------------------------------- HTTP plumbing
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out for outgoing connections (Linux ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            return max(10001, int(fh.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 32768
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True

@@ -167,11 +167,11 @@ class _Session:
         self.classes: Set[str] = set()
         self.open = True
 
-    def send(self, headers: List[Tuple[str, str]]) -> None:
+    def send(self, headers: List[Tuple[str, str]], then_authenticated: bool = False) -> None:
         data = "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
-        self.send_raw(data.encode("utf-8"))
+        self.send_raw(data.encode("utf-8"), then_authenticated)
 
-    def send_raw(self, data: bytes) -> None:
+    def send_raw(self, data: bytes, then_authenticated: bool = False) -> None:
         with self.lock:
             if not self.open:
                 return
@@ -179,6 +179,7 @@ class _Session:
                 self.sock.sendall(data)
             except OSError:
                 self.close_locked()
+            self.authenticated = self.authenticated or then_authenticated
 
     def close(self) -> None:
         with self.lock:
@@ -521,8 +522,9 @@ class FakeAMI:
             sess.classes = {c.strip() for c in events.split(",")} & self.read
         with self._lock:
             self.logins += 1
-        sess.send(self._resp(msg, "Success", "Authentication accepted"))
-        sess.authenticated = True   # events only after the answer, as manager.c does
+        # Events only after the answer, as manager.c does, and none lost once the client has it:
+        # the session turns authenticated under its send lock, with the answer as its first bytes.
+        sess.send(self._resp(msg, "Success", "Authentication accepted"), then_authenticated=True)
         if "system" in sess.classes:
             up = str(int(time.time() - self._started))
             sess.send([("Event", "FullyBooted"), ("Privilege", "system,all"), ("Uptime", up),
