@@ -230,8 +230,8 @@ def webhook_call(emu: Bitrix24Emulator, method: str, params: Any = None, *, form
 
     url = emu.webhook_url + method
     if form:
-        return requests.post(url, data=params or {}, timeout=5)
-    return requests.post(url, json=params if params is not None else {}, timeout=5)
+        return requests.post(url, data=params or {}, timeout=30)
+    return requests.post(url, json=params if params is not None else {}, timeout=30)
 
 
 def only_call(emulator: Bitrix24Emulator) -> Dict[str, Any]:

@@ -16,7 +16,7 @@ from agi_bitrix.testing.fake_ami import (
 )
 
 
-def wait_until(pred: Callable[[], bool], limit: float = 3.0) -> None:
+def wait_until(pred: Callable[[], bool], limit: float = 15.0) -> None:
     """Synchronisation only: fail if something that must happen never does."""
     end = time.monotonic() + limit
     while not pred():
@@ -134,7 +134,7 @@ def test_five_threads_get_their_own_responses(fake, client):
 
 
 def test_list_action_collects_events(fake, client):
-    client.originate("Local/100@agents", context="dialer", exten="s").wait(2)
+    client.originate("Local/100@agents", context="dialer", exten="s").wait(10)
     reply = client.action("CoreShowChannels")
     assert reply.response == "Success" and reply.get("EventList") == "start"
     assert [e.name for e in reply.events] == ["CoreShowChannel", "CoreShowChannel"]
@@ -168,7 +168,7 @@ def test_originate_outcomes(fake, client, reason, text):
     pending = client.originate("Local/7900000001@clients", context="agi-test", exten="s",
                                caller_id="Lab Client <7900000001>", timeout_ms=15000,
                                variables={"FOO": "bar"}, channel_id="crm-call-0001")
-    result = pending.wait(2)
+    result = pending.wait(10)
     assert pending.done() and result.action_id == pending.action_id
     assert (result.success, result.reason, result.reason_text) == (reason == 4, reason, text)
     if reason == 4:
@@ -191,7 +191,7 @@ def test_originate_outcomes(fake, client, reason, text):
 
 def test_failed_originate_without_channel_id_has_unknown_uniqueid(fake, client):
     fake.on_originate(lambda m: OriginateOutcome(reason=5, delay=0.01))
-    result = client.originate("PJSIP/100", context="dialer", exten="s").wait(2)
+    result = client.originate("PJSIP/100", context="dialer", exten="s").wait(10)
     assert result.uniqueid == "<unknown>" and result.response.get("CallerIDName") == "<unknown>"
 
 
@@ -234,7 +234,7 @@ def test_fake_originate_errors_and_sync_originate(fake, client):
 def test_variable_with_comma_and_quote_is_one_variable(fake, client):
     nasty = 'x,y "quoted" back\\slash,B=2'
     client.originate("PJSIP/100", context="dialer", exten="s",
-                     variables={"CUSTOMER": nasty, "__CRMID": "42"}).wait(2)
+                     variables={"CUSTOMER": nasty, "__CRMID": "42"}).wait(10)
     sent = fake.originates[-1]
     assert sent.getall("Variable") == [
         'CUSTOMER="x,y \\"quoted\\" back\\\\slash,B=2"', '__CRMID="42"']
@@ -314,7 +314,7 @@ def test_action_from_a_callback_is_refused_not_deadlocked(fake, client):
 
     client.on_event("UserEvent", cb)
     fake.emit({"Event": "UserEvent", "UserEvent": "x"})
-    assert done.wait(2) and "deadlock" in str(outcome[0])
+    assert done.wait(10) and "deadlock" in str(outcome[0])
 
 
 def test_answer_hangup_and_events(fake, client):
@@ -322,14 +322,14 @@ def test_answer_hangup_and_events(fake, client):
     client.on_event("*", lambda m: m.name != "FullyBooted" and events.append(m))
     answered = threading.Event()
     fake.on_originate(lambda m: OriginateOutcome(on_answer=answered.set, delay=0.01))
-    result = client.originate("Local/100@agents/n", context="dialer", exten="s").wait(2)
-    assert answered.wait(2)
+    result = client.originate("Local/100@agents/n", context="dialer", exten="s").wait(10)
+    assert answered.wait(10)
     wait_until(lambda: sum(e.name == "Hangup" for e in events) == 2)
     assert [e.name for e in events][:4] == ["Newchannel", "Newchannel", "Newstate",
                                             "OriginateResponse"]
     assert result.channel == "Local/100@agents-00000001;1" and fake.channels == []
     fake.on_originate(lambda m: OriginateOutcome(delay=0.01))   # stays up
-    channel = client.originate("PJSIP/100", context="dialer", exten="s").wait(2).channel
+    channel = client.originate("PJSIP/100", context="dialer", exten="s").wait(10).channel
     client.hangup(channel, cause=16)
     assert fake.channels == []
     with pytest.raises(AMIError, match="No such channel"):
@@ -357,7 +357,7 @@ def test_drop_fails_waiters_then_next_action_reconnects(fake, client):
     t.join(3)
     assert len(errors) == 1 and isinstance(errors[0], AMIConnectionError)
     with pytest.raises(AMIConnectionError):
-        pending.wait(2)
+        pending.wait(10)
     wait_until(lambda: not client.connected)
     fake.set_action_delay("Ping", 0)
     assert client.action("Ping").get("Ping") == "Pong"

@@ -279,7 +279,7 @@ def test_invalid_token_waits_for_a_refresh_in_flight(emu, tmp_path):
 
     thread = threading.Thread(target=refresher)
     thread.start()
-    assert rotated.wait(5)
+    assert rotated.wait(30)
     assert client.call("scope", deadline=Deadline(5))  # invalid_token -> waits for the lock -> new pair
     thread.join()
     assert emu.refresh_count == 1 and client.auth.tokens.access_token == store.load().access_token

@@ -44,10 +44,10 @@ def test_webhook_auth_and_envelope(emu: Bitrix24Emulator) -> None:
     assert "telephony" in body["result"]
     assert {"start", "finish", "duration", "processing", "date_start", "date_finish",
             "operating", "operating_reset_at"} <= set(body["time"])
-    bad = requests.post(f"{emu.base_url}/rest/1/wrong-code/scope.json", json={}, timeout=5)
+    bad = requests.post(f"{emu.base_url}/rest/1/wrong-code/scope.json", json={}, timeout=30)
     assert bad.status_code == 401
     assert bad.json() == {"error": "NO_AUTH_FOUND", "error_description": "Wrong authorization data"}
-    assert requests.post(f"{emu.base_url}/rest/2/{emu.webhook_code}/scope", timeout=5).status_code == 401
+    assert requests.post(f"{emu.base_url}/rest/2/{emu.webhook_code}/scope", timeout=30).status_code == 401
     missing = call(emu, "no.such.method")
     assert (missing.status_code, missing.json()["error"]) == (404, "ERROR_METHOD_NOT_FOUND")
     # method names are case-insensitive; .json suffix optional
@@ -57,7 +57,7 @@ def test_webhook_auth_and_envelope(emu: Bitrix24Emulator) -> None:
 
 def test_insufficient_scope() -> None:
     with Bitrix24Emulator(scopes=("basic", "user")) as e:
-        r = requests.post(e.webhook_url + REGISTER, json={}, timeout=5)
+        r = requests.post(e.webhook_url + REGISTER, json={}, timeout=30)
         assert (r.status_code, r.json()["error"]) == (403, "insufficient_scope")
 
 
@@ -270,38 +270,38 @@ def test_operating_limit(emu: Bitrix24Emulator) -> None:
 def test_oauth_rotation(emu: Bitrix24Emulator) -> None:
     pair = emu.issue_tokens()
     assert pair["client_endpoint"] == emu.client_endpoint and pair["server_endpoint"] == f"{emu.base_url}/oauth/"
-    ok = requests.post(emu.client_endpoint + "profile", json={"auth": pair["access_token"]}, timeout=5)
+    ok = requests.post(emu.client_endpoint + "profile", json={"auth": pair["access_token"]}, timeout=30)
     assert ok.status_code == 200 and emu.requests_for("profile")[-1]["auth"] == "oauth"
     assert "auth" not in emu.requests_for("profile")[-1]["params"]
-    assert requests.post(emu.client_endpoint + "scope", timeout=5).json()["error"] == "NO_AUTH_FOUND"
+    assert requests.post(emu.client_endpoint + "scope", timeout=30).json()["error"] == "NO_AUTH_FOUND"
 
     q = {"grant_type": "refresh_token", "client_id": emu.client_id, "client_secret": emu.client_secret,
          "refresh_token": pair["refresh_token"]}
-    new = requests.get(emu.oauth_url, params=q, timeout=5).json()
+    new = requests.get(emu.oauth_url, params=q, timeout=30).json()
     assert new["refresh_token"] != pair["refresh_token"] and new["expires_in"] == 3600
     assert emu.refresh_count == 1
-    old = requests.get(emu.client_endpoint + "scope", params={"auth": pair["access_token"]}, timeout=5)
+    old = requests.get(emu.client_endpoint + "scope", params={"auth": pair["access_token"]}, timeout=30)
     assert (old.status_code, old.json()["error"]) == (401, "invalid_token")
-    spent = requests.post(emu.oauth_url, data=q, timeout=5)
+    spent = requests.post(emu.oauth_url, data=q, timeout=30)
     assert (spent.status_code, spent.json()["error"]) == (400, "invalid_grant")
     assert emu.spent_refresh_uses == 1
     assert emu.requests_for("oauth.token")[0]["params"]["client_secret"] == "***"
-    wrong = requests.get(emu.oauth_url, params={**q, "client_secret": "x"}, timeout=5)
+    wrong = requests.get(emu.oauth_url, params={**q, "client_secret": "x"}, timeout=30)
     assert wrong.json()["error"] == "invalid_client"
 
     emu.expire_access_tokens()
-    exp = requests.post(emu.client_endpoint + "scope.json", data={"auth": new["access_token"]}, timeout=5)
+    exp = requests.post(emu.client_endpoint + "scope.json", data={"auth": new["access_token"]}, timeout=30)
     assert (exp.status_code, exp.json()) == (401, {"error": "expired_token",
                                                   "error_description": "The access token provided has expired."})
 
     code = emu.authorization_code()
     cq = {"grant_type": "authorization_code", "client_id": emu.client_id,
           "client_secret": emu.client_secret, "code": code}
-    assert "access_token" in requests.get(emu.oauth_url, params=cq, timeout=5).json()
-    assert requests.get(emu.oauth_url, params=cq, timeout=5).json()["error"] == "invalid_grant"
+    assert "access_token" in requests.get(emu.oauth_url, params=cq, timeout=30).json()
+    assert requests.get(emu.oauth_url, params=cq, timeout=30).json()["error"] == "invalid_grant"
 
     emu.revoke_app()
-    revoked = requests.get(emu.oauth_url, params={**q, "refresh_token": new["refresh_token"]}, timeout=5)
+    revoked = requests.get(emu.oauth_url, params={**q, "refresh_token": new["refresh_token"]}, timeout=30)
     assert revoked.json()["error"] == "invalid_grant" and emu.spent_refresh_uses == 1
 
 
@@ -324,11 +324,11 @@ def test_record_upload_and_url(emu: Bitrix24Emulator) -> None:
     call(emu, FINISH, {"CALL_ID": cid, "USER_ID": 2, "DURATION": 3})
     res = call(emu, "telephony.externalcall.attachRecord", {"CALL_ID": cid, "FILENAME": "call.mp3"}).json()["result"]
     assert res["fieldName"] == "file" and res["uploadUrl"].startswith(emu.base_url + "/rest/upload.json?token=")
-    up = requests.post(res["uploadUrl"], files={"file": ("call.mp3", b"\r\n--binary\r\n\x00")}, timeout=5)
+    up = requests.post(res["uploadUrl"], files={"file": ("call.mp3", b"\r\n--binary\r\n\x00")}, timeout=30)
     assert up.status_code == 200, up.text
     assert emu.calls[cid]["record"] == {"filename": "call.mp3", "content": b"\r\n--binary\r\n\x00",
                                         "via": "upload", "file_id": up.json()["result"]["FILE_ID"]}
-    assert requests.post(res["uploadUrl"], files={"file": ("x.mp3", b"x")}, timeout=5).status_code == 400
+    assert requests.post(res["uploadUrl"], files={"file": ("x.mp3", b"x")}, timeout=30).status_code == 400
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FileHandler)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -355,12 +355,12 @@ def test_faults_delay_and_restart(emu: Bitrix24Emulator) -> None:
         requests.post(emu.webhook_url + "scope", timeout=0.1)
     emu.clear_faults()
     session = requests.Session()
-    assert session.post(emu.webhook_url + "scope", timeout=5).status_code == 200
+    assert session.post(emu.webhook_url + "scope", timeout=30).status_code == 200
     emu.stop()
     with pytest.raises(requests.ConnectionError):
         session.post(emu.webhook_url + "scope", timeout=2)
     emu.start()
-    assert requests.post(emu.webhook_url + "scope", timeout=5).status_code == 200
+    assert requests.post(emu.webhook_url + "scope", timeout=30).status_code == 200
 
 
 def test_parse_php_query() -> None:

@@ -70,7 +70,7 @@ def token(emu: Bitrix24Emulator) -> str:
 
 
 def rest(emu: Bitrix24Emulator, token: str, method: str, params: dict | None = None) -> requests.Response:
-    return requests.post(emu.client_endpoint + method, json={**(params or {}), "auth": token}, timeout=5)
+    return requests.post(emu.client_endpoint + method, json={**(params or {}), "auth": token}, timeout=30)
 
 
 def ok(resp: requests.Response) -> Any:
@@ -117,9 +117,9 @@ def test_event_methods_are_application_only(emu: Bitrix24Emulator) -> None:
     for method in ("event.bind", "event.get", "event.unbind", "event.offline.get", "event.offline.clear",
                    "event.offline.error"):
         r = requests.post(emu.webhook_url + method, json={"event": "ONEXTERNALCALLSTART",
-                                                          "handler": "https://pbx.example.com/"}, timeout=5)
+                                                          "handler": "https://pbx.example.com/"}, timeout=30)
         assert error(r) == (403, "WRONG_AUTH_TYPE"), method
-    batch = requests.post(emu.webhook_url + "batch", json={"cmd": {"b": "event.get"}}, timeout=5).json()
+    batch = requests.post(emu.webhook_url + "batch", json={"cmd": {"b": "event.get"}}, timeout=30).json()
     assert batch["result"]["result_error"]["b"]["error"] == "WRONG_AUTH_TYPE"
     assert emu.event_bindings == []
 
@@ -231,7 +231,7 @@ def test_install_app(emu: Bitrix24Emulator, token: str, receiver: Receiver) -> N
     assert ok(rest(emu, form["auth[access_token]"], "profile"))["ID"] == "1"
     refreshed = requests.get(emu.oauth_url, params={"grant_type": "refresh_token", "client_id": emu.client_id,
                                                     "client_secret": emu.client_secret,
-                                                    "refresh_token": form["auth[refresh_token]"]}, timeout=5)
+                                                    "refresh_token": form["auth[refresh_token]"]}, timeout=30)
     assert refreshed.status_code == 200 and refreshed.json()["member_id"] == emu.member_id
     receiver.status = 500
     assert emu.install_app(receiver.url("/install")) == 500

@@ -215,7 +215,7 @@ def test_task_get_update_complete(emu: Bitrix24Emulator) -> None:
 def test_comments_positional_and_named(emu: Bitrix24Emulator) -> None:
     seed(emu)
     url = emu.webhook_url + "task.commentitem.add"
-    r = requests.post(url, json=[102, {"POST_MESSAGE": "No answer, moved", "AUTHOR_ID": 2}], timeout=5)
+    r = requests.post(url, json=[102, {"POST_MESSAGE": "No answer, moved", "AUTHOR_ID": 2}], timeout=30)
     assert r.status_code == 200 and r.json()["result"] == 1
     assert result(emu, "task.commentitem.add", {"0": "102", "1[POST_MESSAGE]": "Busy"}, form=True) == 2
     assert result(emu, "task.commentitem.add", {"TASKID": 102, "FIELDS": {"POST_MESSAGE": "Talked"}}) == 3
@@ -225,14 +225,14 @@ def test_comments_positional_and_named(emu: Bitrix24Emulator) -> None:
 
     wrong_order = call(emu, "task.commentitem.add", {"FIELDS": {"POST_MESSAGE": "x"}, "TASKID": 102})
     assert err(wrong_order)[:2] == (400, "ERROR_CORE")
-    assert err(requests.post(url, json=[999, {"POST_MESSAGE": "x"}], timeout=5)) == (
+    assert err(requests.post(url, json=[999, {"POST_MESSAGE": "x"}], timeout=30)) == (
         400, "0", "Action on the task is not allowed")
-    assert err(requests.post(url, json=[102, {"POST_MESSAGE": "  "}], timeout=5))[:2] == (400, "ERROR_CORE")
-    assert err(requests.post(url, json=[102, {"POST_MESSAGE": "x", "AUTHOR_ID": 5}], timeout=5))[:2] == (
+    assert err(requests.post(url, json=[102, {"POST_MESSAGE": "  "}], timeout=30))[:2] == (400, "ERROR_CORE")
+    assert err(requests.post(url, json=[102, {"POST_MESSAGE": "x", "AUTHOR_ID": 5}], timeout=30))[:2] == (
         400, "ERROR_CORE")
     assert len(emu.comments[102]) == 3
     # a JSON array body is only for the positional legacy methods
-    assert err(requests.post(emu.webhook_url + "tasks.task.get", json=[102], timeout=5))[:2] == (
+    assert err(requests.post(emu.webhook_url + "tasks.task.get", json=[102], timeout=30))[:2] == (
         400, "INVALID_REQUEST")
 
 
@@ -255,7 +255,7 @@ def test_im_notify(emu: Bitrix24Emulator) -> None:
     system = result(emu, "im.notify", {"USER_ID": 2, "MESSAGE": "sys", "TYPE": "SYSTEM"}, form=True)
     pair = emu.issue_tokens()  # an application names itself: TAG needs no CLIENT_ID
     app = requests.post(emu.client_endpoint + "im.notify.system.add",
-                        json={"auth": pair["access_token"], "USER_ID": 4, "MESSAGE": "m", "TAG": "t"}, timeout=5)
+                        json={"auth": pair["access_token"], "USER_ID": 4, "MESSAGE": "m", "TAG": "t"}, timeout=30)
     assert app.status_code == 200, app.text
     by_id = {n["ID"]: n for n in emu.notifications}
     assert by_id[plain]["METHOD"] == "im.notify.personal.add" and by_id[system]["TYPE"] == "SYSTEM"
@@ -366,13 +366,13 @@ def test_scopes_and_auth_type() -> None:
         for method in ("tasks.task.list", "tasks.task.get", "task.commentitem.add", "im.notify",
                        "im.notify.system.add", "sonet_group.get", "sonet_group.user.get", "timeman.status",
                        "telephony.externalLine.get"):
-            r = requests.post(e.webhook_url + method, json={}, timeout=5)
+            r = requests.post(e.webhook_url + method, json={}, timeout=30)
             assert (r.status_code, r.json()["error"]) == (403, "insufficient_scope"), method
-        inner = requests.post(e.webhook_url + "batch", json={"cmd": {"t": "tasks.task.list"}}, timeout=5)
+        inner = requests.post(e.webhook_url + "batch", json={"cmd": {"t": "tasks.task.list"}}, timeout=30)
         assert inner.json()["result"]["result_error"]["t"]["error"] == "insufficient_scope"
     with Bitrix24Emulator(allow_webhook_telephony=False) as e:
-        r = requests.post(e.webhook_url + "telephony.externalLine.add", json={"NUMBER": "a"}, timeout=5)
+        r = requests.post(e.webhook_url + "telephony.externalLine.add", json={"NUMBER": "a"}, timeout=30)
         assert (r.status_code, r.json()["error"]) == (403, "WRONG_AUTH_TYPE")
         app = requests.post(e.client_endpoint + "telephony.externalLine.add",
-                            json={"auth": e.issue_tokens()["access_token"], "NUMBER": "a"}, timeout=5)
+                            json={"auth": e.issue_tokens()["access_token"], "NUMBER": "a"}, timeout=30)
         assert app.status_code == 200 and e.lines == {"a": {"NUMBER": "a", "NAME": "", "CRM_AUTO_CREATE": "Y"}}

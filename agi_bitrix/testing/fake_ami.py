@@ -175,11 +175,13 @@ class _Session:
         with self.lock:
             if not self.open:
                 return
+            # Set before the bytes go out: an event broadcast now waits on this lock, so it
+            # follows the Login answer instead of being skipped.
+            self.authenticated = self.authenticated or then_authenticated
             try:
                 self.sock.sendall(data)
             except OSError:
                 self.close_locked()
-            self.authenticated = self.authenticated or then_authenticated
 
     def close(self) -> None:
         with self.lock:
