@@ -77,7 +77,7 @@ class CallCenter:
         self.wait_calls()
         return res
 
-    def wait_calls(self, timeout: float = 20) -> None:
+    def wait_calls(self, timeout: float = 120) -> None:
         end = time.time() + timeout
         while time.time() < end and self.ami.channels:
             time.sleep(0.05)
