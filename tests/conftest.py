@@ -21,6 +21,10 @@ WEBHOOK_CODE = "s3cr3t-webhook-code"
 # A call step's budget ([bitrix24] timeout) in tests: a loaded CI machine may need seconds just to
 # start a process, and a step past its budget ends QUEUED. Tests of the budget set their own.
 STEP_BUDGET = "30"
+# The budget of tests that show a step let go at its budget while the portal holds the request
+# (emulator.hold): long enough for a loaded machine to start the process and send the request.
+SHORT_BUDGET = "6"
+HELD = 60.0  # a step that waited this long was held by the portal, not let go at its budget
 
 
 @pytest.fixture(autouse=True, scope="session")

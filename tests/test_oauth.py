@@ -8,7 +8,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import List
 
-from conftest import STEP_BUDGET, only_call
+from conftest import HELD, SHORT_BUDGET, STEP_BUDGET, only_call
 
 INBOUND = dict(channel="PJSIP/provider-00000001", context="bitrix-inbound", extension="74951234567",
                dnid="74951234567")
@@ -253,12 +253,13 @@ def test_slow_oauth_server_never_holds_the_caller(any_pbx, emulator):
     import time
 
     pbx = any_pbx
-    authorized(pbx, emulator, timeout="4")
+    authorized(pbx, emulator, timeout=SHORT_BUDGET)
     emulator.expire_access_tokens()
-    emulator.set_delay(15.0, method="oauth.token", count=1)   # the step's budget is 4 s
+    stuck = emulator.hold("oauth.token", count=1)   # the OAuth server holds the refresh
     run = pbx.run(["incoming", "89161234567"], linkedid="1795500900.1")
-    assert run.duration < 12 and run.set_variables["BITRIX_STATUS"] == "QUEUED"
+    assert run.duration < HELD and run.set_variables["BITRIX_STATUS"] == "QUEUED"
     assert "in the background" in pbx.log()[-1]["reason"]
+    stuck.set()
     end = time.monotonic() + 60
     while emulator.refresh_count != 1 and time.monotonic() < end:  # the child finishes the rotation
         time.sleep(0.1)

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import time
 
-from conftest import ENTRY, STEP_BUDGET, only_call
+from conftest import ENTRY, HELD, SHORT_BUDGET, STEP_BUDGET, only_call
 
 
 def wait_for(done, limit: float = 60.0) -> None:
@@ -52,18 +52,17 @@ def test_portal_down_during_the_whole_call_then_flush(pbx, emulator):
 
 
 def test_slow_portal_releases_the_caller_and_replay_makes_exactly_one_call(pbx, emulator):
-    pbx.set("bitrix24", "timeout", "1")
-    # The portal holds the first register 15 s; the budget is 1 s (the bound below leaves a
-    # loaded machine room to start the process and still tells "released" from "held").
-    emulator.set_delay(15.0, method="telephony.externalcall.register", count=1)
+    pbx.set("bitrix24", "timeout", SHORT_BUDGET)
+    stuck = emulator.hold("telephony.externalcall.register", count=1)  # the first one only
     run = pbx.run(["incoming", "89161234567"], linkedid="1795400100.1")
-    assert run.duration < 10, f"caller held {run.duration:.2f} s"
+    assert run.duration < HELD, f"caller held {run.duration:.2f} s"
     assert run.set_variables["BITRIX_STATUS"] == "QUEUED"
     # The next call step (with the usual budget) replays the register while the portal still
     # chews on the first one.
     pbx.set("bitrix24", "timeout", STEP_BUDGET)
     run = pbx.run(["hangup", "NOANSWER", ""], linkedid="1795400100.1", dead=True)
     assert run.set_variables["BITRIX_STATUS"] == "OK"
+    stuck.set()  # the portal finally answers the first register
     wait_for(lambda: emulator.requests_for("telephony.externalcall.register")[0]["status"] is not None)
     assert "delivered 0" in pbx.cli("outbox", "flush").stdout
     call = only_call(emulator)  # the register dedup (EXTERNAL_CALL_ID) merged the two attempts

@@ -444,6 +444,7 @@ class Bitrix24Emulator(PlacementsMixin):
         self._hooks: dict[str, Callable[[], None]] = {}
         self._delays: list[dict] = []
         self._gates: dict[str, threading.Event] = {}  # method -> requests wait until it is set
+        self._gate_counts: dict[str, int | None] = {}  # method -> how many more requests it holds
         self._bucket_size = bucket_size
         self._drain = float(drain_per_second)
         self._bucket_level = 0.0
@@ -825,12 +826,14 @@ class Bitrix24Emulator(PlacementsMixin):
             if seconds > 0 and (count is None or count > 0):
                 self._delays.append({"seconds": float(seconds), "method": key, "remaining": count})
 
-    def hold(self, method: str) -> threading.Event:
+    def hold(self, method: str, count: int | None = None) -> threading.Event:
         """Keep requests of ``method`` (top level or inside batch) unanswered until the returned
-        event is set (or the emulator stops): a portal that is stuck for as long as the test says."""
+        event is set (or the emulator stops): a portal that is stuck for as long as the test says.
+        ``count``: only the next so many requests are held; later ones are answered at once."""
         gate = threading.Event()
         with self._lock:
             self._gates[method.lower()] = gate
+            self._gate_counts[method.lower()] = count
         return gate
 
     def fail_next(self, status: int, error: str, description: str = "", method: str | None = None,
@@ -987,6 +990,12 @@ class Bitrix24Emulator(PlacementsMixin):
             self._stopping.wait(seconds)  # outside the lock; cut short by stop()
         with self._lock:
             gate = self._gates.get(method)
+            left = self._gate_counts.get(method)
+            if gate is not None and left is not None:
+                if left <= 1:  # this request is the last one the gate holds
+                    del self._gates[method], self._gate_counts[method]
+                else:
+                    self._gate_counts[method] = left - 1
         while gate is not None and not gate.is_set() and not self._stopping.is_set():
             gate.wait(0.05)
 
