@@ -8,6 +8,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import List
 
+from conftest import SHORT_BUDGET
+
 REGISTER = "telephony.externalcall.register"
 
 
@@ -63,9 +65,9 @@ def test_burst_of_40_calls_against_a_smaller_bucket_backs_off(pbx, emulator):
 
 def test_beyond_the_budget_the_step_is_queued_not_sent(pbx, emulator):
     pbx.set("bitrix24", "rate_burst", "1")
-    pbx.set("bitrix24", "rate_per_second", "0.05")  # the next slot is 20 s away; the step has 2 s
-    pbx.set("bitrix24", "timeout", "2")
+    pbx.set("bitrix24", "rate_per_second", "0.01")  # the next slot is 100 s away
     assert pbx.run(["incoming", "89161234567"], linkedid="1795600200.1").set_variables["BITRIX_STATUS"] == "OK"
+    pbx.set("bitrix24", "timeout", SHORT_BUDGET)
     run = pbx.run(["incoming", "89031112233"], linkedid="1795600200.2")
     assert run.returncode == 0 and run.set_variables["BITRIX_STATUS"] == "QUEUED"
     assert "request budget" in pbx.log()[-1]["reason"]
