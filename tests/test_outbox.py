@@ -77,7 +77,7 @@ def test_500_and_503_keep_the_event_and_flush_delivers(pbx, emulator):
     emulator.clear_faults()
     emulator.fail_next(503, "QUERY_LIMIT_EXCEEDED", "Too many requests", method="telephony.externalcall.finish",
                        count=50)
-    pbx.set("bitrix24", "timeout", "2")  # 503s are retried with backoff until the budget ends
+    pbx.set("bitrix24", "timeout", SHORT_BUDGET)  # 503s are retried with backoff until the budget ends
     run = pbx.run(["hangup", "BUSY", ""], linkedid="1795400200.1", dead=True)
     assert run.set_variables["BITRIX_STATUS"] == "QUEUED" and run.set_variables["BITRIX_CALL_ID"]
     emulator.clear_faults()
