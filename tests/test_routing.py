@@ -1,6 +1,7 @@
 """Right outcome for ring groups and queues, routing to the responsible manager, missed calls."""
 from __future__ import annotations
 
+import time
 
 from conftest import HELD, only_call
 
