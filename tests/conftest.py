@@ -27,18 +27,29 @@ SHORT_BUDGET = "6"
 HELD = 60.0  # a step that waited this long was held by the portal, not let go at its budget
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture
 def keep_install_record():
-    """`install --settings` records its path in this virtualenv: put back what was there before."""
+    """`install --settings` records its path in this virtualenv, one file for every xdist worker:
+    the tests that install hold a lock on it one at a time, and put back what was there before."""
+    import fcntl
+
     from agi_bitrix.settings import record_file
 
     record = record_file()
-    before = record.read_bytes() if record.exists() else None
-    yield
-    if before is None:
-        record.unlink(missing_ok=True)
-    else:
-        record.write_bytes(before)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with open(record.parent / ".tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = record.read_bytes() if record.exists() else None
+        try:
+            yield
+        finally:
+            if before is None:
+                record.unlink(missing_ok=True)
+            else:
+                record.write_bytes(before)
+
+
+installs = pytest.mark.usefixtures("keep_install_record")  # for a test that runs `install`
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agi_bitrix.testing.fake_ami import FakeAMI
-from conftest import ENTRY, WEBHOOK_CODE
+from conftest import ENTRY, WEBHOOK_CODE, installs
 
 
 def check(pbx, *extra):
@@ -142,6 +142,7 @@ def installed(pbx, tmp_path):
     return agi_bin, agi_bin / "agi-bitrix"
 
 
+@installs
 def test_agi_script_installed_is_all_good(pbx, tmp_path):
     agi_bin, script = installed(pbx, tmp_path)
     res, problems = check(pbx, "--agi-bin", str(agi_bin))
@@ -149,6 +150,7 @@ def test_agi_script_installed_is_all_good(pbx, tmp_path):
     assert f"{script} runs " in res.stdout
 
 
+@installs
 def test_agi_script_not_executable(pbx, tmp_path):
     agi_bin, script = installed(pbx, tmp_path)
     script.chmod(0o644)
@@ -157,6 +159,7 @@ def test_agi_script_not_executable(pbx, tmp_path):
     assert f"{script} is not executable" in line and f"chmod 755 {script}" in line
 
 
+@installs
 def test_agi_script_points_at_a_moved_virtual_environment(pbx, tmp_path):
     agi_bin, script = installed(pbx, tmp_path)
     text = script.read_text()
@@ -226,6 +229,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user
 
 
 @needs_root
+@installs
 def test_settings_unreadable_by_the_asterisk_user(pbx, open_tree):
     agi_bin = open_tree / "agi-bin"
     agi_bin.mkdir()

@@ -5,7 +5,7 @@ import os
 import stat
 import subprocess
 
-from conftest import ENTRY, WEBHOOK_CODE
+from conftest import ENTRY, WEBHOOK_CODE, installs
 
 
 def cli(*args, env=None, cwd=None):
@@ -16,6 +16,7 @@ def cli(*args, env=None, cwd=None):
                           stdin=subprocess.DEVNULL, timeout=60)
 
 
+@installs
 def test_install_is_idempotent(tmp_path):
     agi_bin = tmp_path / "agi-bin"
     agi_bin.mkdir()
@@ -32,6 +33,7 @@ def test_install_is_idempotent(tmp_path):
     assert before == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (script, settings)}
 
 
+@installs
 def test_installed_agi_script_runs_as_asterisk_would(tmp_path, emulator):
     from agi_bitrix.testing.fake_asterisk import FakeAsterisk
 
@@ -47,6 +49,7 @@ def test_installed_agi_script_runs_as_asterisk_would(tmp_path, emulator):
     assert run.set_variables["BITRIX_STATUS"] == "OK" and len(emulator.calls) == 1
 
 
+@installs
 def test_every_command_finds_the_settings_install_was_told(tmp_path, emulator):
     agi_bin = tmp_path / "agi-bin"
     agi_bin.mkdir()
@@ -67,6 +70,7 @@ def test_every_command_finds_the_settings_install_was_told(tmp_path, emulator):
     assert f"{settings} read" in res.stdout  # check names the file it read
 
 
+@installs
 def test_install_refuses_missing_agi_bin(tmp_path):
     res = cli("install", "--agi-bin", str(tmp_path / "nope"), "--settings", str(tmp_path / "s.ini"))
     assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
