@@ -84,7 +84,9 @@ class PBX:
             folder.mkdir(parents=True, exist_ok=True)
         self.values: Dict[str, Dict[str, str]] = {
             "bitrix24": {"webhook_url": webhook_url, "timeout": STEP_BUDGET},
-            "calls": {"default_user": "101", "crm_create": "yes", "anonymous_number": "0000"},
+            # route_timeout: the manager lookup's own budget; tests of that budget set their own.
+            "calls": {"default_user": "101", "crm_create": "yes", "anonymous_number": "0000",
+                      "route_timeout": "10"},
             "storage": {"state_dir": str(self.state_dir)},
             "logging": {"file": str(self.log_file), "level": "INFO"},
             "asterisk": {"dial_template": "PJSIP/{number}@provider", "dial_timeout": "45"},
