@@ -1,8 +1,8 @@
 """Mode 2: a Bitrix24 local application (OAuth 2.0) whose token pair every process on the PBX shares.
 
-A refresh token is single-use: each refresh returns a new pair and kills the old one (Bitrix24 REST
-docs: OAuth 2.0 authorization, token renewal). Asterisk runs one process per call step, so dozens may see `expired_token` in the same
-second, and one careless refresh locks the integration out until an administrator re-authorizes.
+A refresh token is single-use: each refresh returns a new pair and kills the old one (Bitrix24
+REST docs: OAuth 2.0 authorization, token renewal). Asterisk runs one process per call step, so
+dozens may see `expired_token` in the same second, and one careless refresh locks the integration out until an administrator re-authorizes.
 So:
 
 - the pair lives in state_dir/oauth-tokens.json, mode 0600, replaced atomically (temp file, fsync,

@@ -33,13 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--lang", choices=LANGUAGES, help="language of the texts (default: [logging] language, "
                         "else the locale: LC_ALL, LC_MESSAGES, LANG)")
-    p = sub.add_parser("install", parents=[common], help="put the AGI script into Asterisk's agi-bin, create settings and folders")
+    p = sub.add_parser("install", parents=[common],
+                       help="put the AGI script into Asterisk's agi-bin, create settings and folders")
     p.add_argument("--agi-bin", required=True, help="Asterisk's astagidir, e.g. /var/lib/asterisk/agi-bin")
     p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
     p.add_argument("--owner", help="user Asterisk runs as (default: the owner of --agi-bin)")
     p = sub.add_parser("check", parents=[common], help="diagnose settings, Bitrix24 and Asterisk in plain words")
     p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
-    p.add_argument("--agi-bin", help="Asterisk's astagidir, to check the AGI script (default /var/lib/asterisk/agi-bin)")
+    p.add_argument("--agi-bin", help="Asterisk's astagidir, to check the AGI script "
+                   "(default /var/lib/asterisk/agi-bin)")
     p = sub.add_parser("auth", parents=[common], help="store OAuth tokens for the local application (mode 2)")
     p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
     group = p.add_mutually_exclusive_group(required=True)
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", parents=[common], help="deliver the outbox continuously (systemd service)")
     p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between passes (default 5)")
-    p = sub.add_parser("serve", parents=[common], help="HTTP handler for Bitrix24 events (click-to-call) and the install callback")
+    p = sub.add_parser("serve", parents=[common],
+                       help="HTTP handler for Bitrix24 events (click-to-call) and the install callback")
     p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
     p = sub.add_parser("service", parents=[common], help="the long-lived service: FastAGI call steps, outbox, events, HTTP, "
                        "dialer (systemd)")

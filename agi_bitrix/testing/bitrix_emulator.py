@@ -381,11 +381,13 @@ _METHODS: dict[str, tuple[tuple[str, ...] | None, str]] = {
     "placement.unbind": (("placement",), "_m_placement_unbind"),
     "placement.get": (("placement",), "_m_placement_get"),
 }
-# The docs call these application-only; public server code accepts webhooks too (Bitrix24 REST docs: telephony).
+# The docs call these application-only; public server code accepts webhooks too (Bitrix24 REST docs:
+# telephony).
 _APP_ONLY = {"telephony.externalcall.register", "telephony.externalcall.finish", "telephony.externalline.add",
              "telephony.externalline.get", "telephony.externalline.update", "telephony.externalline.delete"}
 # The docs say these work only with application auth; unlike telephony nothing contradicts that, so a
-# webhook always gets WRONG_AUTH_TYPE (ONEXTERNALCALLSTART cannot reach a webhook at all: Bitrix24 REST docs, inbound webhooks).
+# webhook always gets WRONG_AUTH_TYPE (ONEXTERNALCALLSTART cannot reach a webhook at all: Bitrix24
+# REST docs, inbound webhooks).
 _EVENT_METHODS = {"event.bind", "event.get", "event.unbind", "event.offline.get", "event.offline.clear",
                   "event.offline.error"}
 # Legacy methods that bind arguments by position, so their body may be a JSON array (Bitrix24 REST docs:

@@ -1,8 +1,9 @@
 """A strict fake Asterisk Manager Interface (AMI) server for tests.
 
 It frames and words its answers like Asterisk 22.10.1 did in captured lab frames (Originate ack,
-OriginateResponse success/busy) and like Asterisk's main/manager.c for the rest, and it records every client mistake a real Asterisk would silently
-punish in `violations`: a stray CR inside a value, an action without ActionID, a line over
+OriginateResponse success/busy) and like Asterisk's main/manager.c for the rest, including the
+write classes a user needs for each action ("Permission denied", ListCommands), and it records
+every client mistake a real Asterisk would silently punish in `violations`: a stray CR inside a value, an action without ActionID, a line over
 1024 bytes (Asterisk discards the whole message), more than 128 headers (the rest are ignored).
 
 Calls are not real: `on_originate` decides each Originate's outcome (default: answered after
