@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import sqlite3
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -35,12 +38,23 @@ def _asterisk_user():
     return entry.pw_uid, entry.pw_gid, prefix
 
 
-def _install_for_nobody(pbx, tmp_path):
+@pytest.fixture
+def installed_for_nobody(pbx, tmp_path, keep_install_record):
+    """`install --owner nobody`, with the settings where a user without capabilities can read
+    them (check verifies that the Asterisk user can; pytest's own tmp root is 0700)."""
+    _asterisk_user()  # root only
+    etc = Path(tempfile.mkdtemp(prefix="agib-etc-"))
+    etc.chmod(0o755)
+    pbx.settings_file = etc / "settings.ini"
+    pbx.write()
     agi_bin = tmp_path / "agi-bin"
     agi_bin.mkdir()
-    res = pbx.cli("install", "--agi-bin", str(agi_bin), "--settings", str(pbx.settings_file), "--owner", "nobody")
-    assert res.returncode == 0, res.stderr
-    return agi_bin
+    try:
+        res = pbx.cli("install", "--agi-bin", str(agi_bin), "--settings", str(pbx.settings_file), "--owner", "nobody")
+        assert res.returncode == 0, res.stderr
+        yield agi_bin
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
 
 
 @pytest.fixture
@@ -143,9 +157,8 @@ def _call_as(pbx, lid, number):
             pbx.run(["hangup", "ANSWER", "7"], linkedid=lid, dead=True).set_variables["BITRIX_STATUS"]]
 
 
-def test_files_made_by_root_commands_belong_to_the_asterisk_user(pbx, emulator, tmp_path):
+def test_files_made_by_root_commands_belong_to_the_asterisk_user(pbx, emulator, tmp_path, installed_for_nobody):
     uid, _gid, as_asterisk = _asterisk_user()
-    _install_for_nobody(pbx, tmp_path)
     res = pbx.cli("check")  # as root, as the install output suggests
     assert res.returncode == 0 and "all good" in res.stdout, res.stdout + res.stderr
     assert "delivered 0" in pbx.cli("outbox", "flush").stdout
@@ -172,9 +185,8 @@ def test_files_made_by_root_commands_belong_to_the_asterisk_user(pbx, emulator, 
     assert _call_as(pbx, "1795500300.2", "89161234568") == ["OK", "QUEUED", "OK"]
 
 
-def test_tokens_stored_by_root_belong_to_the_asterisk_user(pbx, emulator, tmp_path):
+def test_tokens_stored_by_root_belong_to_the_asterisk_user(pbx, emulator, tmp_path, installed_for_nobody):
     _uid, _gid, as_asterisk = _asterisk_user()
-    _install_for_nobody(pbx, tmp_path)
     _oauth(pbx, emulator)  # `agi-bitrix auth` run by root
     emulator.expire_access_tokens()
     pbx.prefix = as_asterisk  # the Asterisk user's step renews the pair root stored
@@ -182,9 +194,8 @@ def test_tokens_stored_by_root_belong_to_the_asterisk_user(pbx, emulator, tmp_pa
     assert emulator.refresh_count == 1 and only_call(emulator)["finished"]
 
 
-def test_check_names_each_file_the_asterisk_user_cannot_write(pbx, emulator, tmp_path):
+def test_check_names_each_file_the_asterisk_user_cannot_write(pbx, emulator, tmp_path, installed_for_nobody):
     _uid, _gid, as_asterisk = _asterisk_user()
-    _install_for_nobody(pbx, tmp_path)
     stray = pbx.state_dir / "oauth-tokens.json"  # e.g. copied in by root from a backup
     stray.write_text("{}")
     stray.chmod(0o600)
@@ -315,9 +326,8 @@ def _step_lines(pbx, lid):
     return [e for e in pbx.log() if e.get("linkedid") == lid and e["event"] in ("incoming", "answer", "hangup")]
 
 
-def test_read_only_state_dir_delivers_directly_and_keeps_the_rest_for_replay(pbx, emulator, tmp_path):
+def test_read_only_state_dir_delivers_directly_and_keeps_the_rest_for_replay(pbx, emulator, tmp_path, installed_for_nobody):
     _uid, _gid, as_asterisk = _asterisk_user()
-    _install_for_nobody(pbx, tmp_path)
     rec = _old_recording(tmp_path)
     pbx.state_dir.chmod(0o555)  # e.g. a mistaken chmod: the Asterisk user cannot write there
     pbx.prefix = as_asterisk
@@ -365,7 +375,7 @@ def test_read_only_state_dir_delivers_directly_and_keeps_the_rest_for_replay(pbx
     assert len(emulator.requests_for("telephony.externalcall.finish")) == finishes
     status = pbx.cli("outbox", "status").stdout
     assert "waiting: 0" in status and "dead letters: 0" in status
-    assert "kept in" not in pbx.cli("check").stdout
+    assert "call(s) kept in" not in pbx.cli("check").stdout  # the spill file is replayed
 
 
 def test_a_database_that_cannot_be_read_never_makes_a_hangup_silently_do_nothing(pbx, emulator):

@@ -45,16 +45,16 @@ def asterisk_user(agi_bin: Path) -> Optional[User]:
 
 
 def allows(path: Path, user: User, mode: int) -> bool:
-    """The classic owner / group / other permission check for `mode` (os.R_OK | os.W_OK | os.X_OK)."""
+    """May `user` do `mode` (os.R_OK | os.W_OK | os.X_OK) to `path`? Root only needs an x bit to run."""
+    from agi_bitrix.ownership import permits
+
     try:
         st = path.stat()
     except OSError:
         return False
     if user.uid == 0:
         return not (mode & os.X_OK) or bool(st.st_mode & 0o111) or stat.S_ISDIR(st.st_mode)
-    shift = 6 if st.st_uid == user.uid else 3 if st.st_gid in user.gids else 0
-    bits = (st.st_mode >> shift) & 0o7
-    return (bits & mode) == mode
+    return permits(st, user.uid, user.gids, mode)
 
 
 def first_unenterable(folder: Path, user: User) -> Optional[Path]:
