@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import only_call
+from conftest import STEP_BUDGET, only_call
 
 
 def _old_recording(folder, name="call.wav"):
@@ -216,7 +216,7 @@ def test_check_names_each_file_the_asterisk_user_cannot_write(pbx, emulator, tmp
 def _oauth(pbx, emulator):
     pbx.values["bitrix24"] = {"portal_url": emulator.base_url, "client_id": emulator.client_id,
                               "client_secret": emulator.client_secret, "oauth_url": emulator.oauth_url,
-                              "timeout": "2"}
+                              "timeout": STEP_BUDGET}
     pbx.write()
     res = pbx.cli("auth", "--code", emulator.authorization_code())
     assert res.returncode == 0, res.stderr
