@@ -228,4 +228,22 @@ RU: Dict[str, str] = {
     "set [asterisk] ami_user and ami_secret (the dialer dials through AMI)":
         "укажите [asterisk] ami_user и ami_secret (автообзвон звонит через AMI)",
     "another dialer is running (lock {path})": "уже работает другой автообзвон (блокировка {path})",
+    # -- check: the call-card widgets (placements/bind.py) and agi-bitrix service
+    "off ([placements] public_url is empty): dialer calls are marked on the phone only":
+        "выключены ([placements] public_url пуст): звонки автообзвона отмечаются только на телефоне",
+    "[placements] needs the local application (OAuth mode); a webhook cannot bind widgets":
+        "[placements] требует локального приложения (режим OAuth); вебхук не может подключить виджеты",
+    "the application lacks the scope placement: tick it in the local application's settings in Bitrix24, save, and run agi-bitrix auth --code again":
+        "у приложения нет права placement: отметьте его в настройках локального приложения в Битрикс24, сохраните и выполните agi-bitrix auth --code ещё раз",
+    "cannot read the bound widgets: {reason}": "не удалось прочитать подключённые виджеты: {reason}",
+    "{code} bound to {url}": "{code} подключён к {url}",
+    "{code} points to {handlers}, not {url}: run agi-bitrix auth --code again (or reinstall the application) to bind it anew":
+        "{code} указывает на {handlers}, а не на {url}: выполните agi-bitrix auth --code ещё раз (или переустановите приложение), чтобы подключить его заново",
+    "{code} is not bound: run agi-bitrix auth --code again (or reinstall the application) to bind it":
+        "{code} не подключён: выполните agi-bitrix auth --code ещё раз (или переустановите приложение), чтобы подключить его",
+    "agi-bitrix service is not running ({listen}): every call step starts a process of its own, fine for a few calls at once":
+        "agi-bitrix service не запущен ({listen}): каждый шаг звонка запускает свой процесс, это годится для нескольких звонков одновременно",
+    "{listen} is not agi-bitrix service (agi-bitrix serve?)": "{listen} — не agi-bitrix service (agi-bitrix serve?)",
+    "agi-bitrix service is ready: FastAGI on {fastagi}": "agi-bitrix service готов: FastAGI на {fastagi}",
+    "agi-bitrix service is not ready: {reasons}": "agi-bitrix service не готов: {reasons}",
 }

@@ -452,20 +452,20 @@ def _service(report: Report, settings: settings_mod.Settings) -> None:
     except urllib.error.HTTPError as exc:
         body = exc.read(10000)
     except OSError:
-        report.warn("service", f"agi-bitrix service is not running ({settings.events.listen}): every call step "
-                               "starts a process of its own, fine for a few calls at once")
+        report.warn("service", "agi-bitrix service is not running ({listen}): every call step starts a process "
+                               "of its own, fine for a few calls at once", listen=settings.events.listen)
         return
     try:
         answer = json.loads(body)
         reasons = {k: v for k, v in answer["reasons"].items() if v}
     except (ValueError, KeyError, TypeError, AttributeError):
-        report.warn("service", f"{settings.events.listen} is not agi-bitrix service (agi-bitrix serve?)")
+        report.warn("service", "{listen} is not agi-bitrix service (agi-bitrix serve?)", listen=settings.events.listen)
         return
     if answer.get("ready") and not reasons:
-        report.ok("service", f"agi-bitrix service is ready: FastAGI on {settings.service.fastagi}")
+        report.ok("service", "agi-bitrix service is ready: FastAGI on {fastagi}", fastagi=settings.service.fastagi)
     else:
-        report.problem("service", "agi-bitrix service is not ready: "
-                       + "; ".join(f"{k}: {v}" for k, v in sorted(reasons.items())))
+        report.problem("service", "agi-bitrix service is not ready: {reasons}",
+                       reasons="; ".join(f"{k}: {v}" for k, v in sorted(reasons.items())))
 
 
 def run(args: Any) -> int:

@@ -78,15 +78,16 @@ def report_widgets(report: Any, client: Any, settings: Settings, scopes: Any) ->
     try:
         have = bound(client)
     except BitrixError as exc:
-        report.problem("widgets", f"cannot read the bound widgets: {exc.summary()}")
+        report.problem("widgets", "cannot read the bound widgets: {reason}", reason=exc.summary())
         return
     for code in (WORKER, CARD):
         handlers = have.get(code) or []
         if urls[code] in handlers:
-            report.ok("widgets", f"{code} bound to {urls[code]}")
+            report.ok("widgets", "{code} bound to {url}", code=code, url=urls[code])
         elif handlers:
-            report.problem("widgets", f"{code} points to {', '.join(handlers)}, not {urls[code]}: run agi-bitrix "
-                                      "auth --code again (or reinstall the application) to bind it anew")
+            report.problem("widgets", "{code} points to {handlers}, not {url}: run agi-bitrix auth --code again "
+                                      "(or reinstall the application) to bind it anew",
+                           code=code, handlers=", ".join(handlers), url=urls[code])
         else:
-            report.problem("widgets", f"{code} is not bound: run agi-bitrix auth --code again (or "
-                                      "reinstall the application) to bind it")
+            report.problem("widgets", "{code} is not bound: run agi-bitrix auth --code again (or reinstall the "
+                                      "application) to bind it", code=code)
