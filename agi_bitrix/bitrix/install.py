@@ -20,12 +20,12 @@ request budget that the calls need.
 """
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, Optional, Tuple
 from urllib.parse import urlsplit
 
+from agi_bitrix.allowance import Allowance
 from agi_bitrix.bitrix.client import Bitrix24
 from agi_bitrix.bitrix.errors import BitrixError
 from agi_bitrix.bitrix.oauth import Tokens
@@ -67,20 +67,12 @@ class ProofGate:
     """A small bucket of proofs: PROOF_BURST at once, refilled one per PROOF_EVERY seconds."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.lock = threading.Lock()
-        self.tokens = float(PROOF_BURST)
-        self.at = clock()
+        self.allowance = Allowance(PROOF_BURST, 1.0 / PROOF_EVERY, clock)
 
     def take(self) -> None:
-        with self.lock:
-            now = self.clock()
-            self.tokens = min(PROOF_BURST, self.tokens + (now - self.at) / PROOF_EVERY)
-            self.at = now
-            if self.tokens < 1:
-                raise InstallBusy("too many installation callbacks to check: refused without asking "
-                                  "the portal (try the installation again in a minute)")
-            self.tokens -= 1
+        if not self.allowance.take():
+            raise InstallBusy("too many installation callbacks to check: refused without asking "
+                              "the portal (try the installation again in a minute)")
 
 
 def _host(url: str) -> str:

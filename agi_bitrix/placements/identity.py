@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Tuple, TypeVar
 from urllib.parse import urlsplit
 
+from agi_bitrix.allowance import Allowance
 from agi_bitrix.bitrix.client import Bitrix24
 from agi_bitrix.bitrix.install import OneToken
 from agi_bitrix.bitrix.errors import AuthError, BitrixError, ScopeError
@@ -78,7 +79,7 @@ class Verifier:
         self.clock = clock
         self.lock = threading.Lock()
         self.cache: Dict[str, Tuple[float, Operator]] = {}
-        self.allowance, self.allowance_at = float(ASK_BURST), clock()
+        self.asks = Allowance(ASK_BURST, ASK_PER_SECOND, clock)  # made-up tokens cannot spend the budget
 
     def rest_base(self) -> str:
         return self.settings.bitrix24.portal_url + "rest/"
@@ -132,12 +133,8 @@ class Verifier:
         return found, token
 
     def _spend(self, now: float) -> None:
-        with self.lock:
-            self.allowance = min(ASK_BURST, self.allowance + (now - self.allowance_at) * ASK_PER_SECOND)
-            self.allowance_at = now
-            if self.allowance < 1:
-                raise Unavailable("too many unconfirmed widget requests; the portal is not asked")
-            self.allowance -= 1
+        if not self.asks.take(now):
+            raise Unavailable("too many unconfirmed widget requests; the portal is not asked")
 
     def _ask(self, token: str, deadline: Deadline) -> Operator:
         # One request: who the token's user is, and whose application the token is (a real token
