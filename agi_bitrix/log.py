@@ -42,8 +42,8 @@ class _Redactor:
             return [self._clean(v) for v in value]
         return value
 
-    def __call__(self, logger: Any, name: str, event: dict) -> dict:
-        return {k: (REDACTED if _secret_key(k) else self._clean(v)) for k, v in event.items()}
+    def __call__(self, line: dict) -> dict:
+        return self._clean(line)
 
 
 def _secret_key(key: object) -> bool:
@@ -53,9 +53,9 @@ def _secret_key(key: object) -> bool:
     }
 
 
-def _head(logger: Any, name: str, event: dict) -> dict:
+def _head(level: str, event: dict) -> dict:
     """Time with offset, level, event and linkedid first: what an administrator greps for."""
-    head = {"time": datetime.now().astimezone().isoformat(timespec="milliseconds"), "level": name,
+    head = {"time": datetime.now().astimezone().isoformat(timespec="milliseconds"), "level": level,
             "event": event.pop("event", ""), "linkedid": event.pop("linkedid", None)}
     if head["linkedid"] is None:
         del head["linkedid"]
@@ -123,7 +123,7 @@ class Logger:
         if _LEVELS[level.upper()] < self.level:
             return
         fields["event"] = event
-        line = json.dumps(self.redact(None, level, _head(None, level, fields)), ensure_ascii=False, default=str)
+        line = json.dumps(self.redact(_head(level, fields)), ensure_ascii=False, default=str)
         with self._lock:
             self.stream.write(line + "\n")
             self.stream.flush()
