@@ -1,6 +1,7 @@
 """`agi-bitrix check` names every broken setup and its fix in one line (through the installed entry point)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -252,6 +253,24 @@ def test_settings_unreadable_by_the_asterisk_user(pbx, open_tree):
     assert f"the Asterisk user nobody cannot enter the folder {etc}" in line and f"chmod o+x {etc}" in line
 
 
+@contextlib.contextmanager
+def _enterable_by_everyone(path):
+    """`nobody` must reach the installed entry point, wherever the checkout lies (a clone in a
+    folder of mode 0700 is not enterable by others): o+x on the folders above it, for the
+    command's run only. Only search rights: nobody gains the right to read a folder."""
+    changed = []
+    try:
+        for folder in (Path(path).parents if path is not None else []):
+            mode = folder.stat().st_mode
+            if not mode & 0o001:
+                folder.chmod(mode | 0o001)
+                changed.append((folder, mode))
+        yield
+    finally:
+        for folder, mode in changed:
+            folder.chmod(mode)
+
+
 def test_settings_unreadable_by_the_user_running_check(open_tree):
     """The Asterisk user itself runs check (or a step): the error names the user and the fix."""
     import pwd
@@ -269,8 +288,9 @@ def test_settings_unreadable_by_the_user_running_check(open_tree):
     import subprocess
 
     env = dict(os.environ, AGI_BITRIX_SETTINGS=str(settings))
-    res = subprocess.run(pre + [str(ENTRY), "check"], capture_output=True, text=True, env=env,
-                         stdin=subprocess.DEVNULL, timeout=120, cwd="/")
+    with _enterable_by_everyone(ENTRY if pre else None):
+        res = subprocess.run(pre + [str(ENTRY), "check"], capture_output=True, text=True, env=env,
+                             stdin=subprocess.DEVNULL, timeout=120, cwd="/")
     assert res.returncode == 1, res.stdout + res.stderr
     assert f"settings file {settings} is not readable by the user {user}" in res.stderr
     assert f"chown {user} {settings}" in res.stderr and len(res.stderr.strip().splitlines()) == 1
