@@ -179,6 +179,9 @@ def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, l
         try:
             store = host.store(settings)
         except StoreError as exc:
+            if settings.storage.url:
+                return _on_journal(controller, event, args, session, settings, linkedid, fields, client,
+                                   deadline, str(exc), host)
             return _without_journal(controller, event, args, session, settings, linkedid, fields, client,
                                     deadline, str(exc), host)
         ctx = _context(event, args, session, settings, store, client, deadline, linkedid, fields)
@@ -190,11 +193,49 @@ def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, l
             problem = str(exc)
         finally:
             host.close(ctx.store)
+        if settings.storage.url:
+            # The shared store failed midway: the step starts over on the local journal.
+            return _on_journal(controller, event, args, session, settings, linkedid, fields, client, deadline,
+                               problem, host)
         # The journal failed midway: the step starts over in memory from what the journal holds.
         return _without_journal(controller, event, args, session, settings, linkedid, fields, client, deadline,
                                 problem, host)
     finally:
         fields["requests"] = client.requests_made
+
+
+def _on_journal(controller: Any, event: str, args: List[str], session: AGISession, settings: Any,
+                linkedid: str, fields: Dict[str, Any], client: Any, deadline: Any, problem: str,
+                host: StepHost) -> Any:
+    """The shared store (PostgreSQL) cannot be used now: the step runs on the PBX's local journal,
+    as a PBX without PostgreSQL does, and notes the calls it changed; the deliverer moves them to
+    the shared store when it is back (shared/journal.py)."""
+    from agi_bitrix.shared import journal
+    from agi_bitrix.store import StoreError
+
+    fields["shared_store_problem"] = problem
+    try:
+        store = journal.open_local(settings.storage.state_dir)
+    except StoreError as exc:
+        return _without_journal(controller, event, args, session, settings, linkedid, fields, client, deadline,
+                                f"{problem}; {exc}", host)
+    ctx = _context(event, args, session, settings, store, client, deadline, linkedid, fields)
+    ctx.journal_only = True
+    outcome = None
+    try:
+        outcome = _handle(controller, ctx, deadline.started, host)
+        return outcome
+    finally:
+        keys = {linkedid, *(outcome.deliver if outcome is not None else [])}
+        try:
+            local = journal.open_local(settings.storage.state_dir)
+            try:
+                journal.note_unsynced(local, keys | {local.active_key(linkedid)})
+            finally:
+                local.close()
+        except StoreError as exc:
+            fields["journal_problem"] = str(exc)
+        ctx.store.close()
 
 
 def _context(event: str, args: List[str], session: AGISession, settings: Any, store: Any, client: Any,
@@ -340,9 +381,9 @@ class ProcessHost:
             raise Refused(str(exc))
 
     def store(self, settings: Any) -> Any:
-        from agi_bitrix.store import Store
+        from agi_bitrix.stores import open_store
 
-        return Store(settings.storage.state_dir)
+        return open_store(settings)
 
     def close(self, store: Any) -> None:
         store.close()
@@ -356,10 +397,9 @@ class ProcessHost:
         """
         from agi_bitrix import background
         from agi_bitrix.outbox import Outbox
-        from agi_bitrix.store import Store
 
         if not in_memory:
-            ctx.store.close()  # a SQLite connection to a file must not cross a fork
+            ctx.store.close()  # a connection (SQLite file, PostgreSQL socket) must not cross a fork
         try:
             in_child = background.detach()
         except OSError as exc:
@@ -373,7 +413,24 @@ class ProcessHost:
             ctx.session.detach()
             budget = ctx.settings.bitrix24.timeout  # its own budget, off the call's path
         if not in_memory:
-            ctx.store = Store(ctx.settings.storage.state_dir)
+            ctx.store = _reopen(ctx)
             ctx.outbox = Outbox(ctx.store, ctx.outbox.client, ctx.settings.calls.recording_url, ctx.outbox.owner,
                                 ctx.log)
         return budget
+
+
+def _reopen(ctx: Any) -> Any:
+    """The step's store again, in a delivering child, on the engine the step ran on (StoreError
+    when the shared store went meanwhile: its entries wait there for the deliverer)."""
+    from agi_bitrix.store import Store
+
+    settings = ctx.settings
+    if not settings.storage.url:
+        return Store(settings.storage.state_dir)
+    if ctx.journal_only:
+        from agi_bitrix.shared import journal
+
+        return journal.open_local(settings.storage.state_dir)
+    from agi_bitrix.stores import open_store
+
+    return open_store(settings)

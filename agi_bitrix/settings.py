@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Dict, Literal, Optional
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 DEFAULT_PATH = "/etc/agi-bitrix/settings.ini"
 ENV_PATH_VAR = "AGI_BITRIX_SETTINGS"
@@ -153,6 +154,37 @@ class CallsSettings(_Section):
 
 class StorageSettings(_Section):
     state_dir: str = "/var/lib/agi-bitrix"
+    # Empty: everything in SQLite under state_dir (one PBX). postgresql://USER:PASSWORD@HOST/DB: the
+    # state several PBXs of one portal share (call state, outbox, tokens, request budget, dialer);
+    # state_dir then keeps the local journal a call step falls back on while PostgreSQL is sick.
+    url: str = Field("", repr=False)
+    pbx_id: str = ""  # this PBX's name in the shared store; every key there carries it
+    db_timeout: float = Field(1.0, gt=0, le=30)  # seconds a call step gives PostgreSQL before its local journal
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be empty (SQLite) or postgresql://USER:PASSWORD@HOST:5432/DATABASE")
+        return value
+
+    @field_validator("pbx_id")
+    @classmethod
+    def _pbx_id(cls, value: str, info: ValidationInfo) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", value):
+            raise ValueError("letters, digits, _ . - only, up to 40 (e.g. office-1)")
+        return value
+
+    @model_validator(mode="after")
+    def _named(self) -> "StorageSettings":
+        if self.url and not self.pbx_id:
+            raise ValueError("pbx_id must name this PBX (e.g. office-1) when url is set: several PBXs share "
+                             "that database and every key there carries the PBX")
+        return self
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.url)
 
 
 class LoggingSettings(_Section):
@@ -413,7 +445,7 @@ class Settings(_Section):
 
     def secrets(self) -> list[str]:
         """Values that must never reach a log line."""
-        found = [self.bitrix24.client_secret, self.asterisk.ami_secret]
+        found = [self.bitrix24.client_secret, self.asterisk.ami_secret, urlsplit(self.storage.url).password or ""]
         if self.bitrix24.webhook_url:
             # https://portal/rest/<user>/<code>/ : the code is the secret.
             parts = [p for p in urlsplit(self.bitrix24.webhook_url).path.split("/") if p]
@@ -507,4 +539,5 @@ def load(explicit: Optional[str] = None, environ: Optional[Dict[str, str]] = Non
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        raise SettingsError(f"settings file {path}: [{where.replace('.', '] ', 1)} {msg}")
+        label = where.replace('.', '] ', 1) if "." in where else where + "]"  # a section's own check
+        raise SettingsError(f"settings file {path}: [{label} {msg}")

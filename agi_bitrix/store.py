@@ -84,6 +84,39 @@ CREATE INDEX IF NOT EXISTS outbox_call ON outbox (linkedid, id);
 """
 
 
+# Versioned migrations of the SQLite schema (PRAGMA user_version). Version 1: the columns earlier
+# releases added to `calls` and `outbox` without a migration, for databases they created.
+SQLITE_SCHEMA = 1
+_ADDED_COLUMNS = {
+    "calls": [("finish_claimed", "REAL"), ("card_live", "INTEGER NOT NULL DEFAULT 1"), ("crm_type", "TEXT"),
+              ("crm_id", "INTEGER"), ("active_part", "TEXT")],
+    "outbox": [("sending_at", "REAL"), ("lease_owner", "TEXT"), ("lease_until", "REAL")],
+}
+
+
+def migrate_sqlite(db: sqlite3.Connection, path: Path) -> int:
+    """Bring the database at `path` to SQLITE_SCHEMA; its version before. StoreError when it is
+    newer than this code."""
+    found = db.execute("PRAGMA user_version").fetchone()[0]
+    if found > SQLITE_SCHEMA:
+        raise StoreError(f"state database {path} has schema version {found}, newer than this agi-bitrix "
+                         f"({SQLITE_SCHEMA}): upgrade agi-bitrix")
+    if found < 1:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                for name, decl in columns if have else []:  # a new database gets them from _SCHEMA
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            db.execute(f"PRAGMA user_version = {SQLITE_SCHEMA}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    return found
+
+
 class StoreError(Exception):
     """The state directory or database is unusable; the message says what to fix."""
 
@@ -165,6 +198,7 @@ class Store:
                 self.db.execute("PRAGMA journal_mode = WAL")
             # FULL: a call record acknowledged to Asterisk survives a power cut, not only a crash.
             self.db.execute("PRAGMA synchronous = FULL")
+            migrate_sqlite(self.db, self.path)  # first: _SCHEMA's indexes name the columns it adds
             self.db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(_friendly(exc, self.path)) from None

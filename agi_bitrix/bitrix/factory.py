@@ -24,7 +24,14 @@ def make_client(settings: Settings, http: Optional[requests.Session] = None,
         auth = make_auth(settings)
     # Every process on this PBX draws from one budget per portal (the portal counts per source IP).
     portal = urlsplit(b24.webhook_url or b24.portal_url).netloc
-    limiter = RateLimiter(settings.storage.state_dir, portal, b24.rate_burst, b24.rate_per_second)
+    limiter: RateLimiter
+    if settings.storage.url:  # one bucket for every PBX of the portal
+        from agi_bitrix.shared.budget import SharedRateLimiter
+
+        limiter = SharedRateLimiter(settings.storage.url, settings.storage.pbx_id, settings.storage.db_timeout,
+                                    settings.storage.state_dir, portal, b24.rate_burst, b24.rate_per_second)
+    else:
+        limiter = RateLimiter(settings.storage.state_dir, portal, b24.rate_burst, b24.rate_per_second)
     return Bitrix24(auth, timeout=b24.timeout, limiter=limiter, session=http)
 
 
@@ -34,10 +41,10 @@ def make_auth(settings: Settings, threaded: bool = False) -> Auth:
     if b24.mode == "webhook":
         auth = WebhookAuth(b24.webhook_url)
     elif b24.mode == "oauth":
-        from agi_bitrix.bitrix.oauth import OAuthAuth, TokenStoreError
+        from agi_bitrix.bitrix.oauth import OAuthAuth, TokenStoreError, token_store
 
         try:
-            auth = OAuthAuth(b24, settings.storage.state_dir, threaded=threaded)
+            auth = OAuthAuth(b24, settings.storage.state_dir, threaded=threaded, store=token_store(settings))
         except TokenStoreError as exc:
             raise NotConfigured(str(exc)) from None
     else:

@@ -242,6 +242,18 @@ class TokenStore:
             os.close(fd)
 
 
+def token_store(settings: Any) -> TokenStore:
+    """Where the pair lives: oauth-tokens.json in state_dir, or the store several PBXs share
+    (`[storage] url`, shared/tokens.py), whose refresh lock every PBX takes."""
+    storage = settings.storage
+    if not storage.url:
+        return TokenStore(storage.state_dir)
+    from agi_bitrix.shared.tokens import SharedTokenStore
+
+    return SharedTokenStore(storage.state_dir, storage.url, storage.pbx_id,
+                            urlsplit(settings.bitrix24.portal_url).netloc, storage.db_timeout)
+
+
 def grant(url: str, params: Dict[str, str], timeout: float = REFRESH_TIMEOUT) -> Dict[str, Any]:
     """One request to the OAuth token endpoint (GET, as Bitrix24's OAuth docs show).
 
@@ -287,9 +299,10 @@ def _client_params(settings: Bitrix24Settings, grant_type: str) -> Dict[str, str
 class OAuthAuth:
     mode = "oauth"
 
-    def __init__(self, settings: Bitrix24Settings, state_dir: str, threaded: bool = False) -> None:
+    def __init__(self, settings: Bitrix24Settings, state_dir: str, threaded: bool = False,
+                 store: Optional[TokenStore] = None) -> None:
         self.settings = settings
-        self.store = TokenStore(state_dir)
+        self.store = store if store is not None else TokenStore(state_dir)
         tokens = self.store.load()
         if tokens is None:
             raise TokenStoreError(NO_TOKENS)
@@ -465,9 +478,9 @@ class OAuthAuth:
 
 
 def authorize(settings: Bitrix24Settings, state_dir: str, code: Optional[str] = None,
-              refresh_token: Optional[str] = None) -> Tokens:
+              refresh_token: Optional[str] = None, store: Optional[TokenStore] = None) -> Tokens:
     """`agi-bitrix auth`: exchange an authorization code or adopt a refresh token; store the pair."""
-    store = TokenStore(state_dir)
+    store = store if store is not None else TokenStore(state_dir)
     try:
         with store.locked(LOCK_WAIT):
             try:
@@ -494,9 +507,9 @@ def authorize(settings: Bitrix24Settings, state_dir: str, code: Optional[str] = 
                           TOKEN_METHOD) from None
 
 
-def install(state_dir: str, tokens: Tokens) -> None:
+def install(state_dir: str, tokens: Tokens, store: Optional[TokenStore] = None) -> None:
     """Store the pair and application_token of a proven installation callback (bitrix/install.py)."""
-    store = TokenStore(state_dir)
+    store = store if store is not None else TokenStore(state_dir)
     try:
         with store.locked(LOCK_WAIT):
             store.save(tokens)

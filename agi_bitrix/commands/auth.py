@@ -67,7 +67,7 @@ def _secrets_of(args: Any) -> tuple:
 
 def run(args: Any) -> int:
     from agi_bitrix.bitrix.errors import BitrixError
-    from agi_bitrix.bitrix.oauth import TokenStore, authorize
+    from agi_bitrix.bitrix.oauth import authorize, token_store
 
     if getattr(args, "refresh_token", None) not in (None, "-"):
         print(f"agi-bitrix auth: {TOKEN_ON_COMMAND_LINE}", file=sys.stderr)
@@ -91,7 +91,8 @@ def run(args: Any) -> int:
         return _fail("no code or refresh token was read (give --code and paste it, or pipe a refresh "
                      "token into --refresh-token -)")
     try:
-        tokens = authorize(b24, settings.storage.state_dir, code=code or None, refresh_token=refresh or None)
+        tokens = authorize(b24, settings.storage.state_dir, code=code or None, refresh_token=refresh or None,
+                           store=token_store(settings))
     except BitrixError as exc:
         return _fail(exc.description or exc.summary(), secrets)
     except OSError as exc:
@@ -114,7 +115,7 @@ def run(args: Any) -> int:
             notes.append(f"click-to-call events not bound: {exc}")
         notes.append(f"widgets: {bind_summary(make_client(settings), settings)}")
     until = time.strftime("%H:%M", time.localtime(tokens.expires))
-    print(f"OAuth tokens stored in {TokenStore(settings.storage.state_dir).path} for "
+    print(f"OAuth tokens stored in {token_store(settings).path} for "
           f"{urlsplit(tokens.client_endpoint).netloc} (member_id {tokens.member_id or '?'}), "
           f"access token valid until {until}" + (f"; note: {'; '.join(notes)}" if notes else ""))
     return 0

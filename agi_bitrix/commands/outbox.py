@@ -15,16 +15,25 @@ from agi_bitrix.commands.admin import CommandFailed
 FLUSH_REQUEST_TIMEOUT = 10.0  # off the call path a request may wait longer than a ringing caller
 
 
-def open_outbox(args: Any) -> Tuple[Any, Any, Any]:
-    """Settings, store and an Outbox for an admin command; CommandFailed(reason) when unusable."""
+def open_outbox(args: Any, journal: bool = False) -> Tuple[Any, Any, Any]:
+    """Settings, store and an Outbox for an admin command; CommandFailed(reason) when unusable.
+
+    `journal`: on the shared store, the local journal instead (the worker opens the shared store
+    on each pass, so it outlives an outage)."""
     from agi_bitrix import log as log_mod
     from agi_bitrix.bitrix.factory import NotConfigured, make_client
     from agi_bitrix.outbox import Outbox
-    from agi_bitrix.store import Store, StoreError
+    from agi_bitrix.store import StoreError
+    from agi_bitrix.stores import open_store
 
     try:
         settings = settings_mod.load(getattr(args, "settings", None))
-        store = Store(settings.storage.state_dir)
+        if journal and settings.storage.url:
+            from agi_bitrix.shared.journal import open_local
+
+            store = open_local(settings.storage.state_dir)
+        else:
+            store = open_store(settings, timeout=max(settings.storage.db_timeout, 5.0))
         client = make_client(settings)
     except (settings_mod.SettingsError, StoreError, NotConfigured) as exc:
         raise CommandFailed(str(exc)) from None
@@ -103,10 +112,15 @@ def run(args: Any) -> int:
         elif getattr(args, "files", None):
             raise CommandFailed(f"{args.action} takes no files (only replay does)")
         started = time.monotonic()
-        abandoned = close_abandoned(settings, outbox, logger)
-        if abandoned:
-            print(f"closed {abandoned} call(s) whose hangup never ran (older than [calls] max_call_length)")
-        stats = outbox.flush(per_call=FLUSH_REQUEST_TIMEOUT * 3)
+        if settings.storage.url:
+            from agi_bitrix.shared.deliver import shared_pass
+
+            stats = shared_pass(settings, outbox.client, logger, FLUSH_REQUEST_TIMEOUT * 3, force=True)
+        else:
+            abandoned = close_abandoned(settings, outbox, logger)
+            if abandoned:
+                print(f"closed {abandoned} call(s) whose hangup never ran (older than [calls] max_call_length)")
+            stats = outbox.flush(per_call=FLUSH_REQUEST_TIMEOUT * 3)
         fields = dict(calls=stats.calls, delivered=stats.delivered, waiting=stats.waiting, dead=stats.dead,
                       ms=int((time.monotonic() - started) * 1000))
         fields.update({k: v for k, v in outbox.log.items() if k in ("delivery_errors", "dead_letters")})

@@ -69,14 +69,14 @@ def install(settings: Any, logger: Any, auth: Any, gate: Any) -> str:
     if settings.bitrix24.mode != "oauth":
         raise EventRefused("install callback, but [bitrix24] is not set up as a local application")
     try:
-        previous = oauth.TokenStore(settings.storage.state_dir).load()
+        previous = oauth.token_store(settings).load()
     except oauth.TokenStoreError:
         previous = None  # a damaged store is what a proven installation repairs
     try:
         tokens = install_mod.accept(settings.bitrix24, auth, previous, gate)
     except install_mod.InstallRefused as exc:
         raise EventRefused(str(exc)) from None
-    oauth.install(settings.storage.state_dir, tokens)
+    oauth.install(settings.storage.state_dir, tokens, oauth.token_store(settings))
     client = make_client(settings)
     bound = bind_events(client, settings)
     logger.info("install", bound=bound, replaced=previous is not None, member_id=tokens.member_id,
@@ -137,7 +137,7 @@ def make_handler(settings: Any, logger: Any, ami: Any) -> type:
                     return
                 if event not in BOUND_EVENTS:
                     raise EventRefused(f"unexpected event {event[:40]!r}")
-                tokens = oauth.TokenStore(settings.storage.state_dir).load()
+                tokens = oauth.token_store(settings).load()
                 verify(form.get("auth"), tokens.application_token if tokens else "",
                        tokens.member_id if tokens else "", urlsplit(settings.bitrix24.portal_url).netloc)
             except EventRefused as exc:

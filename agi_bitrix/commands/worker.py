@@ -9,7 +9,7 @@ from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT, close_abandoned, o
 
 
 def run(args: Any) -> int:
-    settings, outbox, logger = open_outbox(args)
+    settings, outbox, logger = open_outbox(args, journal=True)
     stopping: List[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
@@ -31,8 +31,13 @@ def one_pass(settings: Any, outbox: Any, logger: Any, poller: Optional[Callable[
     if poller is not None:
         poller()
     try:
-        close_abandoned(settings, outbox, logger)
-        stats = outbox.flush(per_call=FLUSH_REQUEST_TIMEOUT * 3, force=False)
+        if settings.storage.url:
+            from agi_bitrix.shared.deliver import shared_pass
+
+            stats = shared_pass(settings, outbox.client, logger, FLUSH_REQUEST_TIMEOUT * 3, owner=outbox.owner)
+        else:
+            close_abandoned(settings, outbox, logger)
+            stats = outbox.flush(per_call=FLUSH_REQUEST_TIMEOUT * 3, force=False)
         if stats.calls:
             logger.info("outbox_flush", calls=stats.calls, delivered=stats.delivered, waiting=stats.waiting,
                         dead=stats.dead, ms=int((time.monotonic() - started) * 1000),

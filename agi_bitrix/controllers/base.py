@@ -43,6 +43,7 @@ class EventContext:
     linkedid: str
     log: Dict[str, Any] = field(default_factory=dict)  # extra fields for the event's log line
     clock: Callable[[], float] = time.time              # wall clock of answers and talk time (tests move it)
+    journal_only: bool = False  # on the local journal while the shared store (PostgreSQL) is away
 
     def arg(self, index: int) -> str:
         """Positional argument (1-based); missing = empty, as the contract's defaults expect."""

@@ -93,12 +93,12 @@ class Verifier:
                         limiter=limiter)
 
     def _ours(self) -> Tuple[str, str]:
-        from agi_bitrix.bitrix.oauth import TokenStore, TokenStoreError
+        from agi_bitrix.bitrix.oauth import TokenStoreError, token_store
 
         if self.settings.bitrix24.mode != "oauth":
             raise Refused("widgets need the local application ([bitrix24] portal_url, client_id, client_secret)")
         try:
-            tokens = TokenStore(self.settings.storage.state_dir).load()
+            tokens = token_store(self.settings).load()
         except TokenStoreError as exc:
             raise Refused(f"no application tokens: {exc}") from None
         if tokens is None or not tokens.member_id:

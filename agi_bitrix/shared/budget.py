@@ -1,0 +1,69 @@
+"""The portal's request budget as one bucket for every PBX (Bitrix24 counts a portal's requests
+in one leaky bucket, Bitrix24 REST docs: limits): the state ratelimit.py keeps in a file, kept in
+one row of the shared store instead, read and written under a row lock. While the shared store
+is away each PBX falls back on its own file (each then spends the whole budget on its own)."""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Optional
+
+import psycopg
+
+from agi_bitrix.bitrix.ratelimit import RateLimiter
+from agi_bitrix.shared.connect import SharedStoreError, connect
+
+
+class SharedRateLimiter(RateLimiter):
+    def __init__(self, url: str, pbx: str, timeout: float, state_dir: str, portal: str, burst: int = 40,
+                 per_second: float = 2.0, **kw: Any) -> None:
+        super().__init__(state_dir, portal, burst, per_second, **kw)
+        self.url, self.pbx, self.portal, self.timeout = url, pbx, portal, timeout
+        self._conn: Any = None
+        self._pid = 0
+
+    def _db(self) -> Any:
+        if self._conn is None or self._conn.closed or self._pid != os.getpid():
+            self._conn = connect(self.url, self.pbx, self.timeout)
+            self._pid = os.getpid()
+        return self._conn
+
+    @contextmanager
+    def _state(self) -> Iterator[Optional[Dict[str, Any]]]:
+        try:
+            conn = self._db()
+            tx = conn.transaction()
+            tx.__enter__()
+            row = conn.execute("SELECT state FROM budgets WHERE portal = %s FOR UPDATE", (self.portal,)).fetchone()
+            if row is None:
+                conn.execute("INSERT INTO budgets (portal) VALUES (%s) ON CONFLICT DO NOTHING", (self.portal,))
+                row = conn.execute("SELECT state FROM budgets WHERE portal = %s FOR UPDATE",
+                                   (self.portal,)).fetchone()
+        except (psycopg.Error, SharedStoreError) as exc:
+            self._conn = None
+            self.problem = f"shared request budget: {exc}"
+            with super()._state() as state:  # this PBX's own file until the shared store is back
+                yield state
+            return
+        try:
+            state = json.loads(row["state"] or "{}")
+        except ValueError:
+            state = {}
+        before = json.dumps(state, sort_keys=True)
+        try:
+            yield state
+            after = json.dumps(state, sort_keys=True)
+            if after != before:
+                conn.execute("UPDATE budgets SET state = %s WHERE portal = %s", (after, self.portal))
+        except BaseException as exc:
+            _end(tx, exc)
+            raise
+        _end(tx, None)
+
+
+def _end(tx: Any, exc: Optional[BaseException]) -> None:
+    try:
+        tx.__exit__(type(exc) if exc else None, exc, None)
+    except psycopg.Error:
+        pass  # the slot is lost, not the request

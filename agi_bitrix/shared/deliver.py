@@ -1,0 +1,96 @@
+"""The deliverer of a PBX on the shared store (worker, `agi-bitrix service`, `outbox flush`).
+
+Each pass: this PBX says it is alive (and that its pbx_id is its own), moves what its local journal
+kept while PostgreSQL was away, closes its calls whose hangup never ran, then delivers the calls
+of every PBX that no live worker holds, oldest first. A PBX killed in the middle of a call leaves
+its entries leased for the lease's length; after that any PBX's deliverer carries them, once.
+While the shared store is away the pass delivers from the local journal instead.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List
+
+from agi_bitrix import __version__
+from agi_bitrix.deadline import Deadline
+from agi_bitrix.outbox import FlushStats, Outbox
+from agi_bitrix.shared import journal
+from agi_bitrix.shared.connect import SharedStoreError, identity
+from agi_bitrix.store import StoreError
+
+ALIVE = 300.0  # a PBX whose deliverer passed this recently is alive: another may not take its pbx_id
+
+
+def register(store: Any, state_dir: str, now: float = 0.0) -> None:
+    """Note this PBX as alive; SharedStoreError when another live PBX has its pbx_id."""
+    now = now or time.time()
+    me = identity(state_dir)
+    with store._tx(durable=False):
+        row = store._one("SELECT identity, seen_at FROM pbxs WHERE pbx = %s FOR UPDATE", (store.pbx,))
+        if row is not None and row["identity"] != me and now - row["seen_at"] < ALIVE:
+            raise SharedStoreError(duplicate(store.pbx, row["identity"]))
+        store._q("INSERT INTO pbxs (pbx, identity, seen_at, version) VALUES (%s, %s, %s, %s) ON CONFLICT (pbx)"
+                 " DO UPDATE SET identity = EXCLUDED.identity, seen_at = EXCLUDED.seen_at,"
+                 " version = EXCLUDED.version", (store.pbx, me, now, __version__))
+
+
+def duplicate(pbx: str, other: str) -> str:
+    return (f"another PBX ({other}) uses pbx_id {pbx} in the shared store: give each PBX its own [storage] "
+            "pbx_id (a PBX that replaced it may take it over once it has been silent 5 minutes)")
+
+
+def others(store: Any) -> List[Dict[str, Any]]:
+    return store._q("SELECT pbx, identity, seen_at, version FROM pbxs WHERE pbx != %s ORDER BY pbx",
+                    (store.pbx,)).fetchall()
+
+
+def shared_pass(settings: Any, client: Any, logger: Any, per_call: float, force: bool = False,
+                owner: str = "") -> FlushStats:
+    from agi_bitrix.commands.outbox import close_abandoned
+    from agi_bitrix.stores import open_store
+
+    storage = settings.storage
+    try:
+        store = open_store(settings, timeout=max(storage.db_timeout, 5.0))
+    except StoreError as exc:
+        logger.warning("shared_store_away", reason=str(exc))
+        return _journal_pass(settings, client, per_call, force, owner)
+    total = FlushStats()
+    try:
+        register(store, storage.state_dir)
+        local = journal.open_local(storage.state_dir)
+        try:
+            calls, entries = journal.move(local, store, storage.pbx_id)
+        finally:
+            local.close()
+        if calls:
+            logger.info("journal_moved", calls=calls, entries=entries)
+        outbox = Outbox(store, client, settings.calls.recording_url, owner=owner or None)
+        close_abandoned(settings, outbox, logger)
+        for pbx, key in store.due_everywhere(force):
+            carrier = outbox if pbx == store.pbx else Outbox(store.as_pbx(pbx), client, settings.calls.recording_url,
+                                                             outbox.owner, outbox.log)
+            stats = carrier.deliver_call(key, Deadline(per_call), lease=max(60.0, per_call + 30), force=force)
+            total.calls += 1
+            total.delivered += stats.delivered
+            total.waiting += stats.waiting
+            total.dead += stats.dead
+            if pbx != store.pbx and stats.delivered:
+                logger.info("carried", pbx=pbx, linkedid=key, delivered=stats.delivered)
+        store.prune()
+        total.errors = [str(e) for e in outbox.log.get("delivery_errors", [])]
+    finally:
+        store.close()
+    return total
+
+
+def _journal_pass(settings: Any, client: Any, per_call: float, force: bool, owner: str) -> FlushStats:
+    """The shared store is away: deliver what the journal holds, and remember the calls it changed."""
+    local = journal.open_local(settings.storage.state_dir)
+    try:
+        keys = local.due_calls(force)
+        stats = Outbox(local, client, settings.calls.recording_url, owner=owner or None).flush(per_call, force)
+        journal.note_unsynced(local, keys)
+        return stats
+    finally:
+        local.close()

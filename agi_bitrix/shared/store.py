@@ -1,0 +1,429 @@
+"""The PostgreSQL engine of the store: the same methods as store.Store, for several PBXs at once.
+
+Every call key carries its PBX (`pbx`, `linkedid`): Asterisk's linkedids repeat across servers.
+The outbox is one queue for all: a deliverer takes the calls of any PBX whose entries are not
+leased by a live worker, so a standby carries the backlog of a PBX that died. Recordings are the
+exception: the file lies on its own PBX, so only that PBX attaches it. Row locks (SELECT ... FOR
+UPDATE) stand in for SQLite's one writer where a step reads before it writes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Set
+
+import psycopg
+
+from agi_bitrix.shared import schema
+from agi_bitrix.shared.connect import SharedStoreError, connect, friendly
+from agi_bitrix.store import DEAD, DONE, KEEP_SECONDS, PENDING, USER_CACHE_SECONDS, Call, Entry
+
+_CALL_FIELDS = [f for f in Call.__dataclass_fields__]
+
+
+def _call(row: Dict[str, Any]) -> Call:
+    data = {k: row[k] for k in _CALL_FIELDS}
+    data["shown"] = json.loads(data["shown"] or "[]")
+    return Call(**data)
+
+
+def _entry(row: Dict[str, Any]) -> Entry:
+    return Entry(id=row["id"], linkedid=row["linkedid"], kind=row["kind"], payload=json.loads(row["payload"]),
+                 state=row["state"], attempts=row["attempts"], next_try=row["next_try"],
+                 created_at=row["created_at"], last_error=row["last_error"], sending_at=row["sending_at"])
+
+
+class PgStore:
+    """One connection (one step, or one thread of the service at a time)."""
+
+    engine = "postgresql"
+
+    def __init__(self, url: str, pbx: str, timeout: float = 1.0, conn: Any = None) -> None:
+        self.url, self.pbx = url, pbx
+        self.home = pbx  # the PBX this process runs on (as_pbx views another's calls)
+        self.path = f"postgresql {schema.SCHEMA} ({pbx})"
+        self.db = conn if conn is not None else connect(url, pbx, timeout)
+        self.touched: Set[str] = set()  # call keys this store changed (the local journal mirrors them)
+        try:
+            schema.require_current(self.db)
+        except psycopg.Error as exc:
+            self.db.close()
+            raise SharedStoreError(friendly(exc, url)) from None
+        except SharedStoreError:
+            self.db.close()
+            raise
+
+    journal_dir = ""  # state_dir: the calls this store changed are copied into the local journal on close
+
+    def close(self) -> None:
+        """Copy the calls changed here into the local journal (a call that began before an outage
+        still ends right during it), then close. The copy is a cache: its failure costs nothing."""
+        try:
+            if self.touched and self.journal_dir and not self.db.closed:
+                from agi_bitrix.shared import journal
+
+                rows = self.calls_rows(sorted(self.touched))
+                local = journal.open_local(self.journal_dir)
+                try:
+                    journal.mirror(local, rows)
+                finally:
+                    local.close()
+        except Exception:
+            pass
+        finally:
+            self.touched = set()
+            self.db.close()
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _q(self, sql: str, args: Any = ()) -> Any:
+        try:
+            return self.db.execute(sql, args)
+        except psycopg.Error as exc:
+            raise SharedStoreError(friendly(exc, self.url)) from None
+
+    @contextmanager
+    def _tx(self, durable: bool = True) -> Iterator[Any]:
+        """One transaction; `durable=False` commits without waiting for the WAL flush (leases,
+        marks of delivery, caches: a lost one only means a repeat the portal answers the same)."""
+        try:
+            with self.db.transaction():
+                if not durable:
+                    self.db.execute("SET LOCAL synchronous_commit = off")
+                yield self
+        except psycopg.Error as exc:
+            raise SharedStoreError(friendly(exc, self.url)) from None
+
+    def _one(self, sql: str, args: Any = ()) -> Optional[Dict[str, Any]]:
+        return self._q(sql, args).fetchone()
+
+    # -- calls ---------------------------------------------------------------------------------
+    def call(self, linkedid: str) -> Optional[Call]:
+        row = self._one("SELECT * FROM calls WHERE pbx = %s AND linkedid = %s", (self.pbx, linkedid))
+        return _call(row) if row else None
+
+    def _insert_call(self, key: str, direction: str, phone: str, line: str, user_inner: str,
+                     call_id: Optional[str] = None) -> bool:
+        cur = self._q("INSERT INTO calls (pbx, linkedid, direction, phone, line, user_inner, shown, started_at,"
+                      " call_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                      (self.pbx, key, direction, phone, line, user_inner,
+                       json.dumps([user_inner] if user_inner else []), time.time(), call_id))
+        self.touched.add(key)
+        return cur.rowcount == 1
+
+    def start_call(self, linkedid: str, direction: str, phone: str, line: str, user_inner: str,
+                   register: Dict[str, Any], owner: str, lease: float) -> Optional[int]:
+        with self._tx():
+            if not self._insert_call(linkedid, direction, phone, line, user_inner):
+                return None
+            return self._enqueue(linkedid, "register", register, owner, lease)
+
+    def adopt_call(self, key: str, call_id: str, direction: str, phone: str, line: str, user_inner: str) -> bool:
+        with self._tx():
+            return self._insert_call(key, direction, phone, line, user_inner, call_id)
+
+    def recent_click(self, key: str, user_inner: str, phone: str, seconds: float) -> bool:
+        return self._one("SELECT 1 AS x FROM calls WHERE pbx = %s AND linkedid LIKE 'click-%%' AND linkedid != %s"
+                         " AND user_inner = %s AND phone = %s AND started_at > %s",
+                         (self.pbx, key, user_inner, phone, time.time() - seconds)) is not None
+
+    def stale_clicks(self, before: float) -> List[Any]:
+        return self._q("SELECT linkedid, user_inner FROM calls WHERE pbx = %s AND (linkedid LIKE 'click-%%'"
+                       " OR linkedid LIKE 'callback-%%') AND finish_claimed IS NULL AND answered_at IS NULL"
+                       " AND started_at < %s", (self.pbx, before)).fetchall()
+
+    def abandoned_calls(self, before: float) -> List[Call]:
+        """This PBX's calls whose hangup never ran (another PBX knows nothing of their channels)."""
+        rows = self._q("SELECT * FROM calls c WHERE pbx = %s AND finish_claimed IS NULL AND started_at < %s"
+                       " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.pbx = c.pbx AND o.linkedid = c.linkedid"
+                       " AND o.kind = 'register' AND o.state = %s) ORDER BY started_at",
+                       (self.pbx, before, DEAD)).fetchall()
+        return [_call(r) for r in rows]
+
+    def active_key(self, linkedid: str) -> str:
+        row = self._one("SELECT active_part FROM calls WHERE pbx = %s AND linkedid = %s", (self.pbx, linkedid))
+        return row["active_part"] if row and row["active_part"] else linkedid
+
+    def start_part(self, linkedid: str, key: str, direction: str, phone: str, line: str, user_inner: str,
+                   register: Dict[str, Any], owner: str, lease: float) -> Optional[int]:
+        with self._tx():
+            if not self._insert_call(key, direction, phone, line, user_inner):
+                return None
+            self._q("UPDATE calls SET active_part = %s WHERE pbx = %s AND linkedid = %s", (key, self.pbx, linkedid))
+            self.touched.add(linkedid)
+            return self._enqueue(key, "register", register, owner, lease)
+
+    def set_crm(self, linkedid: str, crm_type: Optional[str], crm_id: Optional[int]) -> None:
+        with self._tx(durable=False):
+            self._q("UPDATE calls SET crm_type = %s, crm_id = %s WHERE pbx = %s AND linkedid = %s",
+                    (crm_type, crm_id, self.pbx, linkedid))
+        self.touched.add(linkedid)
+
+    def mark_answered(self, linkedid: str, inner: Optional[str], now: Optional[float] = None) -> Optional[Call]:
+        with self._tx():
+            row = self._one("SELECT * FROM calls WHERE pbx = %s AND linkedid = %s FOR UPDATE", (self.pbx, linkedid))
+            if row is None:
+                return None
+            before = _call(row)
+            if before.answered_at is None:
+                self._q("UPDATE calls SET answered_inner = %s, answered_at = %s WHERE pbx = %s AND linkedid = %s",
+                        (inner, time.time() if now is None else now, self.pbx, linkedid))
+                self.touched.add(linkedid)
+            return before
+
+    def move_card(self, linkedid: str, show: List[str], hide: List[str], shown_after: List[str],
+                  owner: str, lease: float) -> int:
+        with self._tx():
+            self._q("UPDATE calls SET shown = %s WHERE pbx = %s AND linkedid = %s",
+                    (json.dumps(shown_after), self.pbx, linkedid))
+            self.touched.add(linkedid)
+            return self._enqueue(linkedid, "card", {"show": show, "hide": hide}, owner, lease)
+
+    def queue_finish(self, linkedid: str, finish: Dict[str, Any], record: Optional[Dict[str, Any]],
+                     owner: str, lease: float, hide: Optional[List[str]] = None) -> Optional[List[int]]:
+        with self._tx():
+            cur = self._q("UPDATE calls SET finish_claimed = %s, status_code = %s, duration = %s"
+                          " WHERE pbx = %s AND linkedid = %s AND finish_claimed IS NULL",
+                          (time.time(), finish["STATUS_CODE"], finish["DURATION"], self.pbx, linkedid))
+            if cur.rowcount != 1:
+                return None
+            self.touched.add(linkedid)
+            ids = []
+            if hide:
+                ids.append(self._enqueue(linkedid, "card", {"show": [], "hide": hide}, owner, lease))
+            ids.append(self._enqueue(linkedid, "finish", finish, owner, lease))
+            if record:
+                ids.append(self._enqueue(linkedid, "record", record, owner, lease))
+            return ids
+
+    def queue_rest(self, linkedid: str, calls: List[Any], owner: str, lease: float) -> List[int]:
+        with self._tx():
+            return [self._enqueue(linkedid, "rest", {"method": method, "params": params}, owner, lease)
+                    for method, params in calls]
+
+    # -- outbox --------------------------------------------------------------------------------
+    def _enqueue(self, linkedid: str, kind: str, payload: Dict[str, Any], owner: str, lease: float,
+                 pbx: Optional[str] = None) -> int:
+        now = time.time()
+        row = self._one("INSERT INTO outbox (pbx, linkedid, kind, payload, next_try, created_at, lease_owner,"
+                        " lease_until) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                        (pbx or self.pbx, linkedid, kind, json.dumps(payload, ensure_ascii=False), now, now, owner,
+                         now + lease))
+        return int(row["id"])
+
+    def claim(self, linkedid: str, owner: str, lease: float) -> List[Entry]:
+        """Lease the pending entries of one call of this PBX, in order; [] when another holds them."""
+        now = time.time()
+        with self._tx(durable=False):
+            rows = self._q("SELECT * FROM outbox WHERE pbx = %s AND linkedid = %s AND state = %s ORDER BY id"
+                           " FOR UPDATE", (self.pbx, linkedid, PENDING)).fetchall()
+            if any(r["lease_owner"] not in (None, owner) and (r["lease_until"] or 0) > now for r in rows):
+                return []
+            if self.home != self.pbx:  # another PBX's call: its recordings stay with it
+                kinds = [r["kind"] for r in rows]
+                rows = rows[:kinds.index("record")] if "record" in kinds else rows
+            if rows:
+                self._q("UPDATE outbox SET lease_owner = %s, lease_until = %s WHERE id = ANY(%s)",
+                        (owner, now + lease, [r["id"] for r in rows]))
+        return [_entry(r) for r in rows]
+
+    def release(self, linkedid: str, owner: str) -> None:
+        with self._tx(durable=False):
+            self._q("UPDATE outbox SET lease_owner = NULL, lease_until = NULL"
+                    " WHERE pbx = %s AND linkedid = %s AND lease_owner = %s", (self.pbx, linkedid, owner))
+
+    def due_calls(self, force: bool = False, limit: int = 1000) -> List[str]:
+        """This PBX's calls with pending entries not leased by a live worker (see due_elsewhere)."""
+        return [key for pbx, key in self.due_everywhere(force, limit) if pbx == self.pbx]
+
+    def due_everywhere(self, force: bool = False, limit: int = 1000) -> List[Any]:
+        """(pbx, linkedid) of every PBX's calls due, oldest first; another PBX's recordings stay
+        with it (their files are on its disk)."""
+        now = time.time()
+        rows = self._q(
+            "SELECT o.pbx, o.linkedid FROM outbox o WHERE o.state = %s"
+            " AND o.id = (SELECT min(id) FROM outbox m WHERE m.pbx = o.pbx AND m.linkedid = o.linkedid"
+            "             AND m.state = %s)"
+            " AND (%s OR o.next_try <= %s) AND (o.pbx = %s OR o.kind != 'record')"
+            " AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.pbx = o.pbx AND l.linkedid = o.linkedid"
+            "                 AND l.state = %s AND l.lease_until > %s)"
+            " ORDER BY o.id LIMIT %s", (PENDING, PENDING, force, now, self.pbx, PENDING, now, limit)).fetchall()
+        return [(r["pbx"], r["linkedid"]) for r in rows]
+
+    def as_pbx(self, pbx: str) -> "PgStore":
+        """The same connection seen as another PBX (a standby delivering its backlog)."""
+        if pbx == self.pbx:
+            return self
+        other = PgStore.__new__(PgStore)
+        other.url, other.pbx, other.path, other.db, other.touched = self.url, pbx, self.path, self.db, set()
+        other.home = self.pbx
+        return other
+
+    def mark_sending(self, entry_id: int) -> None:
+        with self._tx():
+            self._q("UPDATE outbox SET sending_at = %s, attempts = attempts + 1 WHERE id = %s", (time.time(), entry_id))
+
+    def card_not_live(self, linkedid: str) -> None:
+        with self._tx():
+            self._q("UPDATE calls SET card_live = 0 WHERE pbx = %s AND linkedid = %s", (self.pbx, linkedid))
+        self.touched.add(linkedid)
+
+    def mark_done(self, entry: Entry, call_id: Optional[str] = None) -> None:
+        now = time.time()
+        with self._tx(durable=False):
+            self._q("UPDATE outbox SET state = %s, done_at = %s, sending_at = NULL, last_error = NULL,"
+                    " lease_owner = NULL, lease_until = NULL WHERE id = %s", (DONE, now, entry.id))
+            if entry.kind == "register" and call_id:
+                self._q("UPDATE calls SET call_id = %s WHERE pbx = %s AND linkedid = %s",
+                        (call_id, self.pbx, entry.linkedid))
+            if entry.kind == "finish":
+                self._q("UPDATE calls SET finished_at = %s WHERE pbx = %s AND linkedid = %s",
+                        (now, self.pbx, entry.linkedid))
+        if entry.kind in ("register", "finish"):
+            self.touched.add(entry.linkedid)
+
+    def prune(self, now: Optional[float] = None) -> None:
+        """Finished calls and delivered entries older than a week (the deliverer, off the call path)."""
+        now = time.time() if now is None else now
+        with self._tx(durable=False):
+            self._q("DELETE FROM calls WHERE started_at < %s AND finished_at IS NOT NULL", (now - KEEP_SECONDS,))
+            self._q("DELETE FROM outbox WHERE state = %s AND done_at < %s", (DONE, now - KEEP_SECONDS))
+
+    def mark_retry(self, entry_id: int, error: str, next_try: float, sent: bool,
+                   before: Optional[float] = None) -> None:
+        with self._tx():
+            self._q("UPDATE outbox SET next_try = %s, last_error = %s, lease_owner = NULL, lease_until = NULL,"
+                    " sending_at = CASE WHEN %s THEN sending_at ELSE %s END WHERE id = %s",
+                    (next_try, error[:500], sent, before, entry_id))
+
+    def note_maybe_shown(self, entry_id: int) -> None:
+        with self._tx():
+            row = self._one("SELECT payload FROM outbox WHERE id = %s FOR UPDATE", (entry_id,))
+            if row is not None:
+                payload = dict(json.loads(row["payload"]), _maybe_shown=1)
+                self._q("UPDATE outbox SET payload = %s WHERE id = %s",
+                        (json.dumps(payload, ensure_ascii=False), entry_id))
+
+    def postpone(self, entry_id: int, note: str, next_try: float) -> None:
+        with self._tx():
+            self._q("UPDATE outbox SET next_try = %s, last_error = %s, lease_owner = NULL, lease_until = NULL"
+                    " WHERE id = %s", (next_try, note[:500], entry_id))
+
+    def mark_dead(self, entry_id: int, reason: str, before: Optional[float] = None) -> None:
+        with self._tx():
+            self._q("UPDATE outbox SET state = %s, last_error = %s, sending_at = %s, lease_owner = NULL,"
+                    " lease_until = NULL WHERE id = %s", (DEAD, reason[:500], before, entry_id))
+
+    def entry_states(self, ids: List[int]) -> Dict[int, Entry]:
+        if not ids:
+            return {}
+        rows = self._q("SELECT * FROM outbox WHERE id = ANY(%s)", (list(ids),)).fetchall()
+        return {r["id"]: _entry(r) for r in rows}
+
+    def entries(self, linkedid: Optional[str] = None, state: Optional[str] = None) -> List[Entry]:
+        sql, args = "SELECT * FROM outbox WHERE pbx = %s", [self.pbx]
+        if linkedid is not None:
+            sql, args = sql + " AND linkedid = %s", args + [linkedid]
+        if state is not None:
+            sql, args = sql + " AND state = %s", args + [state]
+        return [_entry(r) for r in self._q(sql + " ORDER BY id", args).fetchall()]
+
+    def retry_dead(self) -> int:
+        with self._tx():
+            cur = self._q("UPDATE outbox SET state = %s, attempts = 0, next_try = %s, last_error = NULL,"
+                          " sending_at = CASE WHEN kind = 'finish' AND attempts > 1"
+                          " THEN COALESCE(sending_at, created_at) ELSE sending_at END"
+                          " WHERE pbx = %s AND state = %s", (PENDING, time.time(), self.pbx, DEAD))
+            return cur.rowcount
+
+    def outbox_status(self) -> Dict[str, Any]:
+        counts = {s: 0 for s in (PENDING, DONE, DEAD)}
+        for row in self._q("SELECT state, count(*) AS n FROM outbox WHERE pbx = %s GROUP BY state", (self.pbx,)):
+            counts[row["state"]] = row["n"]
+        oldest = self._one("SELECT min(created_at) AS m FROM outbox WHERE pbx = %s AND state = %s",
+                           (self.pbx, PENDING))["m"]
+        last = self._one("SELECT last_error FROM outbox WHERE pbx = %s AND last_error IS NOT NULL AND state != %s"
+                         " ORDER BY COALESCE(next_try, 0) DESC LIMIT 1", (self.pbx, DONE))
+        return {"counts": counts, "oldest_pending": oldest, "last_error": last["last_error"] if last else None}
+
+    # -- bringing back what was journaled elsewhere (the local journal, spill files) -----------
+    def put_call(self, row: Dict[str, Any]) -> Optional[Call]:
+        """Add a call kept elsewhere, or fill in what this store does not know of it yet; the call
+        as it was here before (None: it was new)."""
+        fields = [f for f in _CALL_FIELDS if f in row]
+        values = [json.dumps(row[f]) if f == "shown" and not isinstance(row[f], str) else row[f] for f in fields]
+        with self._tx():
+            old = self._one("SELECT * FROM calls WHERE pbx = %s AND linkedid = %s FOR UPDATE",
+                            (self.pbx, row["linkedid"]))
+            self.touched.add(row["linkedid"])
+            if old is None:
+                self._q(f"INSERT INTO calls (pbx, {', '.join(fields)}) VALUES (%s, {', '.join(['%s'] * len(fields))})"
+                        " ON CONFLICT DO NOTHING", [self.pbx] + values)
+                return None
+            fill = [f for f in fields if f not in ("linkedid", "shown", "card_live") and old[f] is None
+                    and row[f] is not None]
+            if fill:
+                self._q(f"UPDATE calls SET {', '.join(f'{f} = %s' for f in fill)} WHERE pbx = %s AND linkedid = %s",
+                        [row[f] for f in fill] + [self.pbx, row["linkedid"]])
+            return _call(old)
+
+    def put_entry(self, linkedid: str, kind: str, payload: Dict[str, Any], created_at: float,
+                  sending_at: Optional[float], uid: str) -> Optional[int]:
+        now = time.time()
+        with self._tx():
+            if self._q("INSERT INTO replayed (uid, at) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                       (uid, now)).rowcount != 1:
+                return None
+            row = self._one("INSERT INTO outbox (pbx, linkedid, kind, payload, next_try, created_at, sending_at)"
+                            " VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                            (self.pbx, linkedid, kind, json.dumps(payload, ensure_ascii=False), now, created_at,
+                             sending_at))
+            return int(row["id"])
+
+    def replayed_all(self, uids: List[str]) -> bool:
+        if not uids:
+            return True
+        row = self._one("SELECT count(*) AS n FROM replayed WHERE uid = ANY(%s)", (list(uids),))
+        return row["n"] == len(set(uids))
+
+    def settle_elsewhere(self, linkedid: str, done: List[int], sent: List[int], at: float) -> None:
+        with self._tx():
+            if done:
+                self._q("UPDATE outbox SET state = %s, done_at = %s, lease_owner = NULL, lease_until = NULL"
+                        " WHERE id = ANY(%s) AND pbx = %s AND linkedid = %s AND state = %s",
+                        (DONE, at, list(done), self.pbx, linkedid, PENDING))
+            if sent:
+                self._q("UPDATE outbox SET sending_at = COALESCE(sending_at, %s) WHERE id = ANY(%s) AND pbx = %s"
+                        " AND linkedid = %s", (at, list(sent), self.pbx, linkedid))
+
+    def calls_rows(self, keys: List[str]) -> List[Dict[str, Any]]:
+        """The rows of these calls of this PBX, as plain dicts (for the local journal's copy)."""
+        if not keys:
+            return []
+        rows = self._q("SELECT * FROM calls WHERE pbx = %s AND linkedid = ANY(%s)", (self.pbx, list(keys))).fetchall()
+        return [{k: r[k] for k in _CALL_FIELDS} for r in rows]
+
+    # -- caches (portal facts: one for all PBXs) ------------------------------------------------
+    def route(self, phone: str, max_age: float) -> Optional[str]:
+        row = self._one("SELECT inner_number, fetched_at FROM routes WHERE phone = %s", (phone,))
+        if row and time.time() - row["fetched_at"] < max_age:
+            return str(row["inner_number"])
+        return None
+
+    def remember_route(self, phone: str, inner: str) -> None:
+        with self._tx(durable=False):
+            self._q("INSERT INTO routes (phone, inner_number, fetched_at) VALUES (%s, %s, %s) ON CONFLICT (phone)"
+                    " DO UPDATE SET inner_number = EXCLUDED.inner_number, fetched_at = EXCLUDED.fetched_at",
+                    (phone, inner, time.time()))
+
+    def user_id(self, inner: str, max_age: float = USER_CACHE_SECONDS) -> Optional[int]:
+        row = self._one("SELECT user_id, fetched_at FROM users WHERE inner_number = %s", (inner,))
+        if row and time.time() - row["fetched_at"] < max_age:
+            return int(row["user_id"])
+        return None
+
+    def remember_user(self, inner: str, user_id: int) -> None:
+        with self._tx(durable=False):
+            self._q("INSERT INTO users (inner_number, user_id, fetched_at) VALUES (%s, %s, %s) ON CONFLICT"
+                    " (inner_number) DO UPDATE SET user_id = EXCLUDED.user_id, fetched_at = EXCLUDED.fetched_at",
+                    (inner, int(user_id), time.time()))
