@@ -7,7 +7,7 @@ import sys
 import time
 from typing import List, Optional
 
-ADMIN_COMMANDS = ("install", "check", "demo", "auth", "outbox", "worker", "dialer", "serve", "service")
+ADMIN_COMMANDS = ("install", "check", "demo", "auth", "outbox", "worker", "dialer", "serve", "service", "migrate")
 
 
 def _agi_mode(argv: List[str]) -> bool:

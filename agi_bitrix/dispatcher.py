@@ -215,7 +215,7 @@ def _on_journal(controller: Any, event: str, args: List[str], session: AGISessio
 
     fields["shared_store_problem"] = problem
     try:
-        store = journal.open_local(settings.storage.state_dir)
+        store = journal.open_local(settings.storage.state_dir, settings.storage.pbx_id)
     except StoreError as exc:
         return _without_journal(controller, event, args, session, settings, linkedid, fields, client, deadline,
                                 f"{problem}; {exc}", host)
@@ -228,7 +228,7 @@ def _on_journal(controller: Any, event: str, args: List[str], session: AGISessio
     finally:
         keys = {linkedid, *(outcome.deliver if outcome is not None else [])}
         try:
-            local = journal.open_local(settings.storage.state_dir)
+            local = journal.open_local(settings.storage.state_dir, settings.storage.pbx_id)
             try:
                 journal.note_unsynced(local, keys | {local.active_key(linkedid)})
             finally:
@@ -430,7 +430,7 @@ def _reopen(ctx: Any) -> Any:
     if ctx.journal_only:
         from agi_bitrix.shared import journal
 
-        return journal.open_local(settings.storage.state_dir)
+        return journal.open_local(settings.storage.state_dir, settings.storage.pbx_id)
     from agi_bitrix.stores import open_store
 
     return open_store(settings)

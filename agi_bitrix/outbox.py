@@ -151,6 +151,10 @@ class Outbox:
 
     def _deliver_register(self, entry: Entry, deadline: Deadline) -> str:
         params = dict(entry.payload)
+        pbx = getattr(self.store, "pbx", "")
+        if pbx and params.get("EXTERNAL_CALL_ID"):
+            # Several PBXs on one portal: linkedids repeat across them, the portal's dedup key must not.
+            params["EXTERNAL_CALL_ID"] = f"{pbx}:{params['EXTERNAL_CALL_ID']}"
         parent_key = params.pop("_bind_from", None)
         maybe_shown = params.pop("_maybe_shown", None)
         if parent_key:

@@ -198,7 +198,7 @@ class Store:
                 self.db.execute("PRAGMA journal_mode = WAL")
             # FULL: a call record acknowledged to Asterisk survives a power cut, not only a crash.
             self.db.execute("PRAGMA synchronous = FULL")
-            migrate_sqlite(self.db, self.path)  # first: _SCHEMA's indexes name the columns it adds
+            self.schema_before = migrate_sqlite(self.db, self.path)  # first: _SCHEMA's indexes name its columns
             self.db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(_friendly(exc, self.path)) from None

@@ -255,3 +255,67 @@ def only_call(emulator: Bitrix24Emulator) -> Dict[str, Any]:
     calls = list(emulator.calls.values())
     assert len(calls) == 1, f"expected one call in Bitrix24, found {len(calls)}"
     return calls[0]
+
+
+# -- the shared store (PostgreSQL) ------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One throwaway PostgreSQL per test worker (a few hundred ms), stopped at the end."""
+    from agi_bitrix.testing.postgres import Cluster
+
+    with Cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_cluster):
+    """A database migrated once; each test gets a copy (CREATE DATABASE ... TEMPLATE)."""
+    from agi_bitrix.shared import schema
+    from agi_bitrix.shared.connect import connect
+
+    name = pg_cluster.database()
+    conn = connect(pg_cluster.url(name), "template", 30)
+    try:
+        schema.migrate(conn, pg_cluster.url(name))
+    finally:
+        conn.close()
+    return name
+
+
+@pytest.fixture
+def pg_url(pg_cluster, pg_template):
+    """A migrated database of its own for this test."""
+    return pg_cluster.url(pg_cluster.database(pg_template))
+
+
+class SharedPBX(PBX):
+    """A PBX on the shared store: its own settings and state folder, `pbx_id` in the shared database."""
+
+    def __init__(self, root: Path, webhook_url: str, url: str, pbx_id: str) -> None:
+        super().__init__(root, webhook_url)
+        self.url, self.pbx_id = url, pbx_id
+        self.values["storage"].update(url=url, pbx_id=pbx_id)
+        self.write()
+
+    def advance(self, seconds: float) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("UPDATE agi_bitrix.calls SET answered_at = answered_at - %s, started_at = started_at - %s"
+                         " WHERE pbx = %s", (seconds, seconds, self.pbx_id))
+        super().advance(seconds)  # the local journal's copy too
+
+
+@pytest.fixture
+def two_pbxs(tmp_path, emulator, pg_url):
+    """Two PBXs of one portal: two settings files and state folders, one PostgreSQL, one emulator."""
+    return (SharedPBX(tmp_path / "a", emulator.webhook_url, pg_url, "office-a"),
+            SharedPBX(tmp_path / "b", emulator.webhook_url, pg_url, "office-b"))
+
+
+def pg_rows(url: str, sql: str, *args: Any) -> List[Dict[str, Any]]:
+    import psycopg
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        return conn.execute(sql, args).fetchall()

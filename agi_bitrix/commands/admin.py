@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("run", "status"), help="run: dial (loop); status: a table of the tasks")
     p.add_argument("--once", action="store_true", help="one pass, then exit (for cron or a first try)")
     p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
+    p = sub.add_parser("migrate", parents=[common], help="bring the state database (SQLite, or the PostgreSQL "
+                       "store of [storage] url) to this version's schema")
+    p.add_argument("--settings", help="settings file (default /etc/agi-bitrix/settings.ini)")
     p = sub.add_parser("demo", parents=[common], help="simulated calls against the built-in Bitrix24 emulator")
     p.add_argument("--keep", metavar="DIR", help="keep the demo's settings, state and log in DIR")
     return parser

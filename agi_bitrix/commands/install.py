@@ -59,6 +59,21 @@ def _write_if_changed(path: Path, text: str, mode: int) -> bool:
     return True
 
 
+def _migrate(settings: object, owner: Optional[Tuple[int, int]]) -> list:
+    """The schema migrations (commands/migrate.py), the state database handed to the Asterisk user."""
+    from agi_bitrix.commands.migrate import migrate
+    from agi_bitrix.store import StoreError
+
+    try:
+        lines = migrate(settings, quiet=True)
+    except StoreError as exc:
+        raise SystemExit(f"{exc} (then run agi-bitrix migrate)")
+    state_dir = Path(getattr(settings, "storage").state_dir)
+    for path in state_dir.glob("agi-bitrix.sqlite3*"):
+        _chown(path, owner)
+    return lines
+
+
 def run(args: object) -> int:
     agi_bin = Path(getattr(args, "agi_bin")).resolve()
     settings_path = settings_mod.settings_path(getattr(args, "settings", None)).resolve()
@@ -96,6 +111,8 @@ def run(args: object) -> int:
                 folder.mkdir(parents=True, mode=0o750)
                 changes.append(f"created {folder}")
             _chown(folder, owner)
+        if folders:
+            changes += _migrate(settings, owner)
     except SystemExit as exc:
         print(f"agi-bitrix install: {exc.code}", file=sys.stderr)
         return 1

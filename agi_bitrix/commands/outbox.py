@@ -31,7 +31,7 @@ def open_outbox(args: Any, journal: bool = False) -> Tuple[Any, Any, Any]:
         if journal and settings.storage.url:
             from agi_bitrix.shared.journal import open_local
 
-            store = open_local(settings.storage.state_dir)
+            store = open_local(settings.storage.state_dir, settings.storage.pbx_id)
         else:
             store = open_store(settings, timeout=max(settings.storage.db_timeout, 5.0))
         client = make_client(settings)

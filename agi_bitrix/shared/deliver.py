@@ -58,7 +58,7 @@ def shared_pass(settings: Any, client: Any, logger: Any, per_call: float, force:
     total = FlushStats()
     try:
         register(store, storage.state_dir)
-        local = journal.open_local(storage.state_dir)
+        local = journal.open_local(storage.state_dir, storage.pbx_id)
         try:
             calls, entries = journal.move(local, store, storage.pbx_id)
         finally:
@@ -86,7 +86,7 @@ def shared_pass(settings: Any, client: Any, logger: Any, per_call: float, force:
 
 def _journal_pass(settings: Any, client: Any, per_call: float, force: bool, owner: str) -> FlushStats:
     """The shared store is away: deliver what the journal holds, and remember the calls it changed."""
-    local = journal.open_local(settings.storage.state_dir)
+    local = journal.open_local(settings.storage.state_dir, settings.storage.pbx_id)
     try:
         keys = local.due_calls(force)
         stats = Outbox(local, client, settings.calls.recording_url, owner=owner or None).flush(per_call, force)

@@ -19,9 +19,11 @@ _SCHEMA = "CREATE TABLE IF NOT EXISTS shared_unsynced (linkedid TEXT PRIMARY KEY
 _FIELDS = list(Call.__dataclass_fields__)
 
 
-def open_local(state_dir: str) -> Store:
+def open_local(state_dir: str, pbx: str) -> Store:
+    """The journal of PBX `pbx` (what it delivers carries the PBX as the shared store's does)."""
     store = Store(state_dir)
     store.db.execute(_SCHEMA)
+    store.pbx = pbx  # type: ignore[attr-defined]
     return store
 
 

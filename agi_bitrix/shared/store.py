@@ -64,7 +64,7 @@ class PgStore:
                 from agi_bitrix.shared import journal
 
                 rows = self.calls_rows(sorted(self.touched))
-                local = journal.open_local(self.journal_dir)
+                local = journal.open_local(self.journal_dir, self.pbx)
                 try:
                     journal.mirror(local, rows)
                 finally:
