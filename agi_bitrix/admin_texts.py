@@ -121,6 +121,18 @@ RU: Dict[str, str] = {
     "{count} waiting for delivery, the oldest for {age} min (last error: {error}); is the worker running?":
         "{count} ждут отправки, самая старая {age} мин (последняя ошибка: {error}); работает ли worker?",
     "nothing waiting": "ничего не ждёт отправки",
+    "[storage] url needs psycopg: pip install 'agi-bitrix[postgresql]'":
+        "для [storage] url нужен psycopg: pip install 'agi-bitrix[postgresql]'",
+    "shared store PostgreSQL at {where}, schema version {version}, this PBX is {pbx}":
+        "общее хранилище PostgreSQL на {where}, версия схемы {version}, эта АТС — {pbx}",
+    "other PBXs in it: {pbxs}": "другие АТС в нём: {pbxs}",
+    "no other PBX has used it yet": "другие АТС им ещё не пользовались",
+    "{count} entr(y/ies) of this PBX wait in the shared store for delivery: is a worker running on some PBX?":
+        "записей этой АТС ждут отправки в общем хранилище: {count}; запущен ли worker хоть на одной АТС?",
+    "{count} call(s) kept in the local journal while the shared store was away: the worker moves them (or "
+    "agi-bitrix outbox flush)":
+        "звонков в локальном журнале, пока общее хранилище было недоступно: {count}; worker перенесёт их "
+        "(или agi-bitrix outbox flush)",
     "none": "нет",
     "{errors} of {steps} call steps in the last hour ended in ERROR; the last ({event} at {time}): {reason}":
         "{errors} из {steps} шагов звонков за последний час завершились ERROR; последний ({event} в {time}): {reason}",

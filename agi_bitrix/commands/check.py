@@ -213,6 +213,58 @@ def _disk_and_outbox(report: Report, state_dir: Path, log_file: Path) -> None:
         report.ok("outbox", "nothing waiting")
 
 
+def _shared_store(report: Report, settings: settings_mod.Settings) -> None:
+    """The PostgreSQL store several PBXs share: reachable, its schema, this PBX's name, the others."""
+    storage = settings.storage
+    if not storage.url:
+        return
+    try:
+        from agi_bitrix.shared import schema
+        from agi_bitrix.shared.connect import connect, identity, where
+        from agi_bitrix.shared.deliver import ALIVE, duplicate, others
+        from agi_bitrix.shared.store import PgStore
+    except ImportError:
+        report.problem("store", "[storage] url needs psycopg: pip install 'agi-bitrix[postgresql]'")
+        return
+    from agi_bitrix.shared.journal import open_local, waiting
+    from agi_bitrix.store import StoreError
+
+    try:
+        store = PgStore(storage.url, storage.pbx_id, conn=connect(storage.url, storage.pbx_id, 10.0))
+    except StoreError as exc:
+        report.problem("store", "{reason}", reason=report.t.translate(str(exc)))
+        return
+    try:
+        now = time.time()
+        mine = store._one("SELECT identity, seen_at FROM pbxs WHERE pbx = %s", (storage.pbx_id,))
+        if mine is not None and mine["identity"] != identity(storage.state_dir) and now - mine["seen_at"] < ALIVE:
+            report.problem("store", "{reason}", reason=report.t.translate(duplicate(storage.pbx_id, mine["identity"])))
+        report.ok("store", "shared store PostgreSQL at {where}, schema version {version}, this PBX is {pbx}",
+                  where=where(storage.url), version=schema.LATEST, pbx=storage.pbx_id)
+        pending = store.outbox_status()["counts"]["pending"]
+        if pending:
+            report.warn("store", "{count} entr(y/ies) of this PBX wait in the shared store for delivery: is a "
+                        "worker running on some PBX?", count=pending)
+        seen = [f"{row['pbx']} ({int(now - row['seen_at'])} s ago)" for row in others(store)]
+        if seen:
+            report.ok("store", "other PBXs in it: {pbxs}", pbxs=", ".join(seen))
+        else:
+            report.ok("store", "no other PBX has used it yet")
+    finally:
+        store.close()
+    try:
+        local = open_local(storage.state_dir, storage.pbx_id)
+    except StoreError:
+        return  # the outbox line named it
+    try:
+        kept = waiting(local)
+    finally:
+        local.close()
+    if kept:
+        report.warn("store", "{count} call(s) kept in the local journal while the shared store was away: the "
+                    "worker moves them (or agi-bitrix outbox flush)", count=len(kept))
+
+
 def _spilled(report: Report, count: int, spill: Path, state_dir: Path) -> None:
     if count:
         report.problem("outbox", "{count} call(s) kept in {spill} while {path} could not be written: once it can, "
@@ -499,6 +551,7 @@ def run(args: Any) -> int:
     _folder(report, "log", log_file.parent)
     # Run as root, opening the database hands it to the Asterisk user before the ownership check.
     _disk_and_outbox(report, state_dir, log_file)
+    _shared_store(report, settings)
     _asterisk_can_write(report, state_dir, log_file)
     _recent_calls(report, log_file)
     _bitrix(report, settings)

@@ -14,11 +14,12 @@ from agi_bitrix.commands.admin import CommandFailed
 def _open(args: Any) -> Any:
     from agi_bitrix import log as log_mod
     from agi_bitrix.bitrix.factory import NotConfigured, make_client
-    from agi_bitrix.store import Store, StoreError
+    from agi_bitrix.store import StoreError
+    from agi_bitrix.stores import open_store
 
     try:
         settings = settings_mod.load(getattr(args, "settings", None))
-        store = Store(settings.storage.state_dir)
+        store = open_store(settings, timeout=max(settings.storage.db_timeout, 5.0))
     except (settings_mod.SettingsError, StoreError) as exc:
         raise CommandFailed(str(exc)) from None
     logger = log_mod.configure(settings.logging.file, settings.logging.level, settings.secrets())
@@ -33,9 +34,9 @@ def _open(args: Any) -> Any:
 
 
 def status(store: Any, t: Texts) -> int:
-    from agi_bitrix.dialer.state import DialerState
+    from agi_bitrix.dialer.state import dialer_state
 
-    rows = DialerState(store).tasks()
+    rows = dialer_state(store).tasks()
     if not rows:
         print(t("the dialer has not worked on any task yet"))
         return 0

@@ -10,12 +10,12 @@ from agi_bitrix import phones
 from agi_bitrix.controllers.base import EventContext, Outcome, Refused
 from agi_bitrix.dialer import outcomes
 from agi_bitrix.dialer.engine import caller_name
-from agi_bitrix.dialer.state import DialerState
+from agi_bitrix.dialer.state import dialer_state
 from agi_bitrix.dialer.texts import text
 
 
 def handle(ctx: EventContext) -> Outcome:
-    dstate = DialerState(ctx.store)
+    dstate = dialer_state(ctx.store)
     attempt = dstate.attempt(ctx.linkedid)
     if attempt is None:
         raise Refused("not a dialer call (no attempt with this linkedid)")

@@ -6,13 +6,13 @@ the step has returned.
 from __future__ import annotations
 
 from agi_bitrix.controllers.base import EventContext, Outcome, Refused
-from agi_bitrix.dialer.state import DialerState
+from agi_bitrix.dialer.state import dialer_state
 
 DELIVER_AFTER_RETURN = True
 
 
 def handle(ctx: EventContext) -> Outcome:
-    dstate = DialerState(ctx.store)
+    dstate = dialer_state(ctx.store)
     attempt = dstate.attempt(ctx.linkedid)
     if attempt is None:
         raise Refused("not a dialer call (no attempt with this linkedid)")

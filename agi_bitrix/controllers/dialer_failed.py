@@ -9,7 +9,7 @@ import re
 
 from agi_bitrix.controllers.base import EventContext, Outcome, Refused
 from agi_bitrix.dialer import outcomes, policy
-from agi_bitrix.dialer.state import DialerState
+from agi_bitrix.dialer.state import dialer_state
 
 
 def handle(ctx: EventContext) -> Outcome:
@@ -21,7 +21,7 @@ def handle(ctx: EventContext) -> Outcome:
     outcome = policy.REASONS.get(reason, "failed")
     ctx.log.update(attempt=attempt_id, reason=reason, outcome=outcome,
                    attempt_no=ctx.session.get_variable("AST_OUTGOING_ATTEMPT"))
-    recorded = outcomes.record_outcome(ctx.store, DialerState(ctx.store), ctx.settings, attempt_id, outcome,
+    recorded = outcomes.record_outcome(ctx.store, dialer_state(ctx.store), ctx.settings, attempt_id, outcome,
                                        ctx.outbox.owner)
     if recorded is None:
         ctx.log["note"] = "outcome already recorded by the dialer"

@@ -132,9 +132,9 @@ _DIAL_OUTCOMES = {"BUSY": "busy", "NOANSWER": "noanswer", "CHANUNAVAIL": "unreac
 def _dialer_hangup(ctx: EventContext, dialstatus: str, answeredtime: Optional[int]) -> Outcome:
     """End of an answered dialer call: connected, or who was missing."""
     from agi_bitrix.dialer import outcomes
-    from agi_bitrix.dialer.state import DialerState
+    from agi_bitrix.dialer.state import dialer_state
 
-    dstate = DialerState(ctx.store)
+    dstate = dialer_state(ctx.store)
     attempt = dstate.attempt(ctx.linkedid)
     if attempt is None:
         raise Refused("no dialer attempt is known for this linkedid")

@@ -24,7 +24,7 @@ from agi_bitrix.bitrix.errors import BitrixError
 from agi_bitrix.deadline import Deadline
 from agi_bitrix.dialer import outcomes, policy
 from agi_bitrix.dialer.portal import Client, DueTask, Operator, Portal
-from agi_bitrix.dialer.state import Attempt, DialerState, TaskState
+from agi_bitrix.dialer.state import Attempt, TaskState, dialer_state
 from agi_bitrix.dialer.texts import text
 from agi_bitrix.outbox import Outbox
 from agi_bitrix.settings import Settings
@@ -81,7 +81,7 @@ class Dialer:
         self.settings = settings
         self.d = settings.dialer
         self.store = store
-        self.state = DialerState(store)
+        self.state = dialer_state(store)
         self.client = client
         self.portal = Portal(client)
         self.ami = ami
@@ -166,6 +166,7 @@ class Dialer:
     def _consider(self, task: DueTask, operators: Dict[int, Operator], free: Dict[int, Operator],
                   dnc: set, now: datetime, pending: List[Tuple[Any, Attempt]]) -> str:
         """Dial this task now, or say why not (the reason goes to the log)."""
+        read_at = time.time()
         st = self.state.task(task.id)
         st.title = task.title
         if st.final and not self._reopened(task, st):
@@ -197,7 +198,9 @@ class Dialer:
         if not policy.within_hours(number, self.d, now):
             self._save(st, task, writes)
             return "outside calling hours"
-        attempt, originate = self._dial(task, client, number, operator)
+        attempt, originate = self._dial(task, client, number, operator, read_at)
+        if originate is None and attempt is None:
+            return "dialed by another dialer"  # its view of the task is newer: nothing to save
         if originate is None:
             self._save(st, task, writes)
             return "not dialed"
@@ -266,7 +269,9 @@ class Dialer:
                     good.append((client, number))
         return good, bad
 
-    def _dial(self, task: DueTask, client: Client, number: str, operator: Operator) -> Tuple[Attempt, Any]:
+    def _dial(self, task: DueTask, client: Client, number: str, operator: Operator,
+              since: Optional[float] = None) -> Tuple[Optional[Attempt], Any]:
+        """The attempt and its Originate; (None, None) when another dialer holds the task."""
         attempt_id = f"dialer-{task.id}-{int(time.time())}-{uuid.uuid4().hex[:6]}"
         attempt = Attempt(attempt_id, task.id, number, operator.inner or "", self.d.mode,
                           {"title": task.title, "client": client.name, "crm_type": client.entity_type,
@@ -274,8 +279,8 @@ class Dialer:
                            "operator_id": operator.user_id, "responsible_id": task.responsible_id,
                            "deadline": task.deadline},
                           time.time(), "dialing", None)
-        if not self.state.start_attempt(attempt):
-            return attempt, None
+        if not self.state.start_attempt(attempt, since):
+            return None, None
         variables = {"DIALER_ATTEMPT": attempt_id, "DIALER_TASK": str(task.id)}
         ring_ms = self.d.ring_timeout * 1000
         try:

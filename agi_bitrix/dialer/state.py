@@ -72,6 +72,15 @@ class Attempt:
     outcome: Optional[str]
 
 
+def dialer_state(store: Any) -> Any:
+    """The dialer's memory in the store's engine: SQLite here, or the store several PBXs share."""
+    if getattr(store, "engine", "sqlite") == "postgresql":
+        from agi_bitrix.shared.dialer import SharedDialerState
+
+        return SharedDialerState(store)
+    return DialerState(store)
+
+
 class DialerState:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -99,8 +108,9 @@ class DialerState:
         return [self.task(i) for i in ids]
 
     # -- attempts -------------------------------------------------------------------------------
-    def start_attempt(self, attempt: Attempt) -> bool:
-        """Record an attempt unless the task already has a live one (two dialers, one task)."""
+    def start_attempt(self, attempt: Attempt, since: Optional[float] = None) -> bool:
+        """Record an attempt unless the task already has a live one (two dialers, one task).
+        `since` (when the dialer read the task) matters where dialers share a store (shared/dialer.py)."""
         with self.store._tx() as db:
             live = db.execute("SELECT 1 FROM dialer_attempts WHERE task_id = ? AND state != 'done'"
                               " AND started_at > ?", (attempt.task_id, time.time() - STALE_ATTEMPT)).fetchone()
