@@ -319,3 +319,7 @@ def pg_rows(url: str, sql: str, *args: Any) -> List[Dict[str, Any]]:
 
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         return conn.execute(sql, args).fetchall()
+
+
+class SharedServicePBX(SharedPBX, ServicePBX):
+    """A PBX on the shared store whose call steps `agi-bitrix service` serves over FastAGI."""

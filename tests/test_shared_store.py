@@ -1,7 +1,33 @@
-"""Several PBXs, one portal: the PostgreSQL store they share ([storage] url, pbx_id)."""
+"""Several PBXs, one portal: the PostgreSQL store they share ([storage] url, pbx_id).
+
+Two PBXs are two settings files and state folders on this machine, one throwaway PostgreSQL
+(conftest.pg_cluster) and one Bitrix24 emulator.
+"""
 from __future__ import annotations
 
-from conftest import pg_rows
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import ENTRY, SharedPBX, SharedServicePBX, pg_rows
+from test_oauth import INBOUND, use_oauth
+
+CALL = ["incoming", "89161234567", "74951234567"]
+
+
+def statuses(runs):
+    return [r.set_variables.get("BITRIX_STATUS") for r in runs]
+
+
+def wait_for(done, what: str, limit: float = 120.0) -> None:
+    end = time.monotonic() + limit
+    while not done():
+        assert time.monotonic() < end, f"gave up waiting for {what}"
+        time.sleep(0.05)
 
 
 def test_two_pbxs_keep_their_calls_apart_under_one_linkedid(two_pbxs, emulator):
@@ -17,4 +43,89 @@ def test_two_pbxs_keep_their_calls_apart_under_one_linkedid(two_pbxs, emulator):
     assert [(r["pbx"], r["linkedid"], r["answered_inner"]) for r in rows] == [
         ("office-a", "1795500000.1", "102"), ("office-b", "1795500000.1", "103")]
     assert all(r["finished_at"] for r in rows) and rows[0]["call_id"] != rows[1]["call_id"]
-    assert len(emulator.calls) == 2 and all(c["finished"] for c in emulator.calls.values())
+    # The portal's dedup key carries the PBX: two calls, each finished by its own employee.
+    assert sorted(c["register"]["EXTERNAL_CALL_ID"] for c in emulator.calls.values()) == [
+        "office-a:1795500000.1", "office-b:1795500000.1"]
+    assert sorted(c["finish_user_id"] for c in emulator.calls.values()) == sorted(
+        [emulator.people["102"], emulator.people["103"]])
+
+
+def test_48_steps_of_two_pbxs_at_the_token_expiry_refresh_it_once(tmp_path, emulator, pg_url):
+    """PBX A serves its steps in `agi-bitrix service` (a refresh thread), PBX B runs them as
+    processes (a detached child refreshes): one chain of tokens for both, renewed once."""
+    a = SharedServicePBX(tmp_path / "a", emulator.webhook_url, pg_url, "office-a")
+    b = SharedPBX(tmp_path / "b", emulator.webhook_url, pg_url, "office-b")
+    for pbx in (a, b):
+        use_oauth(pbx, emulator, timeout="60")
+        pbx.set("bitrix24", "rate_burst", "500")  # the budget is another test's matter
+    res = b.cli("auth", "--code", stdin=emulator.authorization_code() + "\n")
+    assert res.returncode == 0, res.stderr
+    a.start()
+    try:
+        emulator.expire_access_tokens()  # neither PBX holds a valid access token now
+        work = [(a, f"1795510000.{i}") for i in range(40)] + [(b, f"1795510100.{i}") for i in range(8)]
+        with ThreadPoolExecutor(len(work)) as pool:
+            runs = list(pool.map(lambda job: job[0].run(CALL, linkedid=job[1], timeout=120, **INBOUND), work))
+    finally:
+        a.stop()
+    assert statuses(runs) == ["OK"] * 48
+    assert emulator.refresh_count == 1 and emulator.spent_refresh_uses == 0
+    assert len(emulator.calls) == 48
+    pair = pg_rows(pg_url, "SELECT refreshing_until FROM agi_bitrix.tokens")
+    assert pair == [{"refreshing_until": None}]  # the renewed pair landed; nobody is left waiting
+
+
+def test_two_pbxs_at_full_load_stay_inside_one_budget(tmp_path, emulator, pg_url):
+    """The portal's bucket, scaled down to seconds: 20 requests, draining 40 a second. Each PBX
+    may burst 16 at 30 a second; apart they would burst 32 at once and meet 503s."""
+    emulator.set_bucket(20, 40.0)
+    pbxs = [SharedServicePBX(tmp_path / name, emulator.webhook_url, pg_url, f"office-{name}") for name in "ab"]
+    for pbx in pbxs:
+        pbx.set("bitrix24", "rate_burst", "16")
+        pbx.set("bitrix24", "rate_per_second", "30")
+        pbx.start()
+    try:
+        work = [(pbx, f"17955200{n}.{i}") for n, pbx in enumerate(pbxs) for i in range(30)]
+        with ThreadPoolExecutor(len(work)) as pool:
+            runs = list(pool.map(lambda job: job[0].run(CALL, linkedid=job[1], timeout=120), work))
+    finally:
+        for pbx in pbxs:
+            pbx.stop()
+    assert statuses(runs) == ["OK"] * 60
+    registers = emulator.requests_for("telephony.externalcall.register")
+    assert [r["status"] for r in registers].count(503) == 0 and len(registers) == 60
+
+
+def test_two_dialers_over_the_same_tasks_dial_each_task_once(tmp_path, emulator, pg_url):
+    from test_dialer import CallCenter, comments
+
+    from agi_bitrix.testing.fake_ami import FakeAMI, OriginateOutcome
+
+    a = SharedPBX(tmp_path / "a", emulator.webhook_url, pg_url, "office-a")
+    b = SharedPBX(tmp_path / "b", emulator.webhook_url, pg_url, "office-b")
+    with FakeAMI(username="crm", secret="ami-1") as ami_a, FakeAMI(username="crm", secret="ami-1") as ami_b:
+        center = CallCenter(a, emulator, ami_a)
+        other = CallCenter.__new__(CallCenter)
+        other.pbx, other.emu, other.ami, other.script, other.answered = b, emulator, ami_b, {}, []
+        b.values["asterisk"].update(ami_host="127.0.0.1", ami_port=str(ami_b.port), ami_user=ami_b.username,
+                                    ami_secret=ami_b.secret)
+        b.values["dialer"] = dict(a.values["dialer"])
+        b.write()
+        ami_b.on_originate(other._decide)
+        tasks = [center.task("Позвонить: Иван Петров", ["+7 916 111-22-33"], responsible=center.anna),
+                 center.task("Позвонить: Пётр Иванов", ["+7 916 222-33-44"], responsible=center.boris)]
+        for c in (center, other):
+            c.script["+7916"] = OriginateOutcome(reason=5)  # busy: the attempt ends at once
+        env = dict(os.environ)
+        env.pop("AST_AGI_DIR", None)
+        procs = [subprocess.Popen([str(ENTRY), "dialer", "run", "--once"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env=dict(env, AGI_BITRIX_SETTINGS=str(p.settings_file))) for p in (a, b)]
+        outputs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+    dialed = [o.get("ChannelId") for o in ami_a.originates + ami_b.originates]  # dialer-TASK-...
+    per_task = {t: sum(1 for v in dialed if v.startswith(f"dialer-{t}-")) for t in tasks}
+    assert per_task == {tasks[0]: 1, tasks[1]: 1}, dialed
+    rows = pg_rows(pg_url, "SELECT task_id, attempts, last_outcome FROM agi_bitrix.dialer_tasks ORDER BY task_id")
+    assert [(r["task_id"], r["attempts"], r["last_outcome"]) for r in rows] == [(t, 1, "busy") for t in sorted(tasks)]
+    assert all(len(comments(emulator, t)) == 1 for t in tasks)

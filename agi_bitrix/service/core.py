@@ -165,11 +165,18 @@ class Service:
     def store(self, settings: Any) -> Any:
         from agi_bitrix.store import Store
 
+        if settings.storage.url:  # the shared store: a connection per step (PostgreSQL serves them at once)
+            from agi_bitrix.stores import open_store
+
+            return open_store(settings)
         with self._lock:
             store = self._stores.pop() if self._stores else None
         return store if store is not None else Store(settings.storage.state_dir, pooled=True, write_lock=self._write_lock)
 
     def close(self, store: Any) -> None:
+        if getattr(store, "engine", "sqlite") != "sqlite" or getattr(store, "pbx", ""):
+            store.close()  # the shared store, or the local journal a step fell back on
+            return
         reusable = not store.db.in_transaction  # never hand a half-done transaction to the next step
         with self._lock:
             if reusable and str(store.path.parent) == self.settings.storage.state_dir and not self._stop.is_set():
