@@ -129,3 +129,75 @@ def test_two_dialers_over_the_same_tasks_dial_each_task_once(tmp_path, emulator,
     rows = pg_rows(pg_url, "SELECT task_id, attempts, last_outcome FROM agi_bitrix.dialer_tasks ORDER BY task_id")
     assert [(r["task_id"], r["attempts"], r["last_outcome"]) for r in rows] == [(t, 1, "busy") for t in sorted(tasks)]
     assert all(len(comments(emulator, t)) == 1 for t in tasks)
+
+
+def test_pbx_a_killed_with_a_backlog_b_carries_it_once(two_pbxs, emulator):
+    a, b = two_pbxs
+    emulator.fail_next(500, "INTERNAL_SERVER_ERROR", "boom", method="telephony.externalcall.register", count=100)
+    lids = [f"1795530000.{i}" for i in range(3)]
+    for lid in lids:  # the portal fails: each call's register and finish wait in the shared outbox
+        assert a.run(["incoming", "89161234567"], linkedid=lid).set_variables["BITRIX_STATUS"] == "QUEUED"
+        assert a.run(["hangup", "NOANSWER", ""], linkedid=lid, dead=True).set_variables["BITRIX_STATUS"] == "QUEUED"
+    emulator.clear_faults()
+    tried = len(emulator.requests_for("telephony.externalcall.register"))
+    stuck = emulator.hold("telephony.externalcall.register", count=1)
+    worker = a.background("outbox", "flush")  # A's deliverer
+    try:
+        wait_for(lambda: len(emulator.requests_for("telephony.externalcall.register")) == tried + 1,
+                 "A's deliverer to be stuck in a request")
+        os.kill(worker.pid, signal.SIGKILL)  # PBX A dies holding a call's entries
+        worker.wait(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    stuck.set()  # the portal answers the request of a worker that is gone
+    leased = pg_rows(a.url, "SELECT count(*) AS n FROM agi_bitrix.outbox WHERE pbx = 'office-a' AND lease_until > %s",
+                     time.time())
+    assert leased[0]["n"] == 2  # the held call's register and finish, leased by the dead worker
+    # The clock moves past the lease (as pbx.advance moves the calls' clock).
+    pg_rows(a.url, "UPDATE agi_bitrix.outbox SET lease_until = lease_until - 600 RETURNING id")
+
+    res = b.cli("outbox", "flush")
+    assert res.returncode == 0 and "still waiting 0" in res.stdout, res.stdout + res.stderr
+    assert sorted(c["register"]["EXTERNAL_CALL_ID"] for c in emulator.calls.values()) == [
+        f"office-a:{lid}" for lid in lids]
+    assert all(c["finished"] and c["status_code"] == "304" for c in emulator.calls.values())
+    assert len(emulator.requests_for("telephony.externalcall.finish")) == 3  # each finish once
+    assert '"carried"' in b.log_text() and "office-a" in b.log_text()
+    assert pg_rows(a.url, "SELECT count(*) AS n FROM agi_bitrix.outbox WHERE state != 'done'")[0]["n"] == 0
+
+
+def test_postgresql_stopped_in_the_middle_of_calls_nothing_lost(two_pbxs, emulator, pg_cluster):
+    a, _ = two_pbxs
+    before = ["1795540000.1", "1795540000.2"]
+    for lid in before:  # ringing and answered while PostgreSQL is up
+        assert a.run(["incoming", "89161234567"], linkedid=lid).set_variables["BITRIX_STATUS"] == "OK"
+        a.run(["answer"], linkedid=lid, channel="PJSIP/102-00000002")
+    pg_cluster.stop()
+    try:
+        during = "1795540000.3"
+        runs = [a.run(["hangup", "ANSWER", "4"], linkedid=lid, dead=True) for lid in before]
+        runs.append(a.run(["incoming", "89161234567"], linkedid=during))
+        emulator.fail_next(500, "INTERNAL_SERVER_ERROR", "boom", method="telephony.externalcall.finish", count=5)
+        runs.append(a.run(["hangup", "NOANSWER", ""], linkedid=during, dead=True))
+        # The steps answer Asterisk on the local journal: delivered, or kept for later.
+        assert statuses(runs) == ["OK", "OK", "OK", "QUEUED"]
+        assert all("shared_store_problem" in line for line in a.log()[-4:])
+        res = a.cli("outbox", "flush")  # the journal cannot be moved yet: it stays, and says so
+        assert res.returncode == 0
+    finally:
+        pg_cluster.start()
+    emulator.clear_faults()
+    res = a.cli("outbox", "flush")
+    assert res.returncode == 0 and "still waiting 0" in res.stdout, res.stdout + res.stderr
+    calls = {c["register"]["EXTERNAL_CALL_ID"]: c for c in emulator.calls.values()}
+    assert sorted(calls) == [f"office-a:{lid}" for lid in before + [during]]
+    assert [calls[f"office-a:{lid}"]["status_code"] for lid in before] == ["200", "200"]
+    assert calls[f"office-a:{during}"]["finished"] and calls[f"office-a:{during}"]["status_code"] == "304"
+    finishes = [r for r in emulator.requests_for("telephony.externalcall.finish") if r["status"] == 200]
+    assert len(finishes) == 3 and len(emulator.requests_for("telephony.externalcall.register")) == 3
+    rows = pg_rows(a.url, "SELECT linkedid, finished_at, answered_inner FROM agi_bitrix.calls ORDER BY linkedid")
+    assert [(r["linkedid"], r["answered_inner"]) for r in rows] == [
+        (before[0], "102"), (before[1], "102"), (during, None)]
+    assert all(r["finished_at"] for r in rows)  # the shared store learned what happened meanwhile
+    assert "waiting: 0" in a.cli("outbox", "status").stdout

@@ -98,7 +98,8 @@ def status(outbox: Any, t: Texts) -> int:
 
 
 def run(args: Any) -> int:
-    settings, outbox, logger = open_outbox(args)
+    # A flush on the shared store opens it itself, and works from the local journal while it is away.
+    settings, outbox, logger = open_outbox(args, journal=args.action == "flush")
     try:
         if args.action == "status":
             return status(outbox, Texts(choose_language(getattr(args, "lang", None), settings.logging.language)))
@@ -116,6 +117,8 @@ def run(args: Any) -> int:
             from agi_bitrix.shared.deliver import shared_pass
 
             stats = shared_pass(settings, outbox.client, logger, FLUSH_REQUEST_TIMEOUT * 3, force=True)
+            for note in stats.errors:
+                print(note)
         else:
             abandoned = close_abandoned(settings, outbox, logger)
             if abandoned:

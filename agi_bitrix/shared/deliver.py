@@ -54,7 +54,9 @@ def shared_pass(settings: Any, client: Any, logger: Any, per_call: float, force:
         store = open_store(settings, timeout=max(storage.db_timeout, 5.0))
     except StoreError as exc:
         logger.warning("shared_store_away", reason=str(exc))
-        return _journal_pass(settings, client, per_call, force, owner)
+        stats = _journal_pass(settings, client, per_call, force, owner)
+        stats.errors = [f"{exc}; delivered from the local journal, which moves to the shared store when it is back"]
+        return stats
     total = FlushStats()
     try:
         register(store, storage.state_dir)
@@ -78,7 +80,6 @@ def shared_pass(settings: Any, client: Any, logger: Any, per_call: float, force:
             if pbx != store.pbx and stats.delivered:
                 logger.info("carried", pbx=pbx, linkedid=key, delivered=stats.delivered)
         store.prune()
-        total.errors = [str(e) for e in outbox.log.get("delivery_errors", [])]
     finally:
         store.close()
     return total
