@@ -201,3 +201,51 @@ def test_postgresql_stopped_in_the_middle_of_calls_nothing_lost(two_pbxs, emulat
         (before[0], "102"), (before[1], "102"), (during, None)]
     assert all(r["finished_at"] for r in rows)  # the shared store learned what happened meanwhile
     assert "waiting: 0" in a.cli("outbox", "status").stdout
+
+
+def one_line(res) -> str:
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+def test_bad_shared_store_settings_get_one_line_with_the_fix(two_pbxs, emulator, pg_cluster):
+    a, b = two_pbxs
+    good = a.url
+    a.set("storage", "url", good.replace("pg-test-secret", "wrong"))
+    line = one_line(a.cli("migrate"))
+    assert "refused the password of role postgres: correct the password in [storage] url" in line
+    assert "wrong" not in line
+    # The call path keeps working on the local journal, and its log line says why.
+    assert a.run(["incoming", "89161234567"], linkedid="1795550000.1").set_variables["BITRIX_STATUS"] == "OK"
+    assert "refused the password" in a.log()[-1]["shared_store_problem"]
+
+    a.set("storage", "url", good.rsplit("/", 1)[0] + "/nosuchdb")
+    assert "has no database nosuchdb: create it (createdb -O postgres nosuchdb)" in one_line(a.cli("migrate"))
+
+    empty = pg_cluster.database()
+    pg_cluster.sql("CREATE ROLE pbx_user LOGIN PASSWORD 'pbx-secret'") if not pg_cluster.sql(
+        "SELECT 1 FROM pg_roles WHERE rolname = 'pbx_user'") else None
+    pg_cluster.sql(f"REVOKE CREATE ON DATABASE {empty} FROM PUBLIC")
+    a.set("storage", "url", pg_cluster.url(empty, "pbx_user", "pbx-secret"))
+    assert f"role pbx_user lacks rights" in (line := one_line(a.cli("migrate"))) and \
+        f"GRANT CREATE ON DATABASE {empty} TO pbx_user" in line
+    assert "no agi-bitrix tables yet: run agi-bitrix migrate" in a.cli("check").stdout
+
+    a.set("storage", "url", good)
+    assert a.cli("migrate").returncode == 0
+    pg_rows(good, "INSERT INTO agi_bitrix.schema_version VALUES (99, 0, '9.9') RETURNING version")
+    assert "schema is version 99, newer than this agi-bitrix" in one_line(a.cli("migrate"))
+    assert "upgrade agi-bitrix on this PBX" in a.cli("check").stdout
+    pg_rows(good, "DELETE FROM agi_bitrix.schema_version WHERE version = 99 RETURNING version")
+
+    b.set("storage", "pbx_id", "office-a")  # a second PBX under A's name
+    line = one_line(b.cli("migrate"))
+    assert f"another PBX ({os.uname().nodename}:{a.state_dir}) uses pbx_id office-a" in line
+    assert "give each PBX its own [storage] pbx_id" in line
+    b.set("storage", "pbx_id", "office-b")
+    assert b.cli("migrate").returncode == 0
+    report = a.cli("check").stdout
+    assert "shared store PostgreSQL at 127.0.0.1" in report and "schema version 1, this PBX is office-a" in report
+    assert "other PBXs in it: office-b (" in report
