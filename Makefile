@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test bench clean browser
+.PHONY: demo test bench clean browser postgresql
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/agi-bitrix demo
 
-test: $(BIN)/.installed browser
+test: $(BIN)/.installed browser postgresql
 	$(BIN)/python -m pytest -q
 
 # The widget tests drive the system's Chromium (Playwright downloads no browser). On a fresh
@@ -28,7 +28,19 @@ browser:
 	  echo "make test: Chromium is missing and could not be installed: run 'apt-get install chromium' as root" >&2; \
 	  exit 1; }
 
-bench: $(BIN)/.installed
+# The shared store's tests start a throwaway PostgreSQL from Debian's server package (the psql client
+# alone is not enough); installed when we are root and it is missing.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing PostgreSQL for the shared-store tests (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  fi; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "make test: PostgreSQL's server is missing and could not be installed: run 'apt-get install postgresql' as root" >&2; \
+	  exit 1; }
+
+bench: $(BIN)/.installed postgresql
 	$(BIN)/python bench/agi_event.py
 	$(BIN)/python bench/fastagi.py
 	$(BIN)/python bench/journal_cost.py

@@ -184,6 +184,8 @@ def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, l
                                    deadline, str(exc), host)
             return _without_journal(controller, event, args, session, settings, linkedid, fields, client,
                                     deadline, str(exc), host)
+        if getattr(store, "engine", "") == "postgresql" and hasattr(client.limiter, "borrow"):
+            client.limiter.borrow(store.db)  # the shared budget's row through the step's connection
         ctx = _context(event, args, session, settings, store, client, deadline, linkedid, fields)
         try:
             return _handle(controller, ctx, started, host)

@@ -23,6 +23,10 @@ class SharedRateLimiter(RateLimiter):
         self._conn: Any = None
         self._pid = 0
 
+    def borrow(self, conn: Any) -> None:
+        """Use the call step's own connection to the shared store (one connection per step, not two)."""
+        self._conn, self._pid = conn, os.getpid()
+
     def _db(self) -> Any:
         if self._conn is None or self._conn.closed or self._pid != os.getpid():
             self._conn = connect(self.url, self.pbx, self.timeout)
