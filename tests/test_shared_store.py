@@ -241,3 +241,39 @@ def test_bad_shared_store_settings_get_one_line_with_the_fix(two_pbxs, emulator,
     report = a.cli("check").stdout
     assert "shared store PostgreSQL at 127.0.0.1" in report and "schema version 1, this PBX is office-a" in report
     assert "other PBXs in it: office-b (" in report
+
+
+def test_a_step_on_sqlite_never_imports_psycopg(pbx, emulator, tmp_path, pg_url):
+    env = {"PYTHONPROFILEIMPORTTIME": "1"}  # every import on stderr
+    run = pbx.run(["incoming", "89161234567"], linkedid="1795560000.1", env=env)
+    assert run.set_variables["BITRIX_STATUS"] == "OK" and "import time:" in run.stderr
+    assert "psycopg" not in run.stderr
+    shared = SharedPBX(tmp_path / "shared", emulator.webhook_url, pg_url, "office-a")
+    run = shared.run(["incoming", "89161234567"], linkedid="1795560000.2", env=env)
+    assert run.set_variables["BITRIX_STATUS"] == "OK" and "psycopg" in run.stderr
+
+
+def test_sqlite_schema_is_versioned(pbx):
+    import sqlite3
+
+    db = sqlite3.connect(str(pbx.state_dir / "agi-bitrix.sqlite3"))
+    # A database of an early release: its calls and outbox lack the columns added since.
+    db.executescript("CREATE TABLE calls (linkedid TEXT PRIMARY KEY, direction TEXT NOT NULL, phone TEXT NOT NULL,"
+                     " line TEXT NOT NULL DEFAULT '', user_inner TEXT NOT NULL, call_id TEXT,"
+                     " shown TEXT NOT NULL DEFAULT '[]', answered_inner TEXT, answered_at REAL,"
+                     " started_at REAL NOT NULL, finished_at REAL, status_code TEXT, duration INTEGER);"
+                     "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, linkedid TEXT NOT NULL,"
+                     " kind TEXT NOT NULL, payload TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending',"
+                     " attempts INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL, created_at REAL NOT NULL,"
+                     " done_at REAL, last_error TEXT);")
+    db.close()
+    res = pbx.cli("migrate")
+    assert res.returncode == 0 and "schema version 1" in res.stdout, res.stderr
+    assert pbx.run(["incoming", "89161234567"], linkedid="1795560100.1").set_variables["BITRIX_STATUS"] == "OK"
+    assert pbx.run(["hangup", "NOANSWER", ""], linkedid="1795560100.1", dead=True).set_variables[
+        "BITRIX_STATUS"] == "OK"
+    db = sqlite3.connect(str(pbx.state_dir / "agi-bitrix.sqlite3"))
+    db.execute("PRAGMA user_version = 7")
+    db.close()
+    line = one_line(pbx.cli("migrate"))
+    assert "has schema version 7, newer than this agi-bitrix (1): upgrade agi-bitrix" in line
