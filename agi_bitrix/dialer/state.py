@@ -72,6 +72,15 @@ class Attempt:
     outcome: Optional[str]
 
 
+def task_state(task_id: int, row: Any) -> TaskState:
+    """A task's record as stored (either engine), or a fresh one for a task never seen."""
+    if row is None:
+        return TaskState(task_id, "", "", "", 0, 0.0, None, None, None, None, [])
+    data = dict(row)
+    data["notes"] = json.loads(data["notes"])
+    return TaskState(**data)
+
+
 def dialer_state(store: Any) -> Any:
     """The dialer's memory in the store's engine: SQLite here, or the store several PBXs share."""
     if getattr(store, "engine", "sqlite") == "postgresql":
@@ -88,12 +97,8 @@ class DialerState:
         self.db.executescript(_SCHEMA)
 
     def task(self, task_id: int) -> TaskState:
-        row = self.db.execute("SELECT * FROM dialer_tasks WHERE task_id = ?", (task_id,)).fetchone()
-        if row is None:
-            return TaskState(task_id, "", "", "", 0, 0.0, None, None, None, None, [])
-        data = dict(row)
-        data["notes"] = json.loads(data["notes"])
-        return TaskState(**data)
+        return task_state(task_id, self.db.execute("SELECT * FROM dialer_tasks WHERE task_id = ?",
+                                                   (task_id,)).fetchone())
 
     def save_task(self, state: TaskState) -> None:
         with self.store._tx() as db:

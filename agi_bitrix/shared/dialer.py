@@ -11,7 +11,7 @@ import json
 import time
 from typing import List, Optional
 
-from agi_bitrix.dialer.state import STALE_ATTEMPT, Attempt, TaskState
+from agi_bitrix.dialer.state import STALE_ATTEMPT, Attempt, TaskState, task_state
 
 TASK_LOCK = 7_432_100  # pg_advisory_xact_lock(TASK_LOCK, task_id)
 
@@ -21,12 +21,7 @@ class SharedDialerState:
         self.store = store
 
     def task(self, task_id: int) -> TaskState:
-        row = self.store._one("SELECT * FROM dialer_tasks WHERE task_id = %s", (task_id,))
-        if row is None:
-            return TaskState(task_id, "", "", "", 0, 0.0, None, None, None, None, [])
-        data = dict(row)
-        data["notes"] = json.loads(data["notes"])
-        return TaskState(**data)
+        return task_state(task_id, self.store._one("SELECT * FROM dialer_tasks WHERE task_id = %s", (task_id,)))
 
     def save_task(self, state: TaskState) -> None:
         with self.store._tx():

@@ -404,26 +404,27 @@ class PgStore:
         return [{k: r[k] for k in _CALL_FIELDS} for r in rows]
 
     # -- caches (portal facts: one for all PBXs) ------------------------------------------------
+    def _cached(self, table: str, key: str, value: str, wanted: str, max_age: float) -> Any:
+        row = self._one(f"SELECT {value} AS v, fetched_at FROM {table} WHERE {key} = %s", (wanted,))
+        return row["v"] if row and time.time() - row["fetched_at"] < max_age else None
+
+    def _remember(self, table: str, key: str, value: str, wanted: str, found: Any) -> None:
+        with self._tx(durable=False):
+            self._q(f"INSERT INTO {table} ({key}, {value}, fetched_at) VALUES (%s, %s, %s) ON CONFLICT ({key})"
+                    f" DO UPDATE SET {value} = EXCLUDED.{value}, fetched_at = EXCLUDED.fetched_at",
+                    (wanted, found, time.time()))
+
     def route(self, phone: str, max_age: float) -> Optional[str]:
-        row = self._one("SELECT inner_number, fetched_at FROM routes WHERE phone = %s", (phone,))
-        if row and time.time() - row["fetched_at"] < max_age:
-            return str(row["inner_number"])
-        return None
+        """The cached manager of `phone` ('' = known to have none), or None when not cached."""
+        found = self._cached("routes", "phone", "inner_number", phone, max_age)
+        return None if found is None else str(found)
 
     def remember_route(self, phone: str, inner: str) -> None:
-        with self._tx(durable=False):
-            self._q("INSERT INTO routes (phone, inner_number, fetched_at) VALUES (%s, %s, %s) ON CONFLICT (phone)"
-                    " DO UPDATE SET inner_number = EXCLUDED.inner_number, fetched_at = EXCLUDED.fetched_at",
-                    (phone, inner, time.time()))
+        self._remember("routes", "phone", "inner_number", phone, inner)
 
     def user_id(self, inner: str, max_age: float = USER_CACHE_SECONDS) -> Optional[int]:
-        row = self._one("SELECT user_id, fetched_at FROM users WHERE inner_number = %s", (inner,))
-        if row and time.time() - row["fetched_at"] < max_age:
-            return int(row["user_id"])
-        return None
+        found = self._cached("users", "inner_number", "user_id", inner, max_age)
+        return None if found is None else int(found)
 
     def remember_user(self, inner: str, user_id: int) -> None:
-        with self._tx(durable=False):
-            self._q("INSERT INTO users (inner_number, user_id, fetched_at) VALUES (%s, %s, %s) ON CONFLICT"
-                    " (inner_number) DO UPDATE SET user_id = EXCLUDED.user_id, fetched_at = EXCLUDED.fetched_at",
-                    (inner, int(user_id), time.time()))
+        self._remember("users", "inner_number", "user_id", inner, int(user_id))
