@@ -170,7 +170,7 @@ class StorageSettings(_Section):
 
     @field_validator("pbx_id")
     @classmethod
-    def _pbx_id(cls, value: str, info: ValidationInfo) -> str:
+    def _pbx_id(cls, value: str) -> str:
         if value and not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", value):
             raise ValueError("letters, digits, _ . - only, up to 40 (e.g. office-1)")
         return value
