@@ -24,6 +24,7 @@ from agi_bitrix.deadline import Deadline
 from agi_bitrix.outbox import Outbox
 from agi_bitrix.settings import Settings
 from agi_bitrix.store import Store
+from agi_bitrix.stores import open_store
 
 CLICK = "ONEXTERNALCALLSTART"
 CALLBACK = "ONEXTERNALCALLBACKSTART"
@@ -195,7 +196,7 @@ class EventProcessor:
 
     def _fail_later(self, key: str, inner: Optional[str], code: str, reason: str) -> None:
         """From the waiting thread: its own database connection (sqlite3 objects stay in their thread)."""
-        store = Store(self.settings.storage.state_dir)
+        store = open_store(self.settings)
         try:
             EventProcessor(self.settings, store, self.client, self.ami_factory, {}, self.spawn)._fail(
                 key, inner, code, reason)

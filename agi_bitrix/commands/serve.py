@@ -42,11 +42,16 @@ def process_event(settings: Any, ami: Any, logger: Any, event: str, data: Any) -
     """Handle one verified event with this thread's own store and client."""
     from agi_bitrix.bitrix.factory import make_client
     from agi_bitrix.events import EventProcessor, EventRefused
-    from agi_bitrix.store import Store
+    from agi_bitrix.store import StoreError
+    from agi_bitrix.stores import open_store
 
     fields: Dict[str, Any] = {}
     started = time.monotonic()
-    store = Store(settings.storage.state_dir)
+    try:
+        store = open_store(settings)
+    except StoreError as exc:  # the shared store is away: the click waits for nobody, it is refused
+        logger.error(event.lower(), reason=str(exc))
+        return
     try:
         outcome = EventProcessor(settings, store, make_client(settings), ami, fields).handle(event, data)
         logger.info(event.lower(), outcome=outcome, ms=int((time.monotonic() - started) * 1000), **fields)

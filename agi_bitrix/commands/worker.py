@@ -57,9 +57,14 @@ def event_poller(settings: Any, outbox: Any, logger: Any, ami: Any = None) -> Op
     ami = ami or SharedAMI(settings)
 
     def poll() -> None:
+        from agi_bitrix.stores import open_store
+
         fields: dict = {}
+        store = outbox.store
         try:
-            processor = EventProcessor(settings, outbox.store, outbox.client, ami, fields)
+            if settings.storage.url:  # click-to-call calls live in the shared store (while it is away the
+                store = open_store(settings)  # events wait at the portal)
+            processor = EventProcessor(settings, store, outbox.client, ami, fields)
             stale = sweep_stale(processor)
             if stale:
                 logger.warning("stale_clicks_finished", count=stale, **fields)
@@ -70,5 +75,8 @@ def event_poller(settings: Any, outbox: Any, logger: Any, ami: Any = None) -> Op
                 logger.info("offline_events", count=count, outcomes=outcomes, **fields)
         except Exception as exc:  # the portal may be down; the events wait there
             logger.error("offline_events", reason=f"{type(exc).__name__}: {exc}", **fields)
+        finally:
+            if store is not outbox.store:
+                store.close()
 
     return poll

@@ -22,7 +22,7 @@ from agi_bitrix.placements.identity import Operator, Refused, Unavailable, Verif
 from agi_bitrix.placements.pages import csp, render
 from agi_bitrix.placements.texts import language, plain, words
 from agi_bitrix.settings import Settings
-from agi_bitrix.store import Store
+from agi_bitrix.stores import open_store
 
 PREFIX = "/placement/"
 MAX_BODY = 64 * 1024
@@ -115,7 +115,7 @@ class PlacementApp:
             return _json(200, {"state": "unavailable"})
         call_id, phone = str(form.get("CALL_ID") or "")[:200], str(form.get("PHONE_NUMBER") or "")[:40]
         log["call_id"] = call_id
-        store = Store(self.settings.storage.state_dir)
+        store = open_store(self.settings)
         try:
             card = lookup.dialer_card(store, operator, call_id, phone)
         finally:
@@ -146,7 +146,7 @@ class PlacementApp:
         options = options if isinstance(options, dict) else {}
         call_id, phone = str(options.get("CALL_ID") or "")[:200], str(options.get("PHONE_NUMBER") or "")[:40]
         log["call_id"] = call_id
-        store = Store(self.settings.storage.state_dir)
+        store = open_store(self.settings)
         try:
             dialer = lookup.dialer_card(store, operator, call_id, phone)
             ordinary = None if dialer else lookup.ordinary_card(store, operator, call_id)

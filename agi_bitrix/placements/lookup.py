@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, Dict, List, Optional
 
 from agi_bitrix.dialer import policy
-from agi_bitrix.dialer.state import Attempt, DialerState, TaskState
+from agi_bitrix.dialer.state import Attempt, TaskState, dialer_state
 from agi_bitrix.placements.identity import Operator
 from agi_bitrix.store import Call, Store
 
@@ -53,17 +53,27 @@ def _own_call(call: Call, operator: Operator) -> bool:
     return bool(operator.inner) and operator.inner in {call.user_inner, call.answered_inner, *call.shown}
 
 
+def _rows(store: Store, sql: str, args: Any) -> List[Any]:
+    """A read in either engine (the shared store's placeholders are %s; its calls carry the PBX,
+    its dialer's tables are every PBX's)."""
+    if getattr(store, "engine", "sqlite") == "postgresql":
+        if " FROM calls " in sql:
+            sql = sql.replace(" WHERE ", " WHERE pbx = ? AND ", 1)
+            args = (store.pbx, *args)  # type: ignore[attr-defined]
+        return store._q(sql.replace("?", "%s"), args).fetchall()  # type: ignore[attr-defined]
+    return store.db.execute(sql, args).fetchall()
+
+
 def _call_by_id(store: Store, call_id: str) -> Optional[Call]:
     if not call_id:
         return None
-    row = store.db.execute("SELECT linkedid FROM calls WHERE call_id = ? ORDER BY started_at DESC LIMIT 1",
-                           (call_id,)).fetchone()
-    return store.call(row[0]) if row else None
+    rows = _rows(store, "SELECT linkedid FROM calls WHERE call_id = ? ORDER BY started_at DESC LIMIT 1", (call_id,))
+    return store.call(rows[0]["linkedid"]) if rows else None
 
 
 def dialer_card(store: Store, operator: Operator, call_id: str, phone: str) -> Optional[DialerCard]:
     """The dialer attempt behind this card, if it is one of this operator's."""
-    state = DialerState(store)
+    state = dialer_state(store)
     attempt: Optional[Attempt] = None
     call = _call_by_id(store, call_id)
     if call is not None:
@@ -71,8 +81,8 @@ def dialer_card(store: Store, operator: Operator, call_id: str, phone: str) -> O
     elif digits(phone):
         # The card can open before the register answer (and its CALL_ID) is stored: the
         # operator's latest attempt to this number stands in.
-        rows = store.db.execute("SELECT attempt_id, phone FROM dialer_attempts WHERE started_at > ?"
-                                " ORDER BY started_at DESC", (time.time() - RECENT,)).fetchall()
+        rows = _rows(store, "SELECT attempt_id, phone FROM dialer_attempts WHERE started_at > ?"
+                     " ORDER BY started_at DESC", (time.time() - RECENT,))
         for row in rows:
             candidate = state.attempt(row["attempt_id"])
             if candidate and digits(row["phone"]) == digits(phone) and _own_attempt(candidate, operator):
@@ -82,8 +92,8 @@ def dialer_card(store: Store, operator: Operator, call_id: str, phone: str) -> O
         return None
     task = state.task(attempt.task_id)
     number = task.attempts if attempt.outcome in policy.COUNTED else task.attempts + 1
-    rows = store.db.execute("SELECT attempt_id, started_at, state, outcome, operator, info FROM dialer_attempts"
-                            " WHERE task_id = ? ORDER BY started_at DESC LIMIT 10", (attempt.task_id,)).fetchall()
+    rows = _rows(store, "SELECT attempt_id, started_at, state, outcome, operator, info FROM dialer_attempts"
+                 " WHERE task_id = ? ORDER BY started_at DESC LIMIT 10", (attempt.task_id,))
     history = []
     for row in rows:
         other = state.attempt(row["attempt_id"])
@@ -99,7 +109,7 @@ def ordinary_card(store: Store, operator: Operator, call_id: str) -> Optional[Or
     if call is None or not _own_call(call, operator):
         return None
     wanted = digits(call.phone)
-    rows = store.db.execute("SELECT linkedid, phone FROM calls WHERE linkedid != ? ORDER BY started_at DESC"
-                            " LIMIT 500", (call.linkedid,)).fetchall()
+    rows = _rows(store, "SELECT linkedid, phone FROM calls WHERE linkedid != ? ORDER BY started_at DESC"
+                 " LIMIT 500", (call.linkedid,))
     last = [c for c in (store.call(r["linkedid"]) for r in rows if wanted and digits(r["phone"]) == wanted) if c]
     return OrdinaryCard(call, last[:LAST_CALLS])
