@@ -184,8 +184,10 @@ def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, l
                                    deadline, str(exc), host)
             return _without_journal(controller, event, args, session, settings, linkedid, fields, client,
                                     deadline, str(exc), host)
-        if getattr(store, "engine", "") == "postgresql" and hasattr(client.limiter, "borrow"):
-            client.limiter.borrow(store.db)  # the shared budget's row through the step's connection
+        if getattr(store, "engine", "") == "postgresql":
+            _catch_up(store, settings, linkedid, fields)
+            if hasattr(client.limiter, "borrow"):
+                client.limiter.borrow(store.db)  # the shared budget's row through the step's connection
         ctx = _context(event, args, session, settings, store, client, deadline, linkedid, fields)
         try:
             return _handle(controller, ctx, started, host)
@@ -204,6 +206,21 @@ def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, l
                                 problem, host)
     finally:
         fields["requests"] = client.requests_made
+
+
+def _catch_up(store: Any, settings: Any, linkedid: str, fields: Dict[str, Any]) -> None:
+    """What the local journal kept of this call during an outage reaches the shared store before
+    the step reads it there (an answer recorded meanwhile decides the hangup's status)."""
+    from agi_bitrix.shared import journal
+    from agi_bitrix.store import StoreError
+
+    try:
+        moved = journal.catch_up(store, settings.storage.state_dir, linkedid)
+    except StoreError as exc:  # the deliverer moves it later; the step goes on
+        fields["journal_problem"] = str(exc)
+        return
+    if moved:
+        fields["journal_moved"] = moved
 
 
 def _on_journal(controller: Any, event: str, args: List[str], session: AGISession, settings: Any,

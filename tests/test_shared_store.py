@@ -164,8 +164,11 @@ def test_postgresql_stopped_in_the_middle_of_calls_nothing_lost(two_pbxs, emulat
     for lid in before:  # ringing and answered while PostgreSQL is up
         assert a.run(["incoming", "89161234567"], linkedid=lid).set_variables["BITRIX_STATUS"] == "OK"
         a.run(["answer"], linkedid=lid, channel="PJSIP/102-00000002")
+    across = "1795540000.4"  # rings before, answered during, hung up after the outage
+    assert a.run(["incoming", "89161234567"], linkedid=across).set_variables["BITRIX_STATUS"] == "OK"
     pg_cluster.stop()
     try:
+        a.run(["answer"], linkedid=across, channel="PJSIP/103-00000003")
         during = "1795540000.3"
         runs = [a.run(["hangup", "ANSWER", "4"], linkedid=lid, dead=True) for lid in before]
         runs.append(a.run(["incoming", "89161234567"], linkedid=during))
@@ -179,17 +182,22 @@ def test_postgresql_stopped_in_the_middle_of_calls_nothing_lost(two_pbxs, emulat
     finally:
         pg_cluster.start()
     emulator.clear_faults()
+    # Its hangup runs on PostgreSQL before any deliverer moved the journal: the step brings the
+    # answer it recorded meanwhile along, so the call ends answered, by the one who answered.
+    run = a.run(["hangup", "ANSWER", "5"], linkedid=across, dead=True)
+    assert run.set_variables["BITRIX_STATUS"] == "OK" and a.log()[-1]["journal_moved"] == 1
     res = a.cli("outbox", "flush")
     assert res.returncode == 0 and "still waiting 0" in res.stdout, res.stdout + res.stderr
     calls = {c["register"]["EXTERNAL_CALL_ID"]: c for c in emulator.calls.values()}
-    assert sorted(calls) == [f"office-a:{lid}" for lid in before + [during]]
-    assert [calls[f"office-a:{lid}"]["status_code"] for lid in before] == ["200", "200"]
+    assert sorted(calls) == [f"office-a:{lid}" for lid in before + [during, across]]
+    assert [calls[f"office-a:{lid}"]["status_code"] for lid in before + [across]] == ["200", "200", "200"]
+    assert calls[f"office-a:{across}"]["finish_user_id"] == emulator.people["103"]
     assert calls[f"office-a:{during}"]["finished"] and calls[f"office-a:{during}"]["status_code"] == "304"
     finishes = [r for r in emulator.requests_for("telephony.externalcall.finish") if r["status"] == 200]
-    assert len(finishes) == 3 and len(emulator.requests_for("telephony.externalcall.register")) == 3
+    assert len(finishes) == 4 and len(emulator.requests_for("telephony.externalcall.register")) == 4
     rows = pg_rows(a.url, "SELECT linkedid, finished_at, answered_inner FROM agi_bitrix.calls ORDER BY linkedid")
     assert [(r["linkedid"], r["answered_inner"]) for r in rows] == [
-        (before[0], "102"), (before[1], "102"), (during, None)]
+        (before[0], "102"), (before[1], "102"), (during, None), (across, "103")]
     assert all(r["finished_at"] for r in rows)  # the shared store learned what happened meanwhile
     assert "waiting: 0" in a.cli("outbox", "status").stdout
 

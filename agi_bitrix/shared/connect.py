@@ -41,7 +41,8 @@ def friendly(exc: BaseException, url: str) -> str:
     if "role" in low and "does not exist" in low:
         return f"{at} has no role {user}: create it (CREATE ROLE {user} LOGIN PASSWORD '...') or correct [storage] url"
     if "connection refused" in low or "could not connect" in low or "timeout expired" in low:
-        return f"{at} cannot be reached ({first}): start PostgreSQL or correct the host and port in [storage] url"
+        why = "connection refused" if "refused" in low else "no answer"
+        return f"{at} cannot be reached ({why}): start PostgreSQL or correct the host and port in [storage] url"
     if "could not translate host name" in low or "name or service not known" in low:
         return f"{at}: no such host: correct the host in [storage] url"
     if "no pg_hba.conf entry" in low:

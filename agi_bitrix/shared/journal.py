@@ -11,11 +11,18 @@ right during it.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Iterable, List, Tuple
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from agi_bitrix.store import DONE, PENDING, Call, Store
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS shared_unsynced (linkedid TEXT PRIMARY KEY, at REAL NOT NULL)"
+MARK = "journal-waiting"  # in state_dir while the journal holds anything for the shared store
+
+
+def mark_path(state_dir: str) -> Path:
+    """A step on the shared store looks for this file (no database opened) before it catches up."""
+    return Path(state_dir) / MARK
 _FIELDS = list(Call.__dataclass_fields__)
 
 
@@ -36,6 +43,7 @@ def note_unsynced(local: Store, keys: Iterable[str]) -> None:
     with local._tx() as db:
         db.executemany("INSERT OR REPLACE INTO shared_unsynced (linkedid, at) VALUES (?, ?)",
                        [(k, time.time()) for k in keys])
+    mark_path(str(local.path.parent)).touch()
 
 
 def mirror(local: Store, rows: List[Dict[str, Any]]) -> None:
@@ -63,12 +71,14 @@ def waiting(local: Store) -> List[str]:
     return sorted(keys)
 
 
-def move(local: Store, shared: Any, pbx: str) -> Tuple[int, int]:
-    """Move what the journal holds into the shared store: (calls, entries added there). Calls
-    whose entries a live local process still leases wait for the next pass."""
+def move(local: Store, shared: Any, pbx: str, keys: Optional[List[str]] = None) -> Tuple[int, int]:
+    """Move what the journal holds (of `keys` only, if given) into the shared store: (calls,
+    entries added there). Calls whose entries a live local process still leases wait for the
+    next pass."""
     calls = entries = 0
     now = time.time()
-    for key in waiting(local):
+    held = waiting(local)
+    for key in held if keys is None else [k for k in held if k in keys]:
         rows = local.entries(key)
         if any(e.state == PENDING for e in rows) and local.db.execute(
                 "SELECT 1 FROM outbox WHERE linkedid = ? AND state = ? AND lease_until > ?",
@@ -97,4 +107,19 @@ def move(local: Store, shared: Any, pbx: str) -> Tuple[int, int]:
             db.execute("DELETE FROM outbox WHERE linkedid = ? AND state IN (?, ?)", (key, PENDING, DONE))
             db.execute("DELETE FROM shared_unsynced WHERE linkedid = ?", (key,))
         calls += 1
+    if not waiting(local):
+        mark_path(str(local.path.parent)).unlink(missing_ok=True)
     return calls, entries
+
+
+def catch_up(shared: Any, state_dir: str, linkedid: str) -> int:
+    """Before a step on the shared store: what the journal kept of this call (and its transfer
+    parts) while the store was away goes there first, so the step sees it. Calls moved."""
+    if not mark_path(state_dir).exists():
+        return 0
+    local = open_local(state_dir, shared.pbx)
+    try:
+        keys = [k for k in waiting(local) if k == linkedid or k.startswith(f"{linkedid}-")]
+        return move(local, shared, shared.pbx, keys)[0] if keys else 0
+    finally:
+        local.close()
