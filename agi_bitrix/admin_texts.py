@@ -126,6 +126,8 @@ RU: Dict[str, str] = {
     "shared store PostgreSQL at {where}, schema version {version}, this PBX is {pbx}":
         "общее хранилище PostgreSQL на {where}, версия схемы {version}, эта АТС — {pbx}",
     "other PBXs in it: {pbxs}": "другие АТС в нём: {pbxs}",
+    "kept in the local journal for the shared store: {count} call(s)":
+        "в локальном журнале для общего хранилища: звонков {count}",
     "no other PBX has used it yet": "другие АТС им ещё не пользовались",
     "{count} entr(y/ies) of this PBX wait in the shared store for delivery: is a worker running on some PBX?":
         "записей этой АТС ждут отправки в общем хранилище: {count}; запущен ли worker хоть на одной АТС?",

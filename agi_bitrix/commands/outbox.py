@@ -94,6 +94,16 @@ def status(outbox: Any, t: Texts) -> int:
                 linkedid=entry.linkedid, error=entry.last_error))
     if counts["dead"]:
         print(t("fix the cause, then: agi-bitrix outbox retry"))
+    if getattr(outbox.store, "engine", "") == "postgresql":
+        from agi_bitrix.shared.journal import open_local, waiting
+
+        local = open_local(outbox.store.journal_dir, outbox.store.pbx)
+        try:
+            kept = len(waiting(local))
+        finally:
+            local.close()
+        if kept:
+            print(t("kept in the local journal for the shared store: {count} call(s)", count=kept))
     return 0
 
 

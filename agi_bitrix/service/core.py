@@ -269,7 +269,7 @@ class Service:
         from agi_bitrix.commands.dialer import one_pass
         from agi_bitrix.dialer.engine import Dialer, DialerBusy, DialerLock
         from agi_bitrix.pbx.ami import AMIClient, AMIError
-        from agi_bitrix.store import Store
+        from agi_bitrix.stores import open_store
 
         settings = self.settings
         ast = settings.asterisk
@@ -279,7 +279,8 @@ class Service:
             return
         try:
             with DialerLock(settings.storage.state_dir):
-                store = Store(settings.storage.state_dir, write_lock=self._write_lock)
+                store = open_store(settings, timeout=max(settings.storage.db_timeout, 5.0),
+                                   write_lock=self._write_lock)
                 ami = AMIClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
                 try:
                     client = make_client(settings, http=self.http, auth=self._shared_auth(settings))
@@ -369,6 +370,10 @@ class Service:
         from agi_bitrix.store import Store, StoreError
 
         try:
+            if settings.storage.url:  # the shared store too (steps go on with the journal without it)
+                from agi_bitrix.stores import open_store
+
+                open_store(settings).close()
             store = Store(settings.storage.state_dir)
         except StoreError as exc:
             return str(exc)
@@ -382,10 +387,11 @@ class Service:
             store.close()
 
     def _outbox_status(self) -> Optional[Dict[str, Any]]:
-        from agi_bitrix.store import Store, StoreError
+        from agi_bitrix.store import StoreError
+        from agi_bitrix.stores import open_store
 
         try:
-            store = Store(self.settings.storage.state_dir)
+            store = open_store(self.settings)
         except StoreError:
             return None
         try:
