@@ -387,7 +387,8 @@ def _oauth_store(report: Report, auth: Any, host: str) -> None:
     tokens = auth.tokens
     report.secrets += [tokens.access_token, tokens.refresh_token]
     portal = urlsplit(tokens.client_endpoint).netloc
-    report.ok("oauth", "tokens in {path} for {portal} (member_id {member})", path=auth.store.path, portal=portal,
+    where = getattr(auth.store, "label", auth.store.path)  # the shared store names itself
+    report.ok("oauth", "tokens in {path} for {portal} (member_id {member})", path=where, portal=portal,
               member=tokens.member_id or "?")
     if portal != host:
         report.warn("oauth", "the tokens belong to {portal} but [bitrix24] portal_url names {host}", portal=portal,

@@ -39,6 +39,7 @@ class SharedTokenStore(TokenStore):
         self._conn: Any = None
         self._pid = 0
         self.problem = ""  # why the shared store could not be used last time
+        self.label = f"the shared store (this PBX's copy: {self.path})"
 
     def _db(self) -> Any:
         # A connection never crosses a fork (a TLS session cannot be shared): a child opens its own.
