@@ -47,6 +47,7 @@ bench: $(BIN)/.installed postgresql
 	$(BIN)/python bench/requests_per_call.py
 	$(BIN)/python bench/dialer_requests.py
 	$(BIN)/python bench/answer_step.py
+	$(BIN)/python bench/shared_store.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

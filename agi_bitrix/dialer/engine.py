@@ -166,8 +166,8 @@ class Dialer:
     def _consider(self, task: DueTask, operators: Dict[int, Operator], free: Dict[int, Operator],
                   dnc: set, now: datetime, pending: List[Tuple[Any, Attempt]]) -> str:
         """Dial this task now, or say why not (the reason goes to the log)."""
-        read_at = time.time()
         st = self.state.task(task.id)
+        known = st.last_attempt or 0.0  # the latest attempt this dialer knows of
         st.title = task.title
         if st.final and not self._reopened(task, st):
             return "done"
@@ -198,7 +198,7 @@ class Dialer:
         if not policy.within_hours(number, self.d, now):
             self._save(st, task, writes)
             return "outside calling hours"
-        attempt, originate = self._dial(task, client, number, operator, read_at)
+        attempt, originate = self._dial(task, client, number, operator, known)
         if originate is None and attempt is None:
             return "dialed by another dialer"  # its view of the task is newer: nothing to save
         if originate is None:
@@ -270,7 +270,7 @@ class Dialer:
         return good, bad
 
     def _dial(self, task: DueTask, client: Client, number: str, operator: Operator,
-              since: Optional[float] = None) -> Tuple[Optional[Attempt], Any]:
+              known: Optional[float] = None) -> Tuple[Optional[Attempt], Any]:
         """The attempt and its Originate; (None, None) when another dialer holds the task."""
         attempt_id = f"dialer-{task.id}-{int(time.time())}-{uuid.uuid4().hex[:6]}"
         attempt = Attempt(attempt_id, task.id, number, operator.inner or "", self.d.mode,
@@ -279,7 +279,7 @@ class Dialer:
                            "operator_id": operator.user_id, "responsible_id": task.responsible_id,
                            "deadline": task.deadline},
                           time.time(), "dialing", None)
-        if not self.state.start_attempt(attempt, since):
+        if not self.state.start_attempt(attempt, known):
             return None, None
         variables = {"DIALER_ATTEMPT": attempt_id, "DIALER_TASK": str(task.id)}
         ring_ms = self.d.ring_timeout * 1000

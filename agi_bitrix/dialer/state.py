@@ -113,9 +113,10 @@ class DialerState:
         return [self.task(i) for i in ids]
 
     # -- attempts -------------------------------------------------------------------------------
-    def start_attempt(self, attempt: Attempt, since: Optional[float] = None) -> bool:
+    def start_attempt(self, attempt: Attempt, known: Optional[float] = None) -> bool:
         """Record an attempt unless the task already has a live one (two dialers, one task).
-        `since` (when the dialer read the task) matters where dialers share a store (shared/dialer.py)."""
+        `known` (the latest attempt the dialer knew of) matters where dialers share a store
+        (shared/dialer.py); here one dialer per PBX runs at a time."""
         with self.store._tx() as db:
             live = db.execute("SELECT 1 FROM dialer_attempts WHERE task_id = ? AND state != 'done'"
                               " AND started_at > ?", (attempt.task_id, time.time() - STALE_ATTEMPT)).fetchone()

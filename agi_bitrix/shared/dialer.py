@@ -42,15 +42,18 @@ class SharedDialerState:
         rows = self.store._q("SELECT task_id FROM dialer_tasks ORDER BY next_try, task_id").fetchall()
         return [self.task(r["task_id"]) for r in rows]
 
-    def start_attempt(self, attempt: Attempt, since: Optional[float] = None) -> bool:
-        """Record an attempt unless the task has a live one, or one started after `since` (when
-        this dialer read the task): a task is dialed by one dialer, once per turn."""
+    def start_attempt(self, attempt: Attempt, known: Optional[float] = None) -> bool:
+        """Record an attempt unless the task has a live one, or one newer than `known` (the latest
+        attempt this dialer knew of when it read the task; None: only live ones block): a task
+        is dialed by one dialer, once per turn. Attempt times are compared with each other only,
+        so the PBXs' clocks need not agree; an attempt older than STALE_ATTEMPT (a dialer that
+        died) blocks nothing."""
         with self.store._tx():
             self.store._q("SELECT pg_advisory_xact_lock(%s, %s)", (TASK_LOCK, attempt.task_id % 2**31))
             live = self.store._one(
-                "SELECT 1 AS x FROM dialer_attempts WHERE task_id = %s AND ((state != 'done' AND started_at > %s)"
-                " OR started_at >= %s)", (attempt.task_id, time.time() - STALE_ATTEMPT,
-                                         since if since is not None else float("inf")))
+                "SELECT 1 AS x FROM dialer_attempts WHERE task_id = %s AND started_at > %s"
+                " AND (state != 'done' OR started_at > %s)",
+                (attempt.task_id, time.time() - STALE_ATTEMPT, known if known is not None else float("inf")))
             if live:
                 return False
             self.store._q("INSERT INTO dialer_attempts (attempt_id, pbx, task_id, phone, operator, mode, info,"

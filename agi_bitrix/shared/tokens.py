@@ -52,7 +52,7 @@ class SharedTokenStore(TokenStore):
         try:
             row = self._db().execute("SELECT pair FROM tokens WHERE portal = %s", (self.portal,)).fetchone()
         except (psycopg.Error, SharedStoreError) as exc:
-            self.problem = exc if isinstance(exc, SharedStoreError) else friendly(exc, self.url)
+            self.problem = str(exc) if isinstance(exc, SharedStoreError) else friendly(exc, self.url)
             self._conn = None
             return super().load()  # this PBX's copy; it is never refreshed while the store is away
         self.problem = ""
