@@ -294,7 +294,9 @@ class SharedPBX(PBX):
     def __init__(self, root: Path, webhook_url: str, url: str, pbx_id: str) -> None:
         super().__init__(root, webhook_url)
         self.url, self.pbx_id = url, pbx_id
-        self.values["storage"].update(url=url, pbx_id=pbx_id)
+        # db_timeout: what a step gives PostgreSQL before its local journal; a loaded CI machine
+        # may need seconds (tests of a stopped PostgreSQL get refused connections at once).
+        self.values["storage"].update(url=url, pbx_id=pbx_id, db_timeout="10")
         self.write()
 
     def advance(self, seconds: float) -> None:
