@@ -244,6 +244,7 @@ def test_bad_shared_store_settings_get_one_line_with_the_fix(two_pbxs, emulator,
     line = one_line(b.cli("migrate"))
     assert f"another PBX ({os.uname().nodename}:{a.state_dir}) uses pbx_id office-a" in line
     assert "give each PBX its own [storage] pbx_id" in line
+    assert "uses pbx_id office-a" in one_line(b.cli("outbox", "flush"))  # its deliverer will not run either
     b.set("storage", "pbx_id", "office-b")
     assert b.cli("migrate").returncode == 0
     report = a.cli("check").stdout

@@ -126,7 +126,12 @@ def run(args: Any) -> int:
         if settings.storage.url:
             from agi_bitrix.shared.deliver import shared_pass
 
-            stats = shared_pass(settings, outbox.client, logger, FLUSH_REQUEST_TIMEOUT * 3, force=True)
+            from agi_bitrix.store import StoreError
+
+            try:
+                stats = shared_pass(settings, outbox.client, logger, FLUSH_REQUEST_TIMEOUT * 3, force=True)
+            except StoreError as exc:  # e.g. another live PBX has this pbx_id
+                raise CommandFailed(str(exc)) from None
             for note in stats.errors:
                 print(note)
         else:
