@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ENTRY, SharedPBX, SharedServicePBX, pg_rows
+from conftest import ENTRY, SharedPBX, SharedServicePBX, installs, pg_rows
 from test_oauth import INBOUND, use_oauth
 
 CALL = ["incoming", "89161234567", "74951234567"]
@@ -286,3 +286,18 @@ def test_sqlite_schema_is_versioned(pbx):
     db.close()
     line = one_line(pbx.cli("migrate"))
     assert "has schema version 7, newer than this agi-bitrix (1): upgrade agi-bitrix" in line
+
+
+@installs
+def test_install_migrates_the_shared_store_once(tmp_path, emulator, pg_cluster):
+    pbx = SharedPBX(tmp_path, emulator.webhook_url, pg_cluster.url(pg_cluster.database()), "office-a")
+    agi_bin = tmp_path / "agi-bin"
+    agi_bin.mkdir()
+    first = pbx.cli("install", "--agi-bin", str(agi_bin), "--settings", str(pbx.settings_file))
+    assert first.returncode == 0, first.stderr
+    assert "schema version 1 (new); this PBX is office-a" in first.stdout
+    again = pbx.cli("install", "--agi-bin", str(agi_bin), "--settings", str(pbx.settings_file))
+    assert again.returncode == 0 and "nothing to change" in again.stdout
+    assert pg_rows(pbx.url, "SELECT version FROM agi_bitrix.schema_version") == [{"version": 1}]
+    assert pbx.run(["incoming", "89161234567"], linkedid="1795570000.1").set_variables["BITRIX_STATUS"] == "OK"
+    assert "shared_store_problem" not in pbx.log()[-1]
