@@ -301,3 +301,29 @@ def test_install_migrates_the_shared_store_once(tmp_path, emulator, pg_cluster):
     assert pg_rows(pbx.url, "SELECT version FROM agi_bitrix.schema_version") == [{"version": 1}]
     assert pbx.run(["incoming", "89161234567"], linkedid="1795570000.1").set_variables["BITRIX_STATUS"] == "OK"
     assert "shared_store_problem" not in pbx.log()[-1]
+
+
+def test_a_stuck_database_sends_the_step_to_its_journal(two_pbxs, emulator):
+    import psycopg
+
+    a, _ = two_pbxs
+    a.set("storage", "db_timeout", "1")
+    lid = "1795580000.1"
+    assert a.run(["incoming", "89161234567"], linkedid=lid).set_variables["BITRIX_STATUS"] == "OK"
+    with psycopg.connect(a.url) as other:  # another session holds the call's row and never lets go
+        other.execute("SELECT 1 FROM agi_bitrix.calls WHERE linkedid = %s FOR UPDATE", (lid,))
+        run = a.run(["hangup", "NOANSWER", ""], linkedid=lid, dead=True)
+        other.rollback()
+    assert run.set_variables["BITRIX_STATUS"] == "OK"  # delivered from the journal meanwhile
+    assert "a query outlived [storage] db_timeout" in a.log()[-1]["shared_store_problem"]
+    res = a.cli("outbox", "flush")
+    assert res.returncode == 0 and "still waiting 0" in res.stdout
+    assert only_finished_once(emulator, f"office-a:{lid}")
+    rows = pg_rows(a.url, "SELECT finish_claimed, finished_at, status_code FROM agi_bitrix.calls")
+    assert rows[0]["finished_at"] and rows[0]["status_code"] == "304"
+
+
+def only_finished_once(emulator, external_id: str) -> bool:
+    calls = [c for c in emulator.calls.values() if c["register"]["EXTERNAL_CALL_ID"] == external_id]
+    finishes = [r for r in emulator.requests_for("telephony.externalcall.finish") if r["status"] == 200]
+    return len(calls) == 1 and calls[0]["finished"] and len(finishes) == 1
