@@ -85,7 +85,6 @@ def two_pbxs(shared: bool, cluster: Cluster, seconds: float = 6.0) -> Tuple[floa
             services.append(Service(str(path)))
             services[-1].start()
         stop = time.monotonic() + seconds
-        count = [0]
 
         def caller(svc: object, tag: str) -> None:
             host, port = svc.fastagi.address  # type: ignore[attr-defined]

@@ -11,8 +11,6 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
 from conftest import ENTRY, SharedPBX, SharedServicePBX, installs, pg_rows
 from test_oauth import INBOUND, use_oauth
 
@@ -228,7 +226,7 @@ def test_bad_shared_store_settings_get_one_line_with_the_fix(two_pbxs, emulator,
         pg_cluster.sql("CREATE ROLE pbx_user LOGIN PASSWORD 'pbx-secret'")
     pg_cluster.sql(f"REVOKE CREATE ON DATABASE {empty} FROM PUBLIC")
     a.set("storage", "url", pg_cluster.url(empty, "pbx_user", "pbx-secret"))
-    assert f"role pbx_user lacks rights" in (line := one_line(a.cli("migrate"))) and \
+    assert "role pbx_user lacks rights" in (line := one_line(a.cli("migrate"))) and \
         f"GRANT CREATE ON DATABASE {empty} TO pbx_user" in line
 
     a.set("storage", "url", good)
