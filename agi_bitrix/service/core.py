@@ -29,6 +29,7 @@ from agi_bitrix.service.metrics import Metrics
 STOP_GRACE = 30.0          # seconds SIGTERM waits for the steps in flight
 PORTAL_PROBE_AFTER = 60.0  # with no REST traffic for this long, the deliverer asks the portal once
 HEALTH_STALE = 120.0       # a deliverer silent for this long (beyond its interval) is not alive
+POOLED_SHARED = 32         # idle connections to the shared store kept for the next steps
 
 
 class ListenError(Exception):
@@ -46,6 +47,7 @@ class Service:
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
         self._stores: List[Any] = []
+        self._shared: List[Any] = []  # idle connections to the shared store (PostgreSQL)
         # The threads' writers queue here for the database's one write lock (store.py, Store).
         self._write_lock = threading.RLock()
         self._auth: Any = None
@@ -97,7 +99,8 @@ class Service:
             thread.join(STOP_GRACE)
         self.web.server_close()
         with self._lock:
-            stores, self._stores = self._stores, []
+            stores, self._stores = self._stores + self._shared, []
+            self._shared = []
         for store in stores:
             store.close()
         self.log.info("service_stopped", steps_cut=0 if finished else self.fastagi.active)
@@ -165,17 +168,32 @@ class Service:
     def store(self, settings: Any) -> Any:
         from agi_bitrix.store import Store
 
-        if settings.storage.url:  # the shared store: a connection per step (PostgreSQL serves them at once)
+        if settings.storage.url:  # the shared store: pooled connections, one per step at a time
             from agi_bitrix.stores import open_store
 
-            return open_store(settings)
+            while True:
+                with self._lock:
+                    pooled = self._shared.pop() if self._shared else None
+                if pooled is None:
+                    return open_store(settings)
+                if pooled.url == settings.storage.url and pooled.pbx == settings.storage.pbx_id and pooled.alive():
+                    return pooled
+                pooled.close()
         with self._lock:
             store = self._stores.pop() if self._stores else None
         return store if store is not None else Store(settings.storage.state_dir, pooled=True, write_lock=self._write_lock)
 
     def close(self, store: Any) -> None:
-        if getattr(store, "engine", "sqlite") != "sqlite" or getattr(store, "pbx", ""):
-            store.close()  # the shared store, or the local journal a step fell back on
+        if getattr(store, "engine", "sqlite") == "postgresql":
+            store.copy_to_journal()
+            with self._lock:
+                if not self._stop.is_set() and len(self._shared) < POOLED_SHARED:
+                    self._shared.append(store)
+                    return
+            store.close()
+            return
+        if getattr(store, "pbx", ""):
+            store.close()  # the local journal a step fell back on
             return
         reusable = not store.db.in_transaction  # never hand a half-done transaction to the next step
         with self._lock:

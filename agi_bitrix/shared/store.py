@@ -57,8 +57,13 @@ class PgStore:
     journal_dir = ""  # state_dir: the calls this store changed are copied into the local journal on close
 
     def close(self) -> None:
-        """Copy the calls changed here into the local journal (a call that began before an outage
-        still ends right during it), then close. The copy is a cache: its failure costs nothing."""
+        """Copy the calls changed here into the local journal, then close."""
+        self.copy_to_journal()
+        self.db.close()
+
+    def copy_to_journal(self) -> None:
+        """The calls changed here, into the local journal: a call that began before an outage
+        still ends right during it. The copy is a cache: its failure costs nothing."""
         try:
             if self.touched and self.journal_dir and not self.db.closed:
                 from agi_bitrix.shared import journal
@@ -73,7 +78,16 @@ class PgStore:
             pass
         finally:
             self.touched = set()
-            self.db.close()
+
+    def alive(self) -> bool:
+        """The connection is idle and the server still answers (a pooled store, before reuse)."""
+        if self.db.closed or self.db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            return False
+        try:
+            self.db.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            return False
 
     # -- plumbing -------------------------------------------------------------------------------
     def _q(self, sql: str, args: Any = ()) -> Any:
