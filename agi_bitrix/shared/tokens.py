@@ -40,6 +40,7 @@ class SharedTokenStore(TokenStore):
         self._pid = 0
         self.problem = ""  # why the shared store could not be used last time
         self.label = f"the shared store (this PBX's copy: {self.path})"
+        self.unshared = self.folder / "oauth-tokens.unshared"  # the copy holds a pair the store missed
 
     def _db(self) -> Any:
         # A connection never crosses a fork (a TLS session cannot be shared): a child opens its own.
@@ -61,31 +62,35 @@ class SharedTokenStore(TokenStore):
             if local is not None:  # the first PBX on the shared store brings its pair along
                 self._put(local)
             return local
-        try:
-            shared = Tokens.from_dict(json.loads(row["pair"]))
-        except (ValueError, TypeError):
-            raise TokenStoreError("the token pair in the shared store is damaged: run agi-bitrix auth --code") from None
-        if local is not None and local.obtained_at > shared.obtained_at and local.refresh_token != shared.refresh_token:
-            # Renewed here while the shared store could not take it: the shared store learns it now.
+        if local is not None and self.unshared.exists():
+            # Renewed here when the shared store could not take it (it failed right after the
+            # OAuth server answered): the shared store learns that pair now. Only then: the
+            # PBXs' clocks cannot say which of two pairs is newer.
             self._put(local)
+            self.unshared.unlink(missing_ok=True)
             return local
-        return shared
+        try:
+            return Tokens.from_dict(json.loads(row["pair"]))
+        except (ValueError, TypeError):
+            raise TokenStoreError("the token pair in the shared store is damaged: run agi-bitrix auth "
+                                  "--code") from None
 
-    def _put(self, tokens: Tokens, clear_flight: bool = True) -> None:
-        data = json.dumps(asdict(tokens))
+    def _put(self, tokens: Tokens) -> None:
         self._db().execute(
             "INSERT INTO tokens (portal, pair, updated_at) VALUES (%s, %s, %s) ON CONFLICT (portal) DO UPDATE"
-            " SET pair = EXCLUDED.pair, updated_at = EXCLUDED.updated_at"
-            + (", refreshing_until = NULL" if clear_flight else ""), (self.portal, data, time.time()))
+            " SET pair = EXCLUDED.pair, updated_at = EXCLUDED.updated_at, refreshing_until = NULL",
+            (self.portal, json.dumps(asdict(tokens)), time.time()))
 
     def save(self, tokens: Tokens, room: Optional[_Room] = None) -> None:
         """This PBX's copy first (its room was reserved), then the shared store: committed before
-        the pair is used. If the shared store fails now, the copy reaches it at the next load."""
+        the pair is used. If the shared store fails now, the copy reaches it at the next load
+        (a mark file says so)."""
         super().save(tokens, room)
         try:
             self._put(tokens)
         except (psycopg.Error, SharedStoreError) as exc:
             self._conn = None
+            self.unshared.touch()
             raise AuthError("TOKEN_STORE", f"the renewed tokens are kept in {self.path} but not in the shared "
                             f"store ({exc}); they move there when it is back", None, TOKEN_METHOD) from None
 
