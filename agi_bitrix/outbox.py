@@ -90,7 +90,8 @@ class Outbox:
                     stats.waiting += 1
                 break
         finally:
-            self.store.release(linkedid, self.owner)
+            if stats.delivered < len(entries):  # marking one done gave up its lease already
+                self.store.release(linkedid, self.owner)
         return stats
 
     def flush(self, per_call: Optional[float] = None, force: bool = True) -> FlushStats:
@@ -173,16 +174,17 @@ class Outbox:
                 # Nobody can have its card. One that may have been shown (an earlier attempt
                 # reached the portal, its answer lost) stays live: the card moves still hide it.
                 self.store.card_not_live(entry.linkedid)
-        self.store.mark_sending(entry.id)
+        self.store.mark_sending(entry)
         result = self.client.call(payloads.REGISTER, params, deadline)
         try:
             call_id = payloads.call_id_of(result)
         except ValueError as exc:
             self._dead(entry, str(exc))
             return "dead"
-        self.store.mark_done(entry, call_id)
+        crm = None
         if isinstance(result, dict) and result.get("CRM_ENTITY_TYPE") and str(result.get("CRM_ENTITY_ID") or "").isdigit():
-            self.store.set_crm(entry.linkedid, str(result["CRM_ENTITY_TYPE"]), int(result["CRM_ENTITY_ID"]))
+            crm = (str(result["CRM_ENTITY_TYPE"]), int(result["CRM_ENTITY_ID"]))
+        self.store.mark_done(entry, call_id, crm)
         if isinstance(result, dict) and result.get("CRM_CREATED_LEAD"):
             self.log["lead_created"] = result["CRM_CREATED_LEAD"]
         return "done"
@@ -199,7 +201,7 @@ class Outbox:
         if not show and not hide:
             self.store.mark_done(entry)
             return "done"
-        self.store.mark_sending(entry.id)
+        self.store.mark_sending(entry)
         self._change_card(call.call_id, show, hide, deadline)
         self.store.mark_done(entry)
         return "done"
@@ -247,7 +249,7 @@ class Outbox:
         if call is None or not call.call_id:
             return self._waits_for_register(entry)
         maybe_sent = entry.sending_at is not None
-        self.store.mark_sending(entry.id)
+        self.store.mark_sending(entry)
         params = dict(entry.payload, CALL_ID=call.call_id)
         try:
             self.client.call(payloads.FINISH, params, deadline)
@@ -260,7 +262,7 @@ class Outbox:
         return "done"
 
     def _deliver_rest(self, entry: Entry, deadline: Deadline) -> str:
-        self.store.mark_sending(entry.id)
+        self.store.mark_sending(entry)
         self.client.call(entry.payload["method"], entry.payload.get("params") or {}, deadline)
         self.store.mark_done(entry)
         return "done"
@@ -287,7 +289,7 @@ class Outbox:
         if st.st_size == 0:
             self._dead(entry, f"recording {name} is empty")
             return "dead"
-        self.store.mark_sending(entry.id)
+        self.store.mark_sending(entry)
         if self.recording_url:
             params = {"CALL_ID": call.call_id, "FILENAME": name,
                       "RECORD_URL": self.recording_url.replace("{name}", name)}

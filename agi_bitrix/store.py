@@ -14,15 +14,17 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from agi_bitrix.ownership import match_owner_quietly
 
 DB_NAME = "agi-bitrix.sqlite3"
 USER_CACHE_SECONDS = 3600
+LEASE_SLACK = 1.0  # a lease held for at most this much less than asked is not renewed
 KEEP_SECONDS = 7 * 24 * 3600  # finished calls and delivered entries are kept a week for troubleshooting
 
 PENDING, DONE, DEAD = "pending", "done", "dead"
+REPEAT_HARMS = ("finish", "rest")  # entry kinds whose second delivery is not the same as one
 # Entry kinds (outbox.py has a _deliver_<kind> for each): register, card, finish, record, and
 # `rest`, any other method call that belongs to the call (the dialer's task comments, deadlines,
 # notifications). Inside one call they are delivered in creation order.
@@ -198,6 +200,7 @@ class Store:
                 self.db.execute("PRAGMA journal_mode = WAL")
             # FULL: a call record acknowledged to Asterisk survives a power cut, not only a crash.
             self.db.execute("PRAGMA synchronous = FULL")
+            self._synchronous = "FULL"
             self.schema_before = migrate_sqlite(self.db, self.path)  # first: _SCHEMA's indexes name its columns
             self.db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
@@ -215,6 +218,7 @@ class Store:
         store = cls.__new__(cls)
         store.path = Path(":memory:")
         store.write_lock = nullcontext()
+        store._synchronous = ""
         store.db = sqlite3.connect("file::memory:", uri=True, isolation_level=None)
         store.db.row_factory = sqlite3.Row
         store.db.executescript(_SCHEMA)
@@ -285,25 +289,25 @@ class Store:
 
     @contextmanager
     def _write(self, durable: bool) -> Iterator[sqlite3.Connection]:
-        if not durable:
-            self.db.execute("PRAGMA synchronous = NORMAL")
+        # The connection keeps the level its last transaction needed: a step's run of bookkeeping
+        # commits switches once, not twice per commit. Every write goes through here.
+        level = "FULL" if durable else "NORMAL"
+        if self._synchronous != level:
+            self.db.execute(f"PRAGMA synchronous = {level}")
+            self._synchronous = level
         try:
-            try:
-                self.db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StoreError(_friendly(exc, self.path)) from None
-            try:
-                yield self.db
-                self.db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self.db.execute("ROLLBACK")
-                raise StoreError(_friendly(exc, self.path)) from None
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-        finally:
-            if not durable:
-                self.db.execute("PRAGMA synchronous = FULL")
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(_friendly(exc, self.path)) from None
+        try:
+            yield self.db
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self.db.execute("ROLLBACK")
+            raise StoreError(_friendly(exc, self.path)) from None
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     # -- calls ---------------------------------------------------------------------------------
     def call(self, linkedid: str) -> Optional[Call]:
@@ -373,10 +377,6 @@ class Store:
             db.execute("UPDATE calls SET active_part = ? WHERE linkedid = ?", (key, linkedid))
             return self._enqueue(db, key, "register", register, owner, lease)
 
-    def set_crm(self, linkedid: str, crm_type: Optional[str], crm_id: Optional[int]) -> None:
-        with self._tx(durable=False) as db:
-            db.execute("UPDATE calls SET crm_type = ?, crm_id = ? WHERE linkedid = ?", (crm_type, crm_id, linkedid))
-
     def mark_answered(self, linkedid: str, inner: Optional[str], now: Optional[float] = None) -> Optional[Call]:
         """The first answer of a call wins; returns the call as it was before this answer.
 
@@ -440,9 +440,15 @@ class Store:
     def claim(self, linkedid: str, owner: str, lease: float) -> List[Entry]:
         """Lease the pending entries of one call, in order; [] when another worker holds them."""
         now = time.time()
+        sql = "SELECT * FROM outbox WHERE linkedid = ? AND state = ? ORDER BY id"
+        # A step delivering what it has just journaled holds the lease already (it was written
+        # with the entries, for as long): reading them is enough, nobody else may take them.
+        rows = self.db.execute(sql, (linkedid, PENDING)).fetchall()
+        if rows and all(r["lease_owner"] == owner and (r["lease_until"] or 0) >= now + lease - LEASE_SLACK
+                        for r in rows):
+            return [Entry.from_row(r) for r in rows]
         with self._tx(durable=False) as db:
-            rows = db.execute("SELECT * FROM outbox WHERE linkedid = ? AND state = ? ORDER BY id",
-                              (linkedid, PENDING)).fetchall()
+            rows = db.execute(sql, (linkedid, PENDING)).fetchall()
             if any(r["lease_owner"] not in (None, owner) and (r["lease_until"] or 0) > now for r in rows):
                 return []
             db.execute("UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE linkedid = ? AND state = ?",
@@ -467,22 +473,31 @@ class Store:
             " ORDER BY o.id LIMIT ?", (PENDING, PENDING, 1 if force else 0, now, PENDING, now, limit)).fetchall()
         return [r["linkedid"] for r in rows]
 
-    def mark_sending(self, entry_id: int) -> None:
-        with self._tx() as db:
+    def mark_sending(self, entry: Entry) -> None:
+        """A request for the entry is about to go out. Durable only where a repeat would do harm:
+        a finish (a lost mark would take the portal's "Call is not found" for an error) and a
+        plain method call (a task comment twice). A repeated register, card move or recording
+        changes nothing (see outbox.py), so their mark costs no fsync under the write lock."""
+        with self._tx(durable=entry.kind in REPEAT_HARMS) as db:
             db.execute("UPDATE outbox SET sending_at = ?, attempts = attempts + 1 WHERE id = ?",
-                       (time.time(), entry_id))
+                       (time.time(), entry.id))
 
     def card_not_live(self, linkedid: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE calls SET card_live = 0 WHERE linkedid = ?", (linkedid,))
 
-    def mark_done(self, entry: Entry, call_id: Optional[str] = None) -> None:
+    def mark_done(self, entry: Entry, call_id: Optional[str] = None,
+                  crm: Optional[Tuple[str, int]] = None) -> None:
+        """Delivered; a register's answer (its CALL_ID and the client it was bound to) with it."""
         now = time.time()
         with self._tx(durable=False) as db:
             db.execute("UPDATE outbox SET state = ?, done_at = ?, sending_at = NULL, last_error = NULL,"
                        " lease_owner = NULL, lease_until = NULL WHERE id = ?", (DONE, now, entry.id))
             if entry.kind == "register" and call_id:
                 db.execute("UPDATE calls SET call_id = ? WHERE linkedid = ?", (call_id, entry.linkedid))
+            if crm is not None:
+                db.execute("UPDATE calls SET crm_type = ?, crm_id = ? WHERE linkedid = ?",
+                           (crm[0], crm[1], entry.linkedid))
             if entry.kind == "finish":
                 db.execute("UPDATE calls SET finished_at = ? WHERE linkedid = ?", (now, entry.linkedid))
                 db.execute("DELETE FROM calls WHERE started_at < ? AND finished_at IS NOT NULL",
