@@ -13,17 +13,14 @@ import random
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-import requests
-
-from agi_bitrix import __version__
 from agi_bitrix.bitrix import query
 from agi_bitrix.bitrix.auth import Auth
 from agi_bitrix.bitrix.errors import (AuthError, BitrixError, ExpiredToken, LimitError, NetworkError,
                                       PortalError, classify, connection_failure)
+from agi_bitrix.bitrix.http import Answer, Failure, Pool, json_body
 from agi_bitrix.bitrix.ratelimit import MIN_REQUEST_TIME, RateLimiter
 from agi_bitrix.deadline import Deadline, DeadlineExceeded
 
-USER_AGENT = f"agi-bitrix/{__version__}"
 BATCH_MAX = 50
 ADMIN_BUDGET = 30.0      # seconds of waiting (rate budget, backoff) for a call made without a deadline
 BACKOFF_FIRST = 0.5      # first pause after a 503; doubles each time, with jitter
@@ -55,21 +52,19 @@ class BatchResult:
 
 
 class Bitrix24:
-    def __init__(self, auth: Auth, timeout: float = 2.0, session: Optional[requests.Session] = None,
+    def __init__(self, auth: Auth, timeout: float = 2.0, session: Optional[Pool] = None,
                  limiter: Optional[RateLimiter] = None) -> None:
         self.auth = auth
         self.timeout = timeout
         self.limiter = limiter
-        # A session handed in (the service's one pool, shared by its threads) is set up once by
-        # new_session(); it is not touched here while other threads use it.
-        self.http = session or new_session()
+        self.http = session or Pool()  # handed in: the service's one pool, shared by its threads
         self.requests_made = 0
         self.limit_retries = 0  # 503 answers retried by this client (for logs and benchmarks)
         # Told of every request (method, HTTP status or 0 when no answer): the service's metrics.
         self.observe: Optional[Callable[[str, int], None]] = None
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _post(self, url: str, payload: Dict[str, Any], method: str, deadline: Optional[Deadline]) -> requests.Response:
+    def _post(self, url: str, payload: Dict[str, Any], method: str, deadline: Optional[Deadline]) -> Answer:
         timeout = self.timeout if deadline is None else min(self.timeout, deadline.remaining())
         if timeout <= 0:
             raise NetworkError("TIMEOUT", "time budget used up before the request", None, method)
@@ -77,22 +72,22 @@ class Bitrix24:
         headers = {"Content-Type": "application/json"}
         self.requests_made += 1
         try:
-            resp = _bounded(deadline, lambda: self.http.post(url, data=body, headers=headers, timeout=timeout,
-                                                             allow_redirects=False))
+            resp = _bounded(deadline, lambda: self.http.request("POST", url, timeout, body=body, headers=headers))
             # A renamed portal answers 302; a blindly followed POST would lose its body (Bitrix24 REST
             # docs: how to call the REST API after a domain change).
-            if resp.status_code in (301, 302, 307, 308) and resp.headers.get("Location"):
-                resp = _bounded(deadline, lambda: self.http.post(resp.headers["Location"], data=body,
-                                                                 headers=headers, timeout=timeout,
-                                                                 allow_redirects=False))
-        except (DeadlineExceeded, requests.Timeout):
+            if resp.status in (301, 302, 307, 308) and resp.headers.get("Location"):
+                resp = _bounded(deadline, lambda: self.http.request("POST", resp.headers["Location"], timeout,
+                                                                    body=body, headers=headers))
+        except Failure as exc:
+            self._observed(method, 0)
+            if exc.timed_out:
+                raise NetworkError("TIMEOUT", f"no answer within {timeout:.1f} s", None, method, cause="timeout")
+            cause, text = connection_failure(exc.error, url)
+            raise NetworkError("UNREACHABLE", text, None, method, cause=cause)
+        except DeadlineExceeded:
             self._observed(method, 0)
             raise NetworkError("TIMEOUT", f"no answer within {timeout:.1f} s", None, method, cause="timeout")
-        except requests.RequestException as exc:
-            self._observed(method, 0)
-            cause, text = connection_failure(exc, url)
-            raise NetworkError("UNREACHABLE", text, None, method, cause=cause)
-        self._observed(method, resp.status_code)
+        self._observed(method, resp.status)
         return resp
 
     def _observed(self, method: str, status: int) -> None:
@@ -142,18 +137,15 @@ class Bitrix24:
         if self.limiter is not None:
             self.limiter.acquire(method, budget)
 
-    def _answer(self, resp: requests.Response, method: str) -> Dict[str, Any]:
+    def _answer(self, resp: Answer, method: str) -> Dict[str, Any]:
         """The body of a good answer, or the typed error of a bad one."""
-        try:
-            body = resp.json()
-        except ValueError:
-            body = None
+        body = json_body(resp)
         if not isinstance(body, dict):
-            raise classify(resp.status_code if resp.status_code >= 400 else 502,
-                           f"HTTP_{resp.status_code}", "the answer is not JSON", method)
+            raise classify(resp.status if resp.status >= 400 else 502,
+                           f"HTTP_{resp.status}", "the answer is not JSON", method)
         timing = body.get("time") if isinstance(body.get("time"), dict) else {}
-        if "error" in body or resp.status_code >= 400:
-            raise classify(resp.status_code, str(body.get("error", "")), str(body.get("error_description", "")),
+        if "error" in body or resp.status >= 400:
+            raise classify(resp.status, str(body.get("error", "")), str(body.get("error_description", "")),
                            method, reset_at=timing.get("operating_reset_at"))
         if self.limiter is not None:
             self.limiter.observe(method, timing)
@@ -169,18 +161,19 @@ class Bitrix24:
         timeout = self.timeout if deadline is None else min(self.timeout, deadline.remaining())
         self._slot("upload", deadline if deadline is not None else Deadline(ADMIN_BUDGET))
         self.requests_made += 1
+        data = content.read() if hasattr(content, "read") else content
         try:
-            resp = _bounded(deadline, lambda: self.http.post(url, files={field: (filename, content)},
-                                                             timeout=timeout))
+            resp = _bounded(deadline, lambda: self.http.request("POST", url, timeout,
+                                                                fields={field: (filename, data)}))
         except DeadlineExceeded:
             raise NetworkError("UPLOAD_FAILED", f"no answer within {timeout:.1f} s", None, "upload",
                                cause="timeout")
-        except requests.RequestException as exc:
-            cause, text = connection_failure(exc, url)
+        except Failure as exc:
+            cause, text = connection_failure(exc.error, url)
             raise NetworkError("UPLOAD_FAILED", text, None, "upload", cause=cause)
-        if resp.status_code >= 400:
-            raise classify(resp.status_code, f"HTTP_{resp.status_code}", "upload refused", "upload")
-        return resp.text
+        if resp.status >= 400:
+            raise classify(resp.status, f"HTTP_{resp.status}", "upload refused", "upload")
+        return resp.data.decode("utf-8", "replace")
 
     def batch(self, commands: Dict[str, Tuple[str, Dict[str, Any]]], halt: bool = False,
               deadline: Optional[Deadline] = None) -> BatchResult:
@@ -193,17 +186,6 @@ class Bitrix24:
         return BatchResult(self.call("batch", {"halt": 1 if halt else 0, "cmd": cmd}, deadline) or {})
 
 
-def new_session(pool: int = 10) -> requests.Session:
-    """Kept-alive connections to the portal, up to `pool` at once per host."""
-    http = requests.Session()
-    http.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
-    if pool != 10:  # requests' default
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool)
-        http.mount("https://", adapter)
-        http.mount("http://", adapter)
-    return http
-
-
-def _bounded(deadline: Optional[Deadline], fn: Callable[[], requests.Response]) -> requests.Response:
+def _bounded(deadline: Optional[Deadline], fn: Callable[[], Answer]) -> Answer:
     return fn() if deadline is None else deadline.call(fn)
 

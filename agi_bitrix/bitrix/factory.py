@@ -4,10 +4,9 @@ from __future__ import annotations
 from typing import Optional
 from urllib.parse import urlsplit
 
-import requests
-
 from agi_bitrix.bitrix.auth import Auth, WebhookAuth
 from agi_bitrix.bitrix.client import Bitrix24
+from agi_bitrix.bitrix.http import Pool
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.settings import OAUTH_KEYS, Settings
 
@@ -16,7 +15,7 @@ class NotConfigured(Exception):
     """No usable Bitrix24 connection in the settings; the message says what to set."""
 
 
-def make_client(settings: Settings, http: Optional[requests.Session] = None,
+def make_client(settings: Settings, http: Optional[Pool] = None,
                 auth: Optional[Auth] = None) -> Bitrix24:
     """A client; `agi-bitrix service` passes its one connection pool and its one shared auth."""
     b24 = settings.bitrix24

@@ -32,11 +32,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 from urllib.parse import urlsplit
 
-import requests
-
-from agi_bitrix import __version__
 from agi_bitrix.bitrix.errors import (AuthError, BitrixError, ExpiredToken, NetworkError, PortalError, classify,
                                       connection_failure)
+from agi_bitrix.bitrix.http import Failure, Pool, json_body
 from agi_bitrix.deadline import Deadline
 from agi_bitrix.ownership import match_owner, open_private
 from agi_bitrix.settings import Bitrix24Settings, checked_url
@@ -263,33 +261,31 @@ def grant(url: str, params: Dict[str, str], timeout: float = REFRESH_TIMEOUT) ->
     host = urlsplit(url).netloc
     failure: Optional[NetworkError] = None
     try:
-        resp = requests.get(url, params=params, timeout=timeout, allow_redirects=False,
-                            headers={"User-Agent": f"agi-bitrix/{__version__}", "Accept": "application/json"})
-    except requests.Timeout:
-        failure = NetworkError("TIMEOUT", f"the OAuth server {host} did not answer within {timeout:.0f} s",
-                               None, TOKEN_METHOD)
-    except requests.RequestException as exc:
-        cause, text = connection_failure(exc, url)
-        failure = NetworkError("UNREACHABLE", f"the OAuth server cannot be reached: {text}", None,
-                               TOKEN_METHOD, cause=cause)
+        resp = Pool(1).request("GET", url, timeout, fields=params)  # a refresh is rare: no pool kept
+    except Failure as exc:
+        if exc.timed_out:
+            failure = NetworkError("TIMEOUT", f"the OAuth server {host} did not answer within {timeout:.0f} s",
+                                   None, TOKEN_METHOD)
+        else:
+            cause, text = connection_failure(exc.error, url)
+            failure = NetworkError("UNREACHABLE", f"the OAuth server cannot be reached: {text}", None,
+                                   TOKEN_METHOD, cause=cause)
     if failure is not None:
-        raise failure  # outside the handler: the requests error (its URL) is not even chained
-    try:
-        body = resp.json()
-    except ValueError:
-        body = None
+        raise failure  # outside the handler: the library's error (its URL) is not even chained
+    body = json_body(resp)
     if not isinstance(body, dict):
-        raise classify(resp.status_code if resp.status_code >= 400 else 502, f"HTTP_{resp.status_code}",
+        raise classify(resp.status if resp.status >= 400 else 502, f"HTTP_{resp.status}",
                        f"the answer of {host} is not JSON", TOKEN_METHOD)
-    if "error" in body or resp.status_code >= 400:
+    if "error" in body or resp.status >= 400:
         code = str(body.get("error", ""))
         if code.lower() == "invalid_grant":
             text = BAD_CODE if params.get("grant_type") == "authorization_code" else SPENT
-            raise AuthError(code, text, resp.status_code, TOKEN_METHOD)
+            raise AuthError(code, text, resp.status, TOKEN_METHOD)
         if code.lower() == "invalid_client":
-            raise AuthError(code, BAD_CLIENT, resp.status_code, TOKEN_METHOD)
-        raise classify(resp.status_code, code, str(body.get("error_description", ""))[:200], TOKEN_METHOD)
+            raise AuthError(code, BAD_CLIENT, resp.status, TOKEN_METHOD)
+        raise classify(resp.status, code, str(body.get("error_description", ""))[:200], TOKEN_METHOD)
     return body
+
 
 
 def _client_params(settings: Bitrix24Settings, grant_type: str) -> Dict[str, str]:

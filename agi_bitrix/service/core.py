@@ -16,8 +16,6 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import requests
-
 from agi_bitrix import dispatcher
 from agi_bitrix import log as log_mod
 from agi_bitrix import settings as settings_mod
@@ -226,11 +224,11 @@ class Service:
             self._auth, self._auth_key = auth, key
         return auth
 
-    def _new_http(self, settings: Any) -> requests.Session:
+    def _new_http(self, settings: Any) -> Any:
         """One pool of kept-alive connections to the portal, as large as the steps served at once."""
-        from agi_bitrix.bitrix.client import new_session
+        from agi_bitrix.bitrix.http import Pool
 
-        return new_session(pool=settings.service.max_connections + 4)
+        return Pool(settings.service.max_connections + 4)
 
     def _observe(self, method: str, status: int) -> None:
         self.metrics.observe_request(method, status)
