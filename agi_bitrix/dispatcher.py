@@ -20,7 +20,6 @@ import importlib
 import os
 import signal
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Protocol, Tuple
 
@@ -118,6 +117,8 @@ def serve(session: AGISession, event: str, args: List[str], started: float, host
         reason, variables = str(exc), exc.variables
     except Exception as exc:  # a bug must still end in a safe dialplan outcome
         reason = f"internal error: {type(exc).__name__}: {exc}"
+        import traceback  # only here: it pulls in textwrap and friends
+
         fields["traceback"] = traceback.format_exc(limit=6)
     finally:
         if not released:
@@ -375,11 +376,11 @@ class ProcessHost:
 
     def load_settings(self) -> Any:
         from agi_bitrix import log as log_mod
-        from agi_bitrix import settings as settings_mod
+        from agi_bitrix import settings_file
 
         try:
-            settings = settings_mod.load()
-        except settings_mod.SettingsError as exc:
+            settings = settings_file.load_for_step()
+        except settings_file.SettingsError as exc:
             raise Refused(str(exc))
         self._logger = log_mod.configure(settings.logging.file, settings.logging.level, settings.secrets())
         return settings
@@ -393,9 +394,10 @@ class ProcessHost:
 
     def client(self, settings: Any) -> Any:
         from agi_bitrix.bitrix.factory import NotConfigured, make_client
+        from agi_bitrix.bitrix.http import Direct
 
         try:
-            return make_client(settings)
+            return make_client(settings, http=Direct())  # one process, one or two requests: no pool
         except NotConfigured as exc:
             raise Refused(str(exc))
 

@@ -143,13 +143,13 @@ class EventProcessor:
         crm_type = str(data.get("CRM_ENTITY_TYPE") or "").upper()
         crm_id = str(data.get("CRM_ENTITY_ID") or "")
         line = str(data.get("LINE_NUMBER") or "")
-        register = payloads.Register(
+        register = payloads.register(
             USER_PHONE_INNER=inner, PHONE_NUMBER=number, TYPE=payloads.CallType.CALLBACK,
             CALL_START_DATE=payloads.iso(time.time()), CRM_CREATE=int(self.settings.calls.crm_create),
             CRM_ENTITY_TYPE=crm_type if crm_type in ("CONTACT", "COMPANY", "LEAD") and crm_id.isdigit() else None,
             CRM_ENTITY_ID=int(crm_id) if crm_type in ("CONTACT", "COMPANY", "LEAD") and crm_id.isdigit() else None,
             LINE_NUMBER=line or None, EXTERNAL_CALL_ID=key, SHOW=1)
-        self.store.start_call(key, "outgoing", number, line, inner, register.params(), self.outbox.owner, LEASE)
+        self.store.start_call(key, "outgoing", number, line, inner, register, self.outbox.owner, LEASE)
         self.outbox.deliver_call(key, Deadline(10.0))
         return self._ring_employee(key, inner, number, crm_type)
 

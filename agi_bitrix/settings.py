@@ -1,14 +1,12 @@
 """Settings: settings.ini, a .env beside it, and AGI_BITRIX_<SECTION>_<KEY> overrides.
 
 Precedence (highest first): process environment, .env beside the settings file, settings.ini,
-defaults. One clear, one-line error for anything wrong (SettingsError).
+defaults. One clear, one-line error for anything wrong (SettingsError). Reading the sources and
+the validated settings kept for the call steps: settings_file.py.
 """
 from __future__ import annotations
 
-import configparser
-import os
 import re
-import sys
 from pathlib import Path
 from typing import Dict, Literal, Optional
 from urllib.parse import urlsplit
@@ -16,14 +14,12 @@ from urllib.parse import urlsplit
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-DEFAULT_PATH = "/etc/agi-bitrix/settings.ini"
-ENV_PATH_VAR = "AGI_BITRIX_SETTINGS"
-ENV_PREFIX = "AGI_BITRIX_"
+from agi_bitrix import settings_file
+from agi_bitrix.settings_file import (  # noqa: F401 - the public names of the settings, kept here
+    DEFAULT_PATH, DEFAULT_STATE_DIR, ENV_PATH_VAR, ENV_PREFIX, OAUTH_KEYS, SECTIONS, Bitrix24Rules, DialerRules,
+    SettingsError, SettingsRules, Sources, StorageRules, record_file, recorded_path, settings_path)
+
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
-
-
-class SettingsError(Exception):
-    """A settings problem, phrased for the administrator in one line."""
 
 
 def _yes_no(value: object) -> object:
@@ -53,7 +49,6 @@ def checked_url(value: str) -> str:
     return value if value.endswith("/") else value + "/"
 
 
-OAUTH_KEYS = ("portal_url", "client_id", "client_secret")
 WEBHOOK_SHAPE = "https://PORTAL/rest/USER_ID/CODE/"
 
 
@@ -70,7 +65,7 @@ def checked_webhook(value: str) -> str:
     return value
 
 
-class Bitrix24Settings(_Section):
+class Bitrix24Settings(Bitrix24Rules, _Section):
     webhook_url: str = ""
     portal_url: str = ""
     client_id: str = ""
@@ -91,14 +86,6 @@ class Bitrix24Settings(_Section):
     @classmethod
     def _webhook(cls, value: str) -> str:
         return checked_webhook(value)
-
-    @property
-    def mode(self) -> Literal["webhook", "oauth", "none"]:
-        if self.webhook_url:
-            return "webhook"
-        if all(getattr(self, key) for key in OAUTH_KEYS):
-            return "oauth"
-        return "none"
 
 
 class CallsSettings(_Section):
@@ -152,8 +139,8 @@ class CallsSettings(_Section):
         return value
 
 
-class StorageSettings(_Section):
-    state_dir: str = "/var/lib/agi-bitrix"
+class StorageSettings(StorageRules, _Section):
+    state_dir: str = DEFAULT_STATE_DIR
     # Empty: everything in SQLite under state_dir (one PBX). postgresql://USER:PASSWORD@HOST/DB: the
     # state several PBXs of one portal share (call state, outbox, tokens, request budget, dialer);
     # state_dir then keeps the local journal a call step falls back on while PostgreSQL is sick.
@@ -181,10 +168,6 @@ class StorageSettings(_Section):
             raise ValueError("pbx_id must name this PBX (e.g. office-1) when url is set: several PBXs share "
                              "that database and every key there carries the PBX")
         return self
-
-    @property
-    def shared(self) -> bool:
-        return bool(self.url)
 
 
 class LoggingSettings(_Section):
@@ -264,7 +247,7 @@ def _hours(value: str) -> str:
     return value
 
 
-class DialerSettings(_Section):
+class DialerSettings(DialerRules, _Section):
     group: str = "CallCenter"
     mode: Literal["client_first", "operator_first"] = "client_first"
     max_channels: int = Field(2, ge=1, le=500)
@@ -323,11 +306,6 @@ class DialerSettings(_Section):
         except Exception:
             raise ValueError("must be a time zone name such as Europe/Moscow")
         return value
-
-    @property
-    def operator_timezone(self) -> str:
-        """The zone of the times operators read in task comments (named in the text)."""
-        return self.timezone or self.default_timezone
 
     @field_validator("line_number")
     @classmethod
@@ -431,7 +409,7 @@ class PlacementsSettings(_Section):
         return value
 
 
-class Settings(_Section):
+class Settings(SettingsRules, _Section):
     bitrix24: Bitrix24Settings = Bitrix24Settings()
     calls: CallsSettings = CallsSettings()
     storage: StorageSettings = StorageSettings()
@@ -443,96 +421,19 @@ class Settings(_Section):
     placements: PlacementsSettings = PlacementsSettings()
     path: str = ""
 
-    def secrets(self) -> list[str]:
-        """Values that must never reach a log line."""
-        found = [self.bitrix24.client_secret, self.asterisk.ami_secret, urlsplit(self.storage.url).password or ""]
-        if self.bitrix24.webhook_url:
-            # https://portal/rest/<user>/<code>/ : the code is the secret.
-            parts = [p for p in urlsplit(self.bitrix24.webhook_url).path.split("/") if p]
-            if len(parts) >= 3:
-                found.append(parts[2])
-        return [s for s in found if s and len(s) >= 4]
-
-
-def record_file() -> Path:
-    """Where `agi-bitrix install --settings PATH` records PATH for this installation (its Python
-    prefix: the virtualenv, or the system prefix), so every command and unit finds it."""
-    return Path(sys.prefix) / "etc" / "agi-bitrix" / "settings-path"
-
-
-def recorded_path() -> Optional[str]:
-    try:
-        text = record_file().read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return text if text.startswith("/") and "\n" not in text else None
-
-
-def settings_path(explicit: Optional[str] = None) -> Path:
-    """--settings, else AGI_BITRIX_SETTINGS, else what install recorded, else the default."""
-    return Path(explicit or os.environ.get(ENV_PATH_VAR) or recorded_path() or DEFAULT_PATH)
-
-
-def _read_ini(path: Path) -> Dict[str, Dict[str, str]]:
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
-    try:
-        # utf-8-sig: Windows editors save a byte-order mark that configparser would take for text.
-        with path.open(encoding="utf-8-sig") as fh:
-            parser.read_file(fh)
-    except FileNotFoundError:
-        raise SettingsError(f"settings file {path} not found (run: agi-bitrix install, or set {ENV_PATH_VAR})")
-    except PermissionError:
-        user = _user_name()
-        raise SettingsError(f"settings file {path} is not readable by the user {user} (as root: "
-                            f"chown {user} {path}; chmod 600 {path}; and let {user} enter its folder)")
-    except UnicodeDecodeError:
-        raise SettingsError(f"settings file {path} is not UTF-8 text")
-    except configparser.Error as exc:
-        first = str(exc).splitlines()[0]
-        raise SettingsError(f"settings file {path} is broken: {first}")
-    return {name: dict(parser.items(name)) for name in parser.sections()}
-
-
-def _user_name() -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
-
-
-def _overrides(env: Dict[str, str]) -> Dict[str, Dict[str, str]]:
-    result: Dict[str, Dict[str, str]] = {}
-    for key, value in env.items():
-        if not key.startswith(ENV_PREFIX) or key == ENV_PATH_VAR or value is None:
-            continue
-        rest = key[len(ENV_PREFIX):].lower()
-        for section in Settings.model_fields:
-            if rest.startswith(section + "_"):
-                result.setdefault(section, {})[rest[len(section) + 1:]] = value
-                break
-    return result
-
 
 def load(explicit: Optional[str] = None, environ: Optional[Dict[str, str]] = None) -> Settings:
     """Load and validate settings; raise SettingsError with one line on any problem."""
-    path = settings_path(explicit)
-    data = _read_ini(path)
-    env_sources: Dict[str, str] = {}
-    dotenv_file = path.parent / ".env"
-    if dotenv_file.is_file():
-        from dotenv import dotenv_values
+    return validate(*settings_file.sources(explicit, environ))
 
-        env_sources.update({k: v for k, v in dotenv_values(dotenv_file).items() if v is not None})
-    env_sources.update(os.environ if environ is None else environ)
-    for section, keys in _overrides(env_sources).items():
-        data.setdefault(section, {}).update(keys)
-    unknown = sorted(set(data) - set(Settings.model_fields) - {"path"})
+
+def validate(path: Path, data: Sources) -> Settings:
+    """Validate the values read from the sources; the result is also kept for the call steps."""
+    unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise SettingsError(f"settings file {path}: unknown section [{unknown[0]}]")
     try:
-        return Settings(**data, path=str(path))
+        settings = Settings(**data, path=str(path))
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
@@ -541,3 +442,5 @@ def load(explicit: Optional[str] = None, environ: Optional[Dict[str, str]] = Non
             msg = "unknown key"
         label = where.replace('.', '] ', 1) if "." in where else where + "]"  # a section's own check
         raise SettingsError(f"settings file {path}: [{label} {msg}")
+    settings_file.remember(path, data, settings.model_dump())
+    return settings

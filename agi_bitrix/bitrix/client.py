@@ -9,7 +9,6 @@ the outbox), which decides what to do with it.
 from __future__ import annotations
 
 import json
-import random
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -17,7 +16,7 @@ from agi_bitrix.bitrix import query
 from agi_bitrix.bitrix.auth import Auth
 from agi_bitrix.bitrix.errors import (AuthError, BitrixError, ExpiredToken, LimitError, NetworkError,
                                       PortalError, classify, connection_failure)
-from agi_bitrix.bitrix.http import Answer, Failure, Pool, json_body
+from agi_bitrix.bitrix.http import Answer, Failure, Pool, Transport, json_body
 from agi_bitrix.bitrix.ratelimit import MIN_REQUEST_TIME, RateLimiter
 from agi_bitrix.deadline import Deadline, DeadlineExceeded
 
@@ -52,7 +51,7 @@ class BatchResult:
 
 
 class Bitrix24:
-    def __init__(self, auth: Auth, timeout: float = 2.0, session: Optional[Pool] = None,
+    def __init__(self, auth: Auth, timeout: float = 2.0, session: Optional[Transport] = None,
                  limiter: Optional[RateLimiter] = None) -> None:
         self.auth = auth
         self.timeout = timeout
@@ -126,6 +125,8 @@ class Bitrix24:
                     raise
                 if self.limiter is not None:
                     self.limiter.saturated()
+                import random  # a 503 only: a step that is never refused never loads it
+
                 delay = pause * random.uniform(0.75, 1.25)  # jitter: processes must not retry in step
                 if delay + MIN_REQUEST_TIME > budget.remaining():
                     raise

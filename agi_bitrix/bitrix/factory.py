@@ -1,23 +1,27 @@
 """The one place that turns settings into a ready Bitrix24 client (webhook or OAuth)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 from urllib.parse import urlsplit
 
 from agi_bitrix.bitrix.auth import Auth, WebhookAuth
 from agi_bitrix.bitrix.client import Bitrix24
-from agi_bitrix.bitrix.http import Pool
+from agi_bitrix.bitrix.http import Transport
 from agi_bitrix.bitrix.ratelimit import RateLimiter
-from agi_bitrix.settings import OAUTH_KEYS, Settings
+from agi_bitrix.settings_file import OAUTH_KEYS
+
+if TYPE_CHECKING:
+    from agi_bitrix.settings import Settings
 
 
 class NotConfigured(Exception):
     """No usable Bitrix24 connection in the settings; the message says what to set."""
 
 
-def make_client(settings: Settings, http: Optional[Pool] = None,
+def make_client(settings: Settings, http: Optional[Transport] = None,
                 auth: Optional[Auth] = None) -> Bitrix24:
-    """A client; `agi-bitrix service` passes its one connection pool and its one shared auth."""
+    """A client; `agi-bitrix service` passes its one connection pool and its one shared auth, a
+    process-mode step its one direct connection."""
     b24 = settings.bitrix24
     if auth is None:
         auth = make_auth(settings)

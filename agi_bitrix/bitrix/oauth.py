@@ -29,7 +29,7 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Tuple
 from urllib.parse import urlsplit
 
 from agi_bitrix.bitrix.errors import (AuthError, BitrixError, ExpiredToken, NetworkError, PortalError, classify,
@@ -37,7 +37,9 @@ from agi_bitrix.bitrix.errors import (AuthError, BitrixError, ExpiredToken, Netw
 from agi_bitrix.bitrix.http import Failure, Pool, json_body
 from agi_bitrix.deadline import Deadline
 from agi_bitrix.ownership import match_owner, open_private
-from agi_bitrix.settings import Bitrix24Settings, checked_url
+
+if TYPE_CHECKING:
+    from agi_bitrix.settings import Bitrix24Settings
 
 TOKENS_FILE = "oauth-tokens.json"
 LOCK_FILE = "oauth-tokens.lock"
@@ -107,6 +109,8 @@ class Tokens:
     @classmethod
     def from_grant(cls, body: Dict[str, Any], fallback_endpoint: str) -> "Tokens":
         """Validate a token endpoint answer (code exchange or refresh)."""
+        from agi_bitrix.settings import checked_url  # a refresh is rare: pydantic only then
+
         access, refresh = body.get("access_token"), body.get("refresh_token")
         if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
             raise PortalError("BAD_TOKEN_ANSWER", "the OAuth server answered without a token pair", 200, TOKEN_METHOD)

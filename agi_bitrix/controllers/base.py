@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from agi_bitrix.agi import variables as V
 from agi_bitrix.agi.session import AGISession
 from agi_bitrix.controllers import Refused  # noqa: F401 - controllers raise it from here
 from agi_bitrix.deadline import Deadline
 from agi_bitrix.outbox import Outbox
-from agi_bitrix.settings import Settings
 from agi_bitrix.store import Store
+
+if TYPE_CHECKING:
+    from agi_bitrix.settings import Settings
 
 
 @dataclass

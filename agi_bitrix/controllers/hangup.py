@@ -51,9 +51,8 @@ def finish_of(settings: Any, call: Any, dialstatus: str, answeredtime: Optional[
         user = settings.calls.missed_calls_user  # who follows up missed calls
     else:
         user = call.user_inner
-    finish = payloads.Finish(CALL_ID="", USER_PHONE_INNER=user, DURATION=duration, STATUS_CODE=code,
+    params = payloads.finish(CALL_ID="", USER_PHONE_INNER=user, DURATION=duration, STATUS_CODE=code,
                              FAILED_REASON=None if code == "200" else dialstatus or None)
-    params = finish.params()
     del params["CALL_ID"]  # known only once the register is delivered
     # finish hides the card of its own employee only; everyone else who still sees it is hidden here.
     hide = [u for u in call.shown if u != user] if call.direction == "incoming" else []

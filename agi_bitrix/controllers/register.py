@@ -18,12 +18,12 @@ def register_call(ctx: EventContext, direction: str, user: str, phone: str, line
     (EXTERNAL_CALL_ID = linkedid): Bitrix24 answers a repeat with the same CALL_ID.
     """
     calls = ctx.settings.calls
-    payload = payloads.Register(
+    payload = payloads.register(
         USER_PHONE_INNER=user, PHONE_NUMBER=phone, TYPE=TYPES[direction],
         CALL_START_DATE=payloads.iso(time.time()),
         CRM_CREATE=int(calls.crm_create and phone != calls.anonymous_number),  # no lead for "nobody"
         LINE_NUMBER=line or None, EXTERNAL_CALL_ID=ctx.linkedid, SHOW=1)
     ctx.log.update(phone=phone, user=user, line=line)
-    entry = ctx.store.start_call(ctx.linkedid, direction, phone, line, user, payload.params(),
+    entry = ctx.store.start_call(ctx.linkedid, direction, phone, line, user, payload,
                                  ctx.outbox.owner, ctx.lease)
     return [] if entry is None else [entry]

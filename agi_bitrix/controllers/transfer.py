@@ -65,10 +65,10 @@ def handle(ctx: EventContext) -> Outcome:
         ctx.log["note"] = "transferred to an external number: the call ends in Bitrix24 with this part"
         return Outcome(queued=queued, deliver=[key], variables=variables)
     new_key = f"{ctx.linkedid}-t{_next_part(ctx)}"
-    register = payloads.Register(
+    register = payloads.register(
         USER_PHONE_INNER=target, PHONE_NUMBER=call.phone, TYPE=TYPES[call.direction],
         CALL_START_DATE=payloads.iso(ctx.clock()), CRM_CREATE=0, LINE_NUMBER=call.line or None,
-        EXTERNAL_CALL_ID=new_key, SHOW=1).params()
+        EXTERNAL_CALL_ID=new_key, SHOW=1)
     register["_bind_from"] = key  # filled with the first part's client when delivered
     entry = ctx.store.start_part(ctx.linkedid, new_key, call.direction, call.phone, call.line, target, register,
                                  ctx.outbox.owner, ctx.lease)

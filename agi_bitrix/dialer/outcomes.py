@@ -9,15 +9,17 @@ from __future__ import annotations
 import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
-from typing import Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from agi_bitrix.bitrix import payloads
 from agi_bitrix.dialer import policy
 from agi_bitrix.dialer.state import Attempt, DialerState, TaskState
 from agi_bitrix.dialer.texts import text
-from agi_bitrix.settings import Settings
 from agi_bitrix.store import Store
+
+if TYPE_CHECKING:
+    from agi_bitrix.settings import Settings
 
 LEASE = 30.0
 
@@ -45,13 +47,13 @@ def _when(ts: float, zone: str) -> str:
 def register_attempt(store: Store, settings: Settings, attempt: Attempt, show: bool, owner: str) -> None:
     """Log the attempt as a call of the operator, on the dialer's line, bound to the task's client."""
     info = attempt.info
-    payload = payloads.Register(
+    payload = payloads.register(
         USER_PHONE_INNER=attempt.operator, PHONE_NUMBER=attempt.phone, TYPE=payloads.CallType.OUTGOING,
         CALL_START_DATE=payloads.iso(attempt.started_at), CRM_CREATE=0,
         CRM_ENTITY_TYPE=info.get("crm_type"), CRM_ENTITY_ID=info.get("crm_id"),
         LINE_NUMBER=settings.dialer.line_number, EXTERNAL_CALL_ID=attempt.attempt_id, SHOW=int(show))
     store.start_call(attempt.attempt_id, "outgoing", attempt.phone, settings.dialer.line_number, attempt.operator,
-                     payload.params(), owner, LEASE)
+                     payload, owner, LEASE)
 
 
 def note_once(state: TaskState, key: str) -> bool:

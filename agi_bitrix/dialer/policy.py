@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Optional, Set
+from typing import TYPE_CHECKING, Optional, Set
 from zoneinfo import ZoneInfo
 
 import phonenumbers
 from phonenumbers import timezone as number_timezone
 
 from agi_bitrix import phones
-from agi_bitrix.settings import DialerSettings
+
+if TYPE_CHECKING:
+    from agi_bitrix.settings import DialerSettings
 
 
 def client_zone(e164: str, default: str) -> ZoneInfo:
