@@ -207,6 +207,8 @@ def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, l
                                 problem, host)
     finally:
         fields["requests"] = client.requests_made
+        if client.requests_made:
+            fields["portal_ms"] = int(client.portal_seconds * 1000)
 
 
 def _catch_up(store: Any, settings: Any, linkedid: str, fields: Dict[str, Any]) -> None:

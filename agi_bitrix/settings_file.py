@@ -205,13 +205,14 @@ def remember(path: Path, data: Sources, values: Dict[str, Any]) -> None:
     if key is None or cache is None or not cache.parent.is_dir():
         return
     body = json.dumps({"key": key, "settings": values}, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    from agi_bitrix.ownership import match_owner
+
     try:
         if cache.read_bytes() == body:
+            match_owner(cache, cache.parent)  # kept by root before the folder was given away
             return
     except OSError:
         pass
-    from agi_bitrix.ownership import match_owner
-
     temp = cache.with_name(f".{CACHE_FILE}.{os.getpid()}")
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

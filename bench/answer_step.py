@@ -10,6 +10,7 @@ the card move is delivered after the step returned. Run: make bench (or
 """
 from __future__ import annotations
 
+import compileall
 import statistics
 import sys
 import tempfile
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import List
 
+import agi_bitrix
 from agi_bitrix.testing.bitrix_emulator import Bitrix24Emulator
 from agi_bitrix.testing.fake_asterisk import FakeAsterisk
 
@@ -40,6 +42,7 @@ def _answer(emu: Bitrix24Emulator, env: dict, lid: str) -> float:
 
 def main() -> int:
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+    compileall.compile_dir(Path(agi_bitrix.__file__).parent, quiet=1)  # as an installed package runs
     with Bitrix24Emulator() as emu, tempfile.TemporaryDirectory() as tmp:
         for inner, name in (("101", "Anna"), ("102", "Boris"), ("103", "Vera")):
             emu.add_user(name, "Bench", inner=inner)

@@ -7,9 +7,15 @@ the steps sent by the strict FastAGI peer. Latency is connect (or process start)
 end as Asterisk sees it. Everything is shown beside `python -c pass` measured in the same run, so
 the ratios compare across machines. Also: what the `answer` step adds between the employee's
 pick-up and the bridge. Run: make bench (or .venv/bin/python bench/fastagi.py).
+
+The portal's round trip as the steps met it is measured in the same run: each step's log line
+says how long it waited for the portal's answers (`portal_ms`; one request per `incoming`), and
+the table shows its p95 beside the steps' p95 and the difference: what the step itself added.
 """
 from __future__ import annotations
 
+import compileall
+import json
 import os
 import signal
 import socket
@@ -23,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
+import agi_bitrix
 from agi_bitrix.testing.bitrix_emulator import Bitrix24Emulator
 from agi_bitrix.testing.fake_asterisk import FakeAsterisk
 from agi_bitrix.testing.fake_fastagi import FakeFastAGI
@@ -31,6 +38,7 @@ ENTRY = Path(sys.executable).with_name("agi-bitrix")
 TICK = os.sysconf("SC_CLK_TCK")
 PEER_PROCESSES = 4
 Step = Tuple[float, float, str]  # latency s, CPU s (process mode; 0 for FastAGI), BITRIX_STATUS
+Burst = Tuple[List[float], float, List[str], List[str]]  # latencies, CPU per step, statuses, linkedids
 
 
 def free_port() -> int:
@@ -64,12 +72,12 @@ def peer_batch(port: int, lids: List[str]) -> List[Tuple[float, str]]:
         return list(pool.map(one, lids))
 
 
-def fastagi_burst(peers: ProcessPoolExecutor, port: int, lids: List[str], pid: int) -> Tuple[List[float], float, List[str]]:
+def fastagi_burst(peers: ProcessPoolExecutor, port: int, lids: List[str], pid: int) -> Burst:
     chunks = [lids[i::PEER_PROCESSES] for i in range(PEER_PROCESSES) if lids[i::PEER_PROCESSES]]
     cpu_before = service_cpu(pid)
     results = [r for part in peers.map(peer_batch, [port] * len(chunks), chunks) for r in part]
     per_step = (service_cpu(pid) - cpu_before) / len(lids)
-    return [r[0] for r in results], per_step, [r[1] for r in results]
+    return [r[0] for r in results], per_step, [r[1] for r in results], [lid for part in chunks for lid in part]
 
 
 def service_cpu(pid: int) -> float:
@@ -77,13 +85,24 @@ def service_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def burst(n: int, one: Callable[[int], object], cpu: Callable[[], float]) -> Tuple[List[float], float, List[str]]:
-    """n steps at once: their latencies, CPU per step, statuses."""
+def burst(lids: List[str], one: Callable[[str], object], cpu: Callable[[], float]) -> Burst:
+    """These steps at once: their latencies, CPU per step, statuses, linkedids."""
     cpu_before = cpu()
-    with ThreadPoolExecutor(n) as pool:
-        runs = list(pool.map(one, range(n)))
-    per_step = (cpu() - cpu_before) / n
-    return [r.duration for r in runs], per_step, [r.set_variables.get("BITRIX_STATUS", "-") for r in runs]
+    with ThreadPoolExecutor(len(lids)) as pool:
+        runs = list(pool.map(one, lids))
+    per_step = (cpu() - cpu_before) / len(lids)
+    return ([r.duration for r in runs], per_step, [r.set_variables.get("BITRIX_STATUS", "-") for r in runs],
+            lids)
+
+
+def portal_waits(log: Path, lids: List[str]) -> List[float]:
+    """Seconds each of these steps waited for the portal, from their log lines."""
+    wanted, found = set(lids), []
+    for line in log.read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        if entry.get("linkedid") in wanted and entry.get("event") == "incoming":
+            found.append(entry.get("portal_ms", 0) / 1000)
+    return found
 
 
 def children_cpu() -> float:
@@ -98,6 +117,8 @@ def p(values: List[float], q: float) -> float:
 
 def main() -> int:
     sizes = [int(a) for a in sys.argv[1:]] or [1, 20, 100]
+    compileall.compile_dir(Path(agi_bitrix.__file__).parent, quiet=1)  # as an installed package runs
+    load_before = os.getloadavg()
     base_wall, base_cpu = baseline()
     lid = iter(range(10 ** 6))
     with Bitrix24Emulator() as emu, tempfile.TemporaryDirectory() as tmp:
@@ -132,10 +153,10 @@ def main() -> int:
             # warm both paths (page cache, .pyc files, the service's first imports)
             process_step("incoming", ["89161234567"], "warm.1")
             fastagi_step("incoming", ["89161234567"], "warm.2")
-            rows: Dict[Tuple[str, int], Tuple[List[float], float, List[str]]] = {}
+            rows: Dict[Tuple[str, int], Burst] = {}
             for n in sizes:
-                rows[("process", n)] = burst(n, lambda i: process_step("incoming", ["89161234567"],
-                                                                       f"1795700000.{next(lid)}"), children_cpu)
+                rows[("process", n)] = burst([f"1795700000.{next(lid)}" for _ in range(n)],
+                                             lambda key: process_step("incoming", ["89161234567"], key), children_cpu)
                 rows[("fastagi", n)] = fastagi_burst(peers, port, [f"1795700000.{next(lid)}" for _ in range(n)],
                                                      service.pid)
             import requests
@@ -148,6 +169,7 @@ def main() -> int:
                                     "EXTERNAL_CALL_ID": f"trip.{next(lid)}"}, timeout=10)
                 trips.append(time.perf_counter() - start)
             trip = statistics.median(trips)
+            waits = {key: portal_waits(Path(tmp) / "log", row[3]) for key, row in rows.items()}
             answer = {}
             for mode, step in (("process", process_step), ("fastagi", fastagi_step)):
                 lats = []
@@ -161,14 +183,19 @@ def main() -> int:
             service.send_signal(signal.SIGTERM)
             service.wait(60)
 
+    load_after = os.getloadavg()
     print("one `incoming` call step, against the local emulator, default 2 s budget")
     print(f"baseline `python -c pass`: {base_cpu * 1000:.1f} ms CPU, {base_wall * 1000:.1f} ms wall; "
-          f"the portal's round trip (one register, new connection): {trip * 1000:.1f} ms\n")
-    print(f"{'':8}{'at once':>8}  {'CPU/step':>9} {'x pass':>7}   {'latency p50':>11} {'p95':>8} {'x pass':>7}   QUEUED")
-    for (mode, n), (lats, cpu, statuses) in rows.items():
+          f"the portal's round trip (one register, new connection, nothing else running): {trip * 1000:.1f} ms; "
+          f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after\n")
+    print(f"{'':8}{'at once':>8}  {'CPU/step':>9} {'x pass':>7}   {'latency p50':>11} {'p95':>8} {'x pass':>7}"
+          f"   {'portal p95':>10} {'p95-portal':>10}   QUEUED")
+    for (mode, n), (lats, cpu, statuses, _) in rows.items():
         queued = sum(s != "OK" for s in statuses)
+        portal = p(waits[(mode, n)], 0.95) if waits[(mode, n)] else float("nan")
         print(f"{mode:8}{n:>8}  {cpu * 1000:7.1f}ms {cpu / base_cpu:6.1f}x   {p(lats, 0.5) * 1000:9.1f}ms "
-              f"{p(lats, 0.95) * 1000:6.1f}ms {p(lats, 0.5) / base_wall:6.1f}x   {queued}/{n}")
+              f"{p(lats, 0.95) * 1000:6.1f}ms {p(lats, 0.5) / base_wall:6.1f}x   {portal * 1000:8.1f}ms "
+              f"{(p(lats, 0.95) - portal) * 1000:8.1f}ms   {queued}/{n}")
     print(f"\nthe `answer` step between pick-up and bridge (median of 5): process "
           f"{answer['process'] * 1000:.1f} ms, FastAGI {answer['fastagi'] * 1000:.1f} ms "
           f"({answer['process'] / answer['fastagi']:.0f}x less)")

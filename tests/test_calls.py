@@ -232,3 +232,12 @@ def test_sighup_during_the_first_agi_command(pbx, emulator):
     assert run.sighup_sent and run.returncode == 0
     assert run.set_variables["BITRIX_STATUS"] == "OK" and len(emulator.calls) == 1
     assert pbx.log()[-1]["hung_up"] is True
+
+
+def test_the_log_line_tells_how_long_the_step_waited_for_the_portal(pbx, emulator):
+    emulator.set_delay(0.4, method="telephony.externalcall.register")
+    lid = "1795247099.1"
+    assert pbx.run(["incoming", "89161234567"], linkedid=lid).set_variables["BITRIX_STATUS"] == "OK"
+    line = [e for e in pbx.log() if e.get("linkedid") == lid][-1]
+    assert line["requests"] == 1
+    assert 400 <= line["portal_ms"] <= line["ms"]  # the portal's 0.4 s, within the step's own time

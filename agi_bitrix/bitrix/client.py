@@ -58,6 +58,7 @@ class Bitrix24:
         self.limiter = limiter
         self.http = session or Pool()  # handed in: the service's one pool, shared by its threads
         self.requests_made = 0
+        self.portal_seconds = 0.0  # spent waiting for the portal's answers (for the step's log line)
         self.limit_retries = 0  # 503 answers retried by this client (for logs and benchmarks)
         # Told of every request (method, HTTP status or 0 when no answer): the service's metrics.
         self.observe: Optional[Callable[[str, int], None]] = None
@@ -70,6 +71,7 @@ class Bitrix24:
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         self.requests_made += 1
+        sent = time.monotonic()
         try:
             resp = _bounded(deadline, lambda: self.http.request("POST", url, timeout, body=body, headers=headers))
             # A renamed portal answers 302; a blindly followed POST would lose its body (Bitrix24 REST
@@ -86,6 +88,8 @@ class Bitrix24:
         except DeadlineExceeded:
             self._observed(method, 0)
             raise NetworkError("TIMEOUT", f"no answer within {timeout:.1f} s", None, method, cause="timeout")
+        finally:
+            self.portal_seconds += time.monotonic() - sent
         self._observed(method, resp.status)
         return resp
 

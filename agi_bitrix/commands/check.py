@@ -143,11 +143,13 @@ def files_asterisk_cannot_write(state_dir: Path, log_file: Path) -> Tuple[str, L
     import pwd
 
     from agi_bitrix.ownership import unwritable_by
+    from agi_bitrix.settings_file import CACHE_FILE
     from agi_bitrix.spill import spill_path
 
     try:
         st = state_dir.stat()
-        files = [p for p in state_dir.iterdir() if p.is_file()]
+        # The settings cache is replaced, never written in place: the folder's right is what counts.
+        files = [p for p in state_dir.iterdir() if p.is_file() and p.name != CACHE_FILE]
     except OSError:
         return "", []  # the folder problem is reported on its own
     files += [p for p in (log_file.parent, log_file, spill_path(str(log_file))) if p.exists()]
