@@ -1,9 +1,10 @@
 """Added cost of the outbox journal per call step.
 
 Every step writes its request to SQLite before sending and marks it done after: open the
-database, queue, lease, mark sending, mark done, release, read back the state. Measured
-in-process over many steps (fsync included: synchronous=FULL), and set against one whole
-`incoming` process measured the way bench/agi_event.py does.
+database, queue (with its lease, one durable transaction), take the lease (already its own: a
+read), mark sending and mark done (no fsync: a repeated register changes nothing), read back the
+state. Measured in-process over many steps, and set against one whole `incoming` process measured
+the way bench/agi_event.py does.
 Run: .venv/bin/python bench/journal_cost.py [N]
 """
 from __future__ import annotations
@@ -31,9 +32,8 @@ def journal_ms(state_dir: str, n: int) -> float:
         lid = f"1795000000.{i}"
         entry_id = store.start_call(lid, "incoming", "+79161234567", "", "101", register, "bench", 5.0)
         entry = store.claim(lid, "bench", 5.0)[0]
-        store.mark_sending(entry_id)
+        store.mark_sending(entry)
         store.mark_done(entry, f"externalCall.{i}")
-        store.release(lid, "bench")
         store.entry_states([entry_id])
         store.call(lid)
         store.close()
@@ -46,7 +46,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cost = journal_ms(os.path.join(tmp, "state"), n)
     whole = whole_event_ms(runs=10)
-    print(f"outbox journal per call step (median of {n}, open + queue + lease + done + release):")
+    print(f"outbox journal per call step (median of {n}, open + queue + lease + sending + done):")
     print(f"  {cost:6.2f} ms per step, {cost / whole * 100:4.1f}% of a whole `incoming` event ({whole:.0f} ms)")
     return 0
 
