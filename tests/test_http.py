@@ -1,0 +1,116 @@
+"""Both ways to the portal (bitrix/http.py: the service's pool, a process-mode step's direct
+connection) give the same answers and the same errors, and go through a proxy the environment
+names, as requests did."""
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator, List
+from urllib.parse import urlsplit
+
+import pytest
+
+from agi_bitrix.bitrix.auth import WebhookAuth
+from agi_bitrix.bitrix.client import Bitrix24
+from agi_bitrix.bitrix.errors import NetworkError
+from agi_bitrix.bitrix.http import Direct, Pool
+from agi_bitrix.testing.bitrix_emulator import Bitrix24Emulator
+
+TRANSPORTS = pytest.mark.parametrize("transport", [Pool, Direct], ids=["pool", "direct"])
+
+
+@pytest.fixture
+def emu() -> Iterator[Bitrix24Emulator]:
+    with Bitrix24Emulator() as emulator:
+        emulator.add_user("Anna", "Test", inner="101")
+        yield emulator
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch
+
+
+class ForwardProxy:
+    """A plain HTTP forward proxy on 127.0.0.1 that notes each request it forwards."""
+
+    def __init__(self) -> None:
+        self.seen: List[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.seen.append(self.path)
+                target = urlsplit(self.path)
+                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                upstream.request("POST", target.path, body, {"Content-Type": self.headers["Content-Type"]})
+                answer = upstream.getresponse()
+                data = answer.read()
+                upstream.close()
+                self.send_response(answer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def client(url: str, transport: type, timeout: float = 30) -> Bitrix24:
+    return Bitrix24(WebhookAuth(url), timeout=timeout, session=transport())
+
+
+@TRANSPORTS
+def test_the_same_answer_either_way(emu, transport, no_proxy_env):
+    b24 = client(emu.webhook_url, transport)
+    assert b24.call("user.get", {"FILTER": {"UF_PHONE_INNER": "101"}})[0]["NAME"] == "Anna"
+    assert b24.call("user.get", {"FILTER": {"UF_PHONE_INNER": "101"}})[0]["NAME"] == "Anna"  # kept alive
+    with pytest.raises(Exception) as refused:
+        b24.call("no.such.method")
+    assert type(refused.value).__name__ == "NotFoundError"
+
+
+@TRANSPORTS
+def test_a_proxy_named_by_the_environment_is_used_unless_the_host_bypasses_it(emu, transport, no_proxy_env):
+    proxy = ForwardProxy()
+    try:
+        no_proxy_env.setenv("http_proxy", proxy.url)
+        assert client(emu.webhook_url, transport).call("user.get", {"FILTER": {"UF_PHONE_INNER": "101"}})
+        assert proxy.seen == [emu.webhook_url + "user.get"]
+        no_proxy_env.setenv("no_proxy", "127.0.0.1")
+        assert client(emu.webhook_url, transport).call("user.get", {"FILTER": {"UF_PHONE_INNER": "101"}})
+        assert len(proxy.seen) == 1
+    finally:
+        proxy.close()
+
+
+@TRANSPORTS
+def test_a_refused_connection_and_a_silent_portal_are_told_apart(transport, no_proxy_env):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections are refused
+        with pytest.raises(NetworkError) as refused:
+            client(f"http://127.0.0.1:{port}/rest/1/code/", transport).call("scope")
+    assert (refused.value.code, refused.value.cause) == ("UNREACHABLE", "refused")
+    assert f"refused the connection on port {port}" in refused.value.description
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)  # the connection is made, no answer ever comes
+        with pytest.raises(NetworkError) as late:
+            client("http://127.0.0.1:%d/rest/1/code/" % silent.getsockname()[1], transport, timeout=0.5).call("scope")
+    assert (late.value.code, late.value.cause) == ("TIMEOUT", "timeout")
