@@ -74,7 +74,7 @@ class NetworkError(BitrixError):
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """The exception and everything it wraps (requests -> urllib3 -> socket), each once."""
+    """The exception and everything it wraps (urllib3 or http.client -> socket, ssl), each once."""
     seen, todo = set(), [exc]
     while todo:
         item = todo.pop()
