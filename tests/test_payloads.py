@@ -7,21 +7,13 @@ exactly what a model accepts and would send itself.
 """
 from __future__ import annotations
 
-from enum import IntEnum
 from typing import Any, Dict, Optional
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agi_bitrix.bitrix import payloads
-
-
-class CallType(IntEnum):
-    OUTGOING = 1
-    INCOMING = 2
-    INCOMING_REDIRECTED = 3
-    CALLBACK = 4
-    INFO = 5
+from agi_bitrix.bitrix.payloads import CallType
 
 
 class _Payload(BaseModel):
