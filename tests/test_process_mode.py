@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import List
 
+import pytest
 from conftest import PBX
+
+from agi_bitrix.controllers import EVENTS
 
 from agi_bitrix.settings import load
 from agi_bitrix.settings_file import CACHE_FILE, CachedSettings
@@ -56,6 +60,18 @@ def test_an_incoming_step_loads_neither_pydantic_nor_an_http_library(pbx, emulat
     assert registered_for(emulator, "1796000000.2") == "101"
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
     assert "agi_bitrix.settings" not in modules  # the settings came validated from the cache
+
+
+@pytest.mark.parametrize("event", sorted(EVENTS))
+def test_no_event_loads_pydantic_or_an_http_library(event):
+    """What a step imports for its event, its settings, its client and its journal."""
+    code = ("import importlib, sys\n"
+            "from agi_bitrix import dispatcher, outbox, settings_file, store\n"
+            "from agi_bitrix.bitrix import factory, http\n"
+            f"importlib.import_module({EVENTS[event]!r})\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in sys.argv[1:])))\n")
+    loaded = subprocess.run([sys.executable, "-c", code, *HEAVY], capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == []
 
 
 def test_the_answer_step_does_not_load_phonenumbers(pbx, tmp_path):

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from agi_bitrix import phones
 from agi_bitrix.bitrix.client import Bitrix24
@@ -27,8 +27,10 @@ from agi_bitrix.dialer.portal import Client, DueTask, Operator, Portal
 from agi_bitrix.dialer.state import Attempt, TaskState, dialer_state
 from agi_bitrix.dialer.texts import text
 from agi_bitrix.outbox import Outbox
-from agi_bitrix.settings import Settings
 from agi_bitrix.store import Store
+
+if TYPE_CHECKING:
+    from agi_bitrix.settings import Settings
 
 LOCK_FILE = "dialer.lock"
 _NAME_SAFE = re.compile(r"[^\w .\-]", re.UNICODE)
