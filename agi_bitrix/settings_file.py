@@ -204,7 +204,10 @@ def remember(path: Path, data: Sources, values: Dict[str, Any]) -> None:
     key, cache = _key(path, data), _cache_path(data)
     if key is None or cache is None or not cache.parent.is_dir():
         return
-    body = json.dumps({"key": key, "settings": values}, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    try:
+        body = json.dumps({"key": key, "settings": values}, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    except (TypeError, ValueError):
+        return  # a value JSON cannot hold would not read back the same: no cache
     from agi_bitrix.ownership import match_owner
 
     try:

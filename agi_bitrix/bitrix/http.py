@@ -14,6 +14,7 @@ did, and use a proxy the environment names (https_proxy, all_proxy, no_proxy).
 """
 from __future__ import annotations
 
+import http.client  # here: a request taking its rate slot must not wait for an import after it
 import json
 import os
 import threading
@@ -137,8 +138,6 @@ class Direct:
 
     def request(self, method: str, url: str, timeout: float, body: Optional[bytes] = None,
                 fields: Optional[Mapping[str, Any]] = None, headers: Optional[Mapping[str, str]] = None) -> Answer:
-        import http.client
-
         parts = urlsplit(url)
         if fields is not None or proxy_for(parts.scheme, parts.hostname or ""):
             if self._pool is None:
@@ -167,8 +166,6 @@ class Direct:
         return Answer(resp.status, resp.msg, data)
 
     def _connect(self, scheme: str, host: str, port: Optional[int], timeout: float) -> Any:
-        import http.client
-
         if scheme != "https":
             return http.client.HTTPConnection(host, port, timeout=timeout)
         if self._tls is None:
