@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import psycopg
 
 from agi_bitrix.shared import schema
 from agi_bitrix.shared.connect import SharedStoreError, connect, friendly
-from agi_bitrix.store import DEAD, DONE, KEEP_SECONDS, PENDING, USER_CACHE_SECONDS, Call, Entry
+from agi_bitrix.store import DEAD, DONE, KEEP_SECONDS, PENDING, REPEAT_HARMS, USER_CACHE_SECONDS, Call, Entry
 
 _CALL_FIELDS = [f for f in Call.__dataclass_fields__]
 
@@ -167,12 +167,6 @@ class PgStore:
             self.touched.add(linkedid)
             return self._enqueue(key, "register", register, owner, lease)
 
-    def set_crm(self, linkedid: str, crm_type: Optional[str], crm_id: Optional[int]) -> None:
-        with self._tx(durable=False):
-            self._q("UPDATE calls SET crm_type = %s, crm_id = %s WHERE pbx = %s AND linkedid = %s",
-                    (crm_type, crm_id, self.pbx, linkedid))
-        self.touched.add(linkedid)
-
     def mark_answered(self, linkedid: str, inner: Optional[str], now: Optional[float] = None) -> Optional[Call]:
         with self._tx():
             row = self._one("SELECT * FROM calls WHERE pbx = %s AND linkedid = %s FOR UPDATE", (self.pbx, linkedid))
@@ -273,16 +267,18 @@ class PgStore:
         other.home = self.pbx
         return other
 
-    def mark_sending(self, entry_id: int) -> None:
-        with self._tx():
-            self._q("UPDATE outbox SET sending_at = %s, attempts = attempts + 1 WHERE id = %s", (time.time(), entry_id))
+    def mark_sending(self, entry: Entry) -> None:
+        """Durable only where a repeat would do harm (store.Store.mark_sending says why)."""
+        with self._tx(durable=entry.kind in REPEAT_HARMS):
+            self._q("UPDATE outbox SET sending_at = %s, attempts = attempts + 1 WHERE id = %s", (time.time(), entry.id))
 
     def card_not_live(self, linkedid: str) -> None:
         with self._tx():
             self._q("UPDATE calls SET card_live = 0 WHERE pbx = %s AND linkedid = %s", (self.pbx, linkedid))
         self.touched.add(linkedid)
 
-    def mark_done(self, entry: Entry, call_id: Optional[str] = None) -> None:
+    def mark_done(self, entry: Entry, call_id: Optional[str] = None,
+                  crm: Optional[Tuple[str, int]] = None) -> None:
         now = time.time()
         with self._tx(durable=False):
             self._q("UPDATE outbox SET state = %s, done_at = %s, sending_at = NULL, last_error = NULL,"
@@ -290,6 +286,9 @@ class PgStore:
             if entry.kind == "register" and call_id:
                 self._q("UPDATE calls SET call_id = %s WHERE pbx = %s AND linkedid = %s",
                         (call_id, self.pbx, entry.linkedid))
+            if crm is not None:
+                self._q("UPDATE calls SET crm_type = %s, crm_id = %s WHERE pbx = %s AND linkedid = %s",
+                        (crm[0], crm[1], self.pbx, entry.linkedid))
             if entry.kind == "finish":
                 self._q("UPDATE calls SET finished_at = %s WHERE pbx = %s AND linkedid = %s",
                         (now, self.pbx, entry.linkedid))
