@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.client
 import socket
+import ssl
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator, List
@@ -71,6 +73,40 @@ class ForwardProxy:
         self.server.server_close()
 
 
+class TLSPortal:
+    """An https server on 127.0.0.1 with a certificate of its own (no public CA knows it)."""
+
+    def __init__(self, folder) -> None:
+        self.cert, key = folder / "cert.pem", folder / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                        "-out", str(self.cert), "-days", "2", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = b'{"result": {"scope": ["telephony"]}}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(str(self.cert), str(key))
+        self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.url = "https://localhost:%d/rest/1/code/" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def client(url: str, transport: type, timeout: float = 30) -> Bitrix24:
     return Bitrix24(WebhookAuth(url), timeout=timeout, session=transport())
 
@@ -114,3 +150,18 @@ def test_a_refused_connection_and_a_silent_portal_are_told_apart(transport, no_p
         with pytest.raises(NetworkError) as late:
             client("http://127.0.0.1:%d/rest/1/code/" % silent.getsockname()[1], transport, timeout=0.5).call("scope")
     assert (late.value.code, late.value.cause) == ("TIMEOUT", "timeout")
+
+
+@TRANSPORTS
+def test_a_certificate_is_checked_against_the_bundle_requests_used(transport, no_proxy_env, tmp_path):
+    portal = TLSPortal(tmp_path)
+    try:
+        no_proxy_env.delenv("REQUESTS_CA_BUNDLE", raising=False)
+        no_proxy_env.delenv("CURL_CA_BUNDLE", raising=False)
+        with pytest.raises(NetworkError) as refused:  # certifi's bundle does not know this portal
+            client(portal.url, transport).call("scope")
+        assert refused.value.cause == "tls" and "TLS handshake with localhost failed" in refused.value.description
+        no_proxy_env.setenv("REQUESTS_CA_BUNDLE", str(portal.cert))
+        assert client(portal.url, transport).call("scope") == {"scope": ["telephony"]}
+    finally:
+        portal.close()

@@ -78,7 +78,8 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen, todo = set(), [exc]
     while todo:
         item = todo.pop()
-        if item is None or id(item) in seen:
+        # ssl's errors carry a text `reason` (CERTIFICATE_VERIFY_FAILED), urllib3's an exception.
+        if not isinstance(item, BaseException) or id(item) in seen:
             continue
         seen.add(id(item))
         yield item
