@@ -25,11 +25,12 @@ from agi_bitrix.testing.fake_asterisk import AGIRun, FakeAsterisk
 
 WRAPPER = """
 import json, os, sys
-out = sys.argv.pop(1)
+out, first = sys.argv.pop(1), os.getpid()
 end = os._exit
 def _exit(code):
-    with open(out, "w") as fh:
-        json.dump(sorted(sys.modules), fh)
+    if os.getpid() == first:  # not a child delivering after the step (`answer`)
+        with open(out, "w") as fh:
+            json.dump(sorted(sys.modules), fh)
     end(code)
 os._exit = _exit
 from agi_bitrix.cli import main
