@@ -38,6 +38,20 @@ def no_proxy_env(monkeypatch):
     return monkeypatch
 
 
+class JSONHandler(BaseHTTPRequestHandler):
+    """A test server's handler: answer() sends a JSON body; nothing is logged."""
+
+    def answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 class ForwardProxy:
     """A plain HTTP forward proxy on 127.0.0.1 that notes each request it forwards."""
 
@@ -45,7 +59,7 @@ class ForwardProxy:
         self.seen: List[str] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 outer.seen.append(self.path)
@@ -55,14 +69,7 @@ class ForwardProxy:
                 answer = upstream.getresponse()
                 data = answer.read()
                 upstream.close()
-                self.send_response(answer.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
+                self.answer(answer.status, data)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
@@ -82,18 +89,10 @@ class TLSPortal:
                         "-out", str(self.cert), "-days", "2", "-subj", "/CN=localhost",
                         "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler):
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                body = b'{"result": {"scope": ["telephony"]}}'
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
+                self.answer(200, b'{"result": {"scope": ["telephony"]}}')
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
