@@ -52,15 +52,19 @@ def status(store: Any, t: Texts) -> int:
 
 def one_pass(dialer: Any, logger: Any) -> Any:
     """One dialer pass with its log line (`dialer run`, or the loop inside `agi-bitrix service`);
-    a portal or AMI failure is logged and raised."""
+    a portal, AMI or store failure is logged and raised."""
     from agi_bitrix.bitrix.errors import BitrixError
     from agi_bitrix.pbx.ami import AMIError
+    from agi_bitrix.store import StoreError
 
     fields: dict = {}
     started = time.monotonic()
     try:
+        revive = getattr(dialer.store, "revive", None)
+        if revive is not None:  # the shared store: a connection PostgreSQL dropped is opened anew
+            revive()
         report = dialer.run_once(log=fields)
-    except (BitrixError, AMIError) as exc:
+    except (BitrixError, AMIError, StoreError) as exc:
         logger.error("dialer_pass", reason=str(exc), **fields)
         raise
     fields.update(free=report.operators_free, due=report.due, dialed=len(report.dialed),
@@ -77,6 +81,7 @@ def run(args: Any) -> int:
     from agi_bitrix.bitrix.errors import BitrixError
     from agi_bitrix.dialer.engine import Dialer, DialerBusy, DialerLock
     from agi_bitrix.pbx.ami import AMIClient, AMIError
+    from agi_bitrix.store import StoreError
 
     ast = settings.asterisk
     if not ast.ami_user:
@@ -99,7 +104,7 @@ def run(args: Any) -> int:
                             print(f"  task {task_id}: {reason}")
                         for attempt, outcome in report.outcomes.items():
                             print(f"  {attempt}: {outcome}")
-                except (BitrixError, AMIError) as exc:
+                except (BitrixError, AMIError, StoreError) as exc:  # logged; the next pass tries again
                     if args.once:
                         raise CommandFailed(str(exc), language) from None
                 if args.once or stopping:

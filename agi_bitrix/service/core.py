@@ -285,6 +285,7 @@ class Service:
         from agi_bitrix.commands.dialer import one_pass
         from agi_bitrix.dialer.engine import Dialer, DialerBusy, DialerLock
         from agi_bitrix.pbx.ami import AMIClient, AMIError
+        from agi_bitrix.store import StoreError
         from agi_bitrix.stores import open_store
 
         settings = self.settings
@@ -309,7 +310,7 @@ class Service:
                             self.metrics.dialer_passes.inc()
                             for outcome in report.outcomes.values():
                                 self.metrics.dialer_outcomes.labels(str(outcome)).inc()
-                        except (BitrixError, AMIError):
+                        except (BitrixError, AMIError, StoreError):
                             pass  # logged by one_pass; the next pass tries again
                         except Exception as exc:  # the loop must outlive any one pass
                             self.log.error("dialer_pass", reason=f"{type(exc).__name__}: {exc}")

@@ -40,19 +40,23 @@ class PgStore:
     engine = "postgresql"
 
     def __init__(self, url: str, pbx: str, timeout: float = 1.0, conn: Any = None) -> None:
-        self.url, self.pbx = url, pbx
+        self.url, self.pbx, self.timeout = url, pbx, timeout
         self.home = pbx  # the PBX this process runs on (as_pbx views another's calls)
         self.path = f"postgresql {schema.SCHEMA} ({pbx})"
-        self.db = conn if conn is not None else connect(url, pbx, timeout)
+        self.db = self._checked(conn if conn is not None else connect(url, pbx, timeout))
         self.touched: Set[str] = set()  # call keys this store changed (the local journal mirrors them)
+
+    def _checked(self, conn: Any) -> Any:
+        """`conn` once its schema is the one this code writes (closed and SharedStoreError if not)."""
         try:
-            schema.require_current(self.db)
+            schema.require_current(conn)
         except psycopg.Error as exc:
-            self.db.close()
-            raise SharedStoreError(friendly(exc, url)) from None
+            conn.close()
+            raise SharedStoreError(friendly(exc, self.url)) from None
         except SharedStoreError:
-            self.db.close()
+            conn.close()
             raise
+        return conn
 
     journal_dir = ""  # state_dir: the calls this store changed are copied into the local journal on close
 
@@ -88,6 +92,14 @@ class PgStore:
             return True
         except psycopg.Error:
             return False
+
+    def revive(self) -> None:
+        """A long-lived store (the dialer's) gets a new connection in place of one that broke
+        (PostgreSQL restarted, the network dropped it); SharedStoreError while it is still away."""
+        if self.alive():
+            return
+        self.db.close()
+        self.db = self._checked(connect(self.url, self.pbx, self.timeout))
 
     # -- plumbing -------------------------------------------------------------------------------
     def _q(self, sql: str, args: Any = ()) -> Any:
