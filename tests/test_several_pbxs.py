@@ -3,7 +3,7 @@ processes, a PBX that is gone, click-to-call and the caches on the shared store,
 store missed, the request budget while the store is away."""
 from __future__ import annotations
 
-from conftest import SharedPBX, SharedServicePBX, pg_rows
+from conftest import SharedPBX, SharedServicePBX, only_call, pg_rows
 from test_shared_store import CALL, wait_for
 
 from agi_bitrix.testing.fake_ami import FakeAMI, OriginateOutcome
@@ -68,3 +68,28 @@ def test_the_service_goes_back_to_postgresql_after_it_restarts(tmp_path, emulato
     rows = pg_rows(pg_url, "SELECT linkedid, call_id FROM agi_bitrix.calls WHERE linkedid = ANY(%s) ORDER BY linkedid",
                    lids)
     assert [r["linkedid"] for r in rows if r["call_id"]] == lids
+
+
+def test_the_calls_a_gone_pbx_left_open_are_closed_by_another_once(two_pbxs, emulator):
+    a, b = two_pbxs
+    b.set("calls", "max_call_length", "3600")  # A keeps the default, 4 hours
+    lid = "1795610000.1"
+    assert a.run(CALL, linkedid=lid).set_variables["BITRIX_STATUS"] == "OK"  # its hangup never runs
+    assert a.cli("outbox", "flush").returncode == 0  # A's deliverer: A is alive
+    a.advance(5 * 3600)  # the call began 5 hours ago
+    assert b.cli("outbox", "flush").returncode == 0
+    assert not emulator.requests_for("telephony.externalcall.finish")  # a live PBX closes its own calls
+    pg_rows(a.url, "UPDATE agi_bitrix.pbxs SET seen_at = seen_at - 301 WHERE pbx = 'office-a' RETURNING pbx")
+    res = b.cli("outbox", "flush")  # A has been silent 5 minutes: it is gone
+    assert res.returncode == 0 and "delivered 1, still waiting 0" in res.stdout, res.stdout + res.stderr
+    closed = [line for line in b.log() if line["event"] == "call_closed_unfinished"]
+    assert [(c["pbx"], c["linkedid"], c["status_code"]) for c in closed] == [("office-a", lid, "304")]
+    call = only_call(emulator)
+    assert call["register"]["EXTERNAL_CALL_ID"] == f"office-a:{lid}" and call["finished"]
+    assert call["status_code"] == "304"
+    # Neither B again, nor A coming back (past its own max_call_length now), closes it twice.
+    assert b.cli("outbox", "flush").returncode == 0
+    a.advance(3600)
+    assert a.cli("outbox", "flush").returncode == 0
+    assert len(emulator.requests_for("telephony.externalcall.finish")) == 1
+    assert not [line for line in a.log() if line["event"] == "call_closed_unfinished"]

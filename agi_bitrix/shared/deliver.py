@@ -1,7 +1,8 @@
 """The deliverer of a PBX on the shared store (worker, `agi-bitrix service`, `outbox flush`).
 
 Each pass: this PBX says it is alive (and that its pbx_id is its own), moves what its local journal
-kept while PostgreSQL was away, closes its calls whose hangup never ran, then delivers the calls
+kept while PostgreSQL was away, closes its calls whose hangup never ran (and those of a PBX that is
+gone: its deliverer silent for ALIVE seconds), then delivers the calls
 of every PBX that no live worker holds, oldest first. A PBX killed in the middle of a call leaves
 its entries leased for the lease's length; after that any PBX's deliverer carries them, once.
 While the shared store is away the pass delivers from the local journal instead.
@@ -44,6 +45,21 @@ def others(store: Any) -> List[Dict[str, Any]]:
                     (store.pbx,)).fetchall()
 
 
+def close_for_the_gone(store: Any, settings: Any, owner: str, logger: Any, now: float = 0.0) -> int:
+    """The calls a PBX left open when it died (silent ALIVE seconds): closed after [calls]
+    max_call_length as its own deliverer would have, each once (its finish is claimed in the
+    same row a hangup or another PBX would claim it); the pass that follows delivers them."""
+    from agi_bitrix.abandoned import close_abandoned
+
+    now = now or time.time()
+    closed = 0
+    for pbx in store.gone_pbxs(ALIVE, now - settings.calls.max_call_length):
+        for record in close_abandoned(store.as_pbx(pbx), settings, owner, now):
+            logger.warning("call_closed_unfinished", pbx=pbx, **record)
+            closed += 1
+    return closed
+
+
 def shared_pass(settings: Any, client: Any, logger: Any, per_call: float, force: bool = False,
                 owner: str = "") -> FlushStats:
     from agi_bitrix.commands.outbox import close_abandoned
@@ -69,6 +85,7 @@ def shared_pass(settings: Any, client: Any, logger: Any, per_call: float, force:
             logger.info("journal_moved", calls=calls, entries=entries)
         outbox = Outbox(store, client, settings.calls.recording_url, owner=owner or None)
         close_abandoned(settings, outbox, logger)
+        close_for_the_gone(store, settings, outbox.owner, logger)
         for pbx, key in store.due_everywhere(force):
             carrier = outbox if pbx == store.pbx else Outbox(store.as_pbx(pbx), client, settings.calls.recording_url,
                                                              outbox.owner, outbox.log)

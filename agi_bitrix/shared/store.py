@@ -159,12 +159,22 @@ class PgStore:
                        " AND started_at < %s", (self.pbx, before)).fetchall()
 
     def abandoned_calls(self, before: float) -> List[Call]:
-        """This PBX's calls whose hangup never ran (another PBX knows nothing of their channels)."""
+        """This PBX's calls whose hangup never ran (another PBX's only once it is gone: gone_pbxs)."""
         rows = self._q("SELECT * FROM calls c WHERE pbx = %s AND finish_claimed IS NULL AND started_at < %s"
                        " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.pbx = c.pbx AND o.linkedid = c.linkedid"
                        " AND o.kind = 'register' AND o.state = %s) ORDER BY started_at",
                        (self.pbx, before, DEAD)).fetchall()
         return [_call(r) for r in rows]
+
+    def gone_pbxs(self, silent: float, before: float) -> List[str]:
+        """Other PBXs with calls open since before `before` whose deliverer has been silent for
+        `silent` seconds (or never passed): nobody else closes the calls a dead PBX left open."""
+        now = time.time()
+        rows = self._q("SELECT DISTINCT c.pbx FROM calls c LEFT JOIN pbxs p ON p.pbx = c.pbx"
+                       " WHERE c.pbx != %s AND c.finish_claimed IS NULL AND c.started_at < %s"
+                       " AND (p.seen_at IS NULL OR p.seen_at < %s) ORDER BY c.pbx",
+                       (self.pbx, before, now - silent)).fetchall()
+        return [r["pbx"] for r in rows]
 
     def active_key(self, linkedid: str) -> str:
         row = self._one("SELECT active_part FROM calls WHERE pbx = %s AND linkedid = %s", (self.pbx, linkedid))
