@@ -3,6 +3,8 @@ processes, a PBX that is gone, click-to-call and the caches on the shared store,
 store missed, the request budget while the store is away."""
 from __future__ import annotations
 
+import pytest
+
 from conftest import SharedPBX, SharedServicePBX, only_call, pg_rows
 from test_shared_store import CALL, wait_for
 
@@ -93,3 +95,60 @@ def test_the_calls_a_gone_pbx_left_open_are_closed_by_another_once(two_pbxs, emu
     assert a.cli("outbox", "flush").returncode == 0
     assert len(emulator.requests_for("telephony.externalcall.finish")) == 1
     assert not [line for line in a.log() if line["event"] == "call_closed_unfinished"]
+
+
+
+@pytest.mark.parametrize("server", ["serve", "service"])
+def test_click_to_call_on_the_shared_store(server, tmp_path, emulator, pg_url):
+    """The event handler of `agi-bitrix serve`, or the one inside `agi-bitrix service`."""
+    from test_click2call import Desk
+
+    kind = SharedPBX if server == "serve" else SharedServicePBX
+    a = kind(tmp_path, emulator.webhook_url, pg_url, "office-a")
+    with FakeAMI(username="crm", secret="ami-2") as ami:
+        desk = Desk(a, emulator, ami, "online")
+        try:
+            if server == "serve":
+                desk.serve()  # the installation callback stores the token pair in the shared store
+            else:
+                a.start()
+                desk.port = a.service.web.server_address[1]
+                a.set("events", "handler_url", f"http://127.0.0.1:{desk.port}/")
+                assert emulator.install_app(f"http://127.0.0.1:{desk.port}/") == 200
+            data = emulator.click_to_call(emulator.people["101"], "8 (916) 765-43-21")
+            call = desk.finished(data["CALL_ID"])
+        finally:
+            desk.stop()
+            if server == "service":
+                a.stop()
+    assert call["status_code"] == "200" and call["finish_user_id"] == emulator.people["101"]
+    assert emulator.requests_for("telephony.externalcall.register") == []
+    rows = pg_rows(pg_url, "SELECT pbx, call_id, finished_at FROM agi_bitrix.calls")
+    assert [(r["pbx"], r["call_id"]) for r in rows] == [("office-a", data["CALL_ID"])] and rows[0]["finished_at"]
+    assert len(pg_rows(pg_url, "SELECT portal FROM agi_bitrix.tokens")) == 1
+    assert "shared_store_problem" not in a.log_text()
+
+
+def test_a_route_one_pbx_looked_up_serves_the_other(two_pbxs, emulator):
+    a, b = two_pbxs
+    for pbx in two_pbxs:
+        pbx.set("calls", "route_to_responsible", "yes")
+    run = a.run(["incoming", "+79161234567"], linkedid="1795620000.1")
+    assert run.set_variables["BITRIX_RESPONSIBLE"] == "102"  # Ivan Sidorov's manager
+    searches = len(emulator.requests_for("telephony.externalcall.searchcrmentities"))
+    assert searches == 1
+    rows = pg_rows(a.url, "SELECT phone, inner_number FROM agi_bitrix.routes")
+    assert [(r["phone"], r["inner_number"]) for r in rows] == [("+79161234567", "102")]
+    run = b.run(["incoming", "+79161234567"], linkedid="1795620000.1")
+    assert run.set_variables["BITRIX_RESPONSIBLE"] == "102" and b.log()[-1]["route"] == "cached"
+    assert len(emulator.requests_for("telephony.externalcall.searchcrmentities")) == searches
+    # Past [calls] route_cache the next lookup asks the portal again, and a number without a
+    # manager is remembered as such.
+    pg_rows(a.url, "UPDATE agi_bitrix.routes SET fetched_at = fetched_at - 301 RETURNING phone")
+    b.run(["incoming", "+79161234567"], linkedid="1795620000.2")
+    assert len(emulator.requests_for("telephony.externalcall.searchcrmentities")) == searches + 1
+    assert "route" not in b.log()[-1]
+    a.run(["incoming", "+74950000000"], linkedid="1795620000.3")
+    run = b.run(["incoming", "+74950000000"], linkedid="1795620000.3")
+    assert run.set_variables["BITRIX_RESPONSIBLE"] == "" and b.log()[-1]["route"] == "cached"
+    assert len(emulator.requests_for("telephony.externalcall.searchcrmentities")) == searches + 2
