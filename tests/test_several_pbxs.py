@@ -152,3 +152,42 @@ def test_a_route_one_pbx_looked_up_serves_the_other(two_pbxs, emulator):
     run = b.run(["incoming", "+74950000000"], linkedid="1795620000.3")
     assert run.set_variables["BITRIX_RESPONSIBLE"] == "" and b.log()[-1]["route"] == "cached"
     assert len(emulator.requests_for("telephony.externalcall.searchcrmentities")) == searches + 2
+
+
+
+def test_a_renewed_pair_the_shared_store_missed_reaches_it_from_this_pbxs_copy(tmp_path, emulator, pg_url,
+                                                                                pg_cluster):
+    """PostgreSQL goes away while the OAuth server renews the pair for PBX A's service: the pair
+    lands in A's oauth-tokens.json only. When PostgreSQL is back, A's deliverer hands that pair
+    over (A's steps need nothing from the store meanwhile); B uses it, never the spent one."""
+    import json
+
+    from test_oauth import use_oauth
+
+    a = SharedServicePBX(tmp_path / "a", emulator.webhook_url, pg_url, "office-a")
+    b = SharedPBX(tmp_path / "b", emulator.webhook_url, pg_url, "office-b")
+    for pbx in (a, b):
+        use_oauth(pbx, emulator)
+    a.values["service"]["flush_interval"] = "0.2"
+    assert b.cli("auth", "--code", stdin=emulator.authorization_code() + "\n").returncode == 0
+    unshared = a.state_dir / "oauth-tokens.unshared"
+    a.start()
+    try:
+        emulator.expire_access_tokens()
+        emulator.on_request("oauth.token", pg_cluster.stop)  # the refresh is on its way: PostgreSQL stops
+        try:
+            a.run(CALL, linkedid="1795630000.1")
+            missed = unshared.exists()
+        finally:
+            emulator.on_request("oauth.token", None)
+            pg_cluster.start()
+        assert missed and emulator.refresh_count == 1
+        wait_for(lambda: not unshared.exists(), "A's deliverer to hand the pair over", 60)
+        kept = json.loads((a.state_dir / "oauth-tokens.json").read_text())
+        shared = json.loads(pg_rows(pg_url, "SELECT pair FROM agi_bitrix.tokens")[0]["pair"])
+        assert shared["refresh_token"] == kept["refresh_token"]
+        runs = [b.run(CALL, linkedid=f"1795630000.{n}") for n in (2, 3)]
+        assert [r.set_variables["BITRIX_STATUS"] for r in runs] == ["OK", "OK"]
+        assert emulator.refresh_count == 1 and emulator.spent_refresh_uses == 0
+    finally:
+        a.stop()

@@ -1,11 +1,12 @@
 """The deliverer of a PBX on the shared store (worker, `agi-bitrix service`, `outbox flush`).
 
-Each pass: this PBX says it is alive (and that its pbx_id is its own), moves what its local journal
-kept while PostgreSQL was away, closes its calls whose hangup never ran (and those of a PBX that is
-gone: its deliverer silent for ALIVE seconds), then delivers the calls
-of every PBX that no live worker holds, oldest first. A PBX killed in the middle of a call leaves
-its entries leased for the lease's length; after that any PBX's deliverer carries them, once.
-While the shared store is away the pass delivers from the local journal instead.
+Each pass: this PBX says it is alive (and that its pbx_id is its own), hands the store a token pair
+it renewed while the store failed, moves what its local journal kept while PostgreSQL was away,
+closes its calls whose hangup never ran (and those of a PBX that is gone: its deliverer silent for
+ALIVE seconds), then delivers the calls of every PBX that no live worker holds, oldest first. A PBX
+killed in the middle of a call leaves its entries leased for the lease's length; after that any
+PBX's deliverer carries them, once. While the shared store is away the pass delivers from the
+local journal instead.
 """
 from __future__ import annotations
 
@@ -45,6 +46,26 @@ def others(store: Any) -> List[Dict[str, Any]]:
                     (store.pbx,)).fetchall()
 
 
+def share_renewed_pair(settings: Any, logger: Any) -> None:
+    """A pair this PBX renewed while the shared store failed (it is only in oauth-tokens.json)
+    reaches the store now, not at this PBX's next request: the other PBXs wait for it (the
+    refresh mark), and their copy's refresh token is spent."""
+    if settings.bitrix24.mode != "oauth":
+        return
+    from agi_bitrix.bitrix.oauth import TokenStoreError, token_store
+
+    tokens = token_store(settings)
+    if not tokens.unshared.exists():  # type: ignore[attr-defined]
+        return
+    try:
+        tokens.load()  # brings the copy along (shared/tokens.py)
+    except TokenStoreError as exc:
+        logger.error("tokens_shared", reason=str(exc))
+        return
+    if not tokens.unshared.exists():  # type: ignore[attr-defined]
+        logger.info("tokens_shared", note="the pair renewed while the shared store failed is in it now")
+
+
 def close_for_the_gone(store: Any, settings: Any, owner: str, logger: Any, now: float = 0.0) -> int:
     """The calls a PBX left open when it died (silent ALIVE seconds): closed after [calls]
     max_call_length as its own deliverer would have, each once (its finish is claimed in the
@@ -76,6 +97,7 @@ def shared_pass(settings: Any, client: Any, logger: Any, per_call: float, force:
     total = FlushStats()
     try:
         register(store, storage.state_dir)
+        share_renewed_pair(settings, logger)
         local = journal.open_local(storage.state_dir, storage.pbx_id)
         try:
             calls, entries = journal.move(local, store, storage.pbx_id)

@@ -60,14 +60,14 @@ class SharedTokenStore(TokenStore):
         local = _quiet(super().load)
         if row is None:
             if local is not None:  # the first PBX on the shared store brings its pair along
-                self._put(local)
+                self._share(local)
             return local
         if local is not None and self.unshared.exists():
             # Renewed here when the shared store could not take it (it failed right after the
             # OAuth server answered): the shared store learns that pair now. Only then: the
             # PBXs' clocks cannot say which of two pairs is newer.
-            self._put(local)
-            self.unshared.unlink(missing_ok=True)
+            if self._share(local):
+                self.unshared.unlink(missing_ok=True)
             return local
         try:
             return Tokens.from_dict(json.loads(row["pair"]))
@@ -80,6 +80,16 @@ class SharedTokenStore(TokenStore):
             "INSERT INTO tokens (portal, pair, updated_at) VALUES (%s, %s, %s) ON CONFLICT (portal) DO UPDATE"
             " SET pair = EXCLUDED.pair, updated_at = EXCLUDED.updated_at, refreshing_until = NULL",
             (self.portal, json.dumps(asdict(tokens)), time.time()))
+
+    def _share(self, tokens: Tokens) -> bool:
+        """This PBX's pair into the shared store; False (the reason in `problem`) when it failed."""
+        try:
+            self._put(tokens)
+            return True
+        except psycopg.Error as exc:
+            self.problem = friendly(exc, self.url)
+            self._conn = None
+            return False
 
     def save(self, tokens: Tokens, room: Optional[_Room] = None) -> None:
         """This PBX's copy first (its room was reserved), then the shared store: committed before
