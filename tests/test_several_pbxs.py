@@ -191,3 +191,24 @@ def test_a_renewed_pair_the_shared_store_missed_reaches_it_from_this_pbxs_copy(t
         assert emulator.refresh_count == 1 and emulator.spent_refresh_uses == 0
     finally:
         a.stop()
+
+
+def test_a_refused_pair_never_replaces_one_handed_over_meanwhile(tmp_path, pg_url):
+    """B refreshes with the stored (spent) pair while A hands over the pair it renewed: B's mark of
+    refusal lands only on the pair it was refused for."""
+    import time
+    from dataclasses import replace
+
+    from agi_bitrix.bitrix.oauth import Tokens
+    from agi_bitrix.shared.tokens import SharedTokenStore
+
+    stores = {}
+    for name in "ab":
+        (tmp_path / name).mkdir()
+        stores[name] = SharedTokenStore(str(tmp_path / name), pg_url, f"office-{name}", "portal.example", 5.0)
+    spent = Tokens("access-1", "refresh-1", time.time() + 3600, "https://portal.example/rest/")
+    stores["b"].save(spent)
+    stores["a"]._put(replace(spent, access_token="access-2", refresh_token="refresh-2"))  # the hand-over
+    stores["b"].save(replace(spent, refused="invalid_grant"))  # B's refresh with refresh-1 was refused
+    assert stores["b"].load().refresh_token == "refresh-2"
+    assert not stores["b"].load().refused

@@ -76,6 +76,14 @@ class SharedTokenStore(TokenStore):
                                   "--code") from None
 
     def _put(self, tokens: Tokens) -> None:
+        if tokens.refused:
+            # The refused pair is marked only where it is still the one stored: a pair another PBX
+            # handed over meanwhile (renewed while the store failed) is not lost to the mark.
+            self._db().execute(
+                "UPDATE tokens SET pair = %s, updated_at = %s, refreshing_until = NULL WHERE portal = %s"
+                " AND pair::json->>'refresh_token' = %s",
+                (json.dumps(asdict(tokens)), time.time(), self.portal, tokens.refresh_token))
+            return
         self._db().execute(
             "INSERT INTO tokens (portal, pair, updated_at) VALUES (%s, %s, %s) ON CONFLICT (portal) DO UPDATE"
             " SET pair = EXCLUDED.pair, updated_at = EXCLUDED.updated_at, refreshing_until = NULL",
