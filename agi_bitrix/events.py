@@ -105,8 +105,9 @@ class EventProcessor:
         else:
             bad = ""
         inner = phones.inner_number(str(data.get("EXTENSION") or "")) or self._inner_of(user_id)
-        self.store.adopt_call(key, call_id, "outgoing", number or raw[:30], str(data.get("LINE_NUMBER") or ""),
-                              inner or "")
+        if not self.store.adopt_call(key, call_id, "outgoing", number or raw[:30], str(data.get("LINE_NUMBER") or ""),
+                                     inner or ""):
+            return "repeat of an event already handled"  # here, or by another PBX on the shared store
         if bad:
             return self._fail(key, inner, "484", f"the number cannot be dialed: {bad}")
         if not inner:

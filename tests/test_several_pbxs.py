@@ -104,7 +104,7 @@ def test_click_to_call_on_the_shared_store(server, tmp_path, emulator, pg_url):
     from test_click2call import Desk
 
     kind = SharedPBX if server == "serve" else SharedServicePBX
-    a = kind(tmp_path, emulator.webhook_url, pg_url, "office-a")
+    a = kind(tmp_path / "a", emulator.webhook_url, pg_url, "office-a")
     with FakeAMI(username="crm", secret="ami-2") as ami:
         desk = Desk(a, emulator, ami, "online")
         try:
@@ -127,6 +127,32 @@ def test_click_to_call_on_the_shared_store(server, tmp_path, emulator, pg_url):
     assert [(r["pbx"], r["call_id"]) for r in rows] == [("office-a", data["CALL_ID"])] and rows[0]["finished_at"]
     assert len(pg_rows(pg_url, "SELECT portal FROM agi_bitrix.tokens")) == 1
     assert "shared_store_problem" not in a.log_text()
+    # PBX B has a handler bound too: the portal posts it the same event, and B rings nobody.
+    b = SharedPBX(tmp_path / "b", emulator.webhook_url, pg_url, "office-b")
+    assert handled_by(b, data) == "repeat of an event already handled"
+    # The employee clicks the same number again at once, and B takes that event: a double click.
+    again = emulator.click_to_call(emulator.people["101"], "8 (916) 765-43-21")
+    assert handled_by(b, again) == "not dialed: a repeated click on the same number"
+    assert emulator.calls[again["CALL_ID"]]["status_code"] == "603-S"
+    assert len(ami.originates) == 1
+
+
+def handled_by(pbx, data) -> str:
+    """What PBX `pbx`'s event handler makes of a click-to-call event (in this process)."""
+    from agi_bitrix import settings as settings_mod
+    from agi_bitrix.bitrix.factory import make_client
+    from agi_bitrix.events import CLICK, EventProcessor
+    from agi_bitrix.stores import open_store
+
+    settings = settings_mod.load(str(pbx.settings_file))
+    store = open_store(settings)
+    try:
+        def no_ringing():
+            raise AssertionError(f"{pbx.pbx_id} rang the employee")
+
+        return EventProcessor(settings, store, make_client(settings), no_ringing, {}).handle(CLICK, data)
+    finally:
+        store.close()
 
 
 def test_a_route_one_pbx_looked_up_serves_the_other(two_pbxs, emulator):

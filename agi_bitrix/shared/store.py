@@ -20,6 +20,7 @@ from agi_bitrix.shared.connect import SharedStoreError, connect, friendly
 from agi_bitrix.store import DEAD, DONE, KEEP_SECONDS, PENDING, REPEAT_HARMS, USER_CACHE_SECONDS, Call, Entry
 
 _CALL_FIELDS = [f for f in Call.__dataclass_fields__]
+ADOPT_LOCK = 7_432_200  # pg_advisory_xact_lock(ADOPT_LOCK, hashtext(CALL_ID)): one PBX adopts a click
 
 
 def _call(row: Dict[str, Any]) -> Call:
@@ -145,13 +146,19 @@ class PgStore:
             return self._enqueue(linkedid, "register", register, owner, lease)
 
     def adopt_call(self, key: str, call_id: str, direction: str, phone: str, line: str, user_inner: str) -> bool:
+        """A call Bitrix24 registered itself (click-to-call); False when any PBX has its CALL_ID:
+        the portal posts an event to every handler bound to it, and one PBX rings."""
         with self._tx():
+            self._q("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ADOPT_LOCK, call_id))
+            if self._one("SELECT 1 AS x FROM calls WHERE call_id = %s AND pbx != %s", (call_id, self.pbx)):
+                return False
             return self._insert_call(key, direction, phone, line, user_inner, call_id)
 
     def recent_click(self, key: str, user_inner: str, phone: str, seconds: float) -> bool:
-        return self._one("SELECT 1 AS x FROM calls WHERE pbx = %s AND linkedid LIKE 'click-%%' AND linkedid != %s"
+        """A double click by the employee, whichever PBX took the first one."""
+        return self._one("SELECT 1 AS x FROM calls WHERE linkedid LIKE 'click-%%' AND linkedid != %s"
                          " AND user_inner = %s AND phone = %s AND started_at > %s",
-                         (self.pbx, key, user_inner, phone, time.time() - seconds)) is not None
+                         (key, user_inner, phone, time.time() - seconds)) is not None
 
     def stale_clicks(self, before: float) -> List[Any]:
         return self._q("SELECT linkedid, user_inner FROM calls WHERE pbx = %s AND (linkedid LIKE 'click-%%'"
