@@ -238,3 +238,41 @@ def test_a_refused_pair_never_replaces_one_handed_over_meanwhile(tmp_path, pg_ur
     stores["b"].save(replace(spent, refused="invalid_grant"))  # B's refresh with refresh-1 was refused
     assert stores["b"].load().refresh_token == "refresh-2"
     assert not stores["b"].load().refused
+
+
+def test_while_postgresql_is_away_the_pbxs_together_stay_inside_the_portals_budget(tmp_path, emulator, pg_url,
+                                                                                    pg_cluster):
+    """The portal's bucket (20, draining 20 a second) is full when PostgreSQL stops. Each of the
+    two PBXs falls back on its share (10 at 10 a second), starting full: together they send no
+    faster than the portal drains, and draw no 503."""
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlsplit
+
+    from agi_bitrix.bitrix.ratelimit import RateLimiter
+
+    emulator.set_bucket(20, 20.0)
+    pbxs = [SharedServicePBX(tmp_path / name, emulator.webhook_url, pg_url, f"office-{name}") for name in "ab"]
+    for pbx in pbxs:
+        pbx.set("bitrix24", "rate_burst", "20")  # the portal's budget: on the shared store, for all PBXs
+        pbx.set("bitrix24", "rate_per_second", "20")
+    assert pbxs[1].cli("outbox", "flush").returncode == 0  # B is alive before A's deliverer looks
+    files = [RateLimiter(str(pbx.state_dir), urlsplit(emulator.webhook_url).netloc).path for pbx in pbxs]
+    try:
+        for pbx, file in zip(pbxs, files):
+            pbx.start()  # its deliverer's first pass sees two PBXs alive
+            wait_for(lambda f=file: f.exists() and '"pbxs": 2' in f.read_text(), "the deliverer to count two PBXs")
+        pg_cluster.stop()
+        try:
+            emulator.fill_bucket()
+            work = [(pbx, f"17956400{n}.{i}") for n, pbx in enumerate(pbxs) for i in range(12)]
+            with ThreadPoolExecutor(len(work)) as pool:
+                runs = list(pool.map(lambda job: job[0].run(CALL, linkedid=job[1]), work))
+        finally:
+            pg_cluster.start()
+    finally:
+        for pbx in pbxs:
+            pbx.stop()
+    assert [r.set_variables["BITRIX_STATUS"] for r in runs] == ["OK"] * 24
+    registers = emulator.requests_for("telephony.externalcall.register")
+    assert len(registers) == 24 and [r["status"] for r in registers].count(503) == 0
+    assert all("shared_store_problem" in line for pbx in pbxs for line in pbx.log() if line["event"] == "incoming")

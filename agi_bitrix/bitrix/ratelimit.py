@@ -18,7 +18,7 @@ import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from agi_bitrix.bitrix.errors import LimitError
 from agi_bitrix.deadline import Deadline
@@ -80,10 +80,14 @@ class RateLimiter:
         finally:
             os.close(fd)  # closing releases the flock
 
+    def _limits(self, state: Dict[str, Any]) -> Tuple[int, float]:
+        """(burst, requests per second) of the bucket `state` holds."""
+        return self.burst, self.rate
+
     def _level(self, state: Dict[str, Any], now: float) -> float:
         level = float(state.get("level") or 0.0)
         at = float(state.get("at") or now)
-        return max(0.0, level - max(0.0, now - at) * self.rate)
+        return max(0.0, level - max(0.0, now - at) * self._limits(state)[1])
 
     def acquire(self, method: str, deadline: Deadline) -> float:
         """Take one request slot, sleeping until it is due; LimitError if not within `deadline`."""
@@ -97,7 +101,8 @@ class RateLimiter:
                                  " (the portal's execution-time limit for this method)", 429, method,
                                  reset_at=until)
             level = self._level(state, now)
-            wait = max(0.0, (level + 1.0 - self.burst) / self.rate)
+            burst, rate = self._limits(state)
+            wait = max(0.0, (level + 1.0 - burst) / rate)
             if wait and wait + MIN_REQUEST_TIME > deadline.remaining():
                 raise LimitError("RATE_BUDGET", f"this PBX's request budget for the portal is used up "
                                  f"for {wait:.1f} s", None, method, reset_at=now + wait)
@@ -114,7 +119,7 @@ class RateLimiter:
             if state is None:
                 return
             now = self.clock()
-            state["level"], state["at"] = max(self._level(state, now), float(self.burst)), now
+            state["level"], state["at"] = max(self._level(state, now), float(self._limits(state)[0])), now
 
     def observe(self, method: str, timing: Any) -> None:
         """Remember the `operating_reset_at` of a good answer: the time a 429 for it would end."""

@@ -1,18 +1,26 @@
 """The portal's request budget as one bucket for every PBX (Bitrix24 counts a portal's requests
 in one leaky bucket, Bitrix24 REST docs: limits): the state ratelimit.py keeps in a file, kept in
-one row of the shared store instead, read and written under a row lock. While the shared store
-is away each PBX falls back on its own file (each then spends the whole budget on its own)."""
+one row of the shared store instead, read and written under a row lock.
+
+While the shared store is away each PBX falls back on its own file with its share of the budget:
+the burst and the rate divided by the number of PBXs its deliverer last saw alive, so that
+together they stay inside the portal's. The portal's bucket may be full when the shared one is
+lost, so a PBX starts an outage with its share full: until it drains, the PBXs together send no
+faster than the portal drains."""
 from __future__ import annotations
 
 import json
 import os
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import psycopg
 
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.shared.connect import SharedStoreError, connect
+
+PBXS = "pbxs"       # in this PBX's file: the PBXs its deliverer last saw alive
+AWAY = "away_at"    # in this PBX's file: its last request while the shared store was away
 
 
 class SharedRateLimiter(RateLimiter):
@@ -48,6 +56,8 @@ class SharedRateLimiter(RateLimiter):
             self._conn = None
             self.problem = f"shared request budget: {exc}"
             with super()._state() as state:  # this PBX's own file until the shared store is back
+                if state is not None:
+                    self._away(state)
                 yield state
             return
         try:
@@ -64,6 +74,27 @@ class SharedRateLimiter(RateLimiter):
             _end(tx, exc)
             raise
         _end(tx, None)
+
+
+    def _limits(self, state: Dict[str, Any]) -> Tuple[int, float]:
+        share = int(state.get(PBXS) or 1)  # only this PBX's own file holds it
+        return max(1, self.burst // share), self.rate / share
+
+    def _away(self, state: Dict[str, Any]) -> None:
+        """This PBX's file stands in for the shared bucket: a request after a quiet spell as long as
+        its bucket takes to drain begins an outage, with the share full."""
+        now = self.clock()
+        burst, rate = self._limits(state)
+        if now - float(state.get(AWAY) or 0.0) > burst / rate:
+            state["level"], state["at"] = max(self._level(state, now), float(burst)), now
+        state[AWAY] = now
+
+    def note_pbxs(self, count: int) -> None:
+        """The deliverer saw `count` PBXs alive (itself too): this PBX's share while the shared store
+        is away."""
+        with RateLimiter._state(self) as state:
+            if state is not None:
+                state[PBXS] = max(1, int(count))
 
 
 def _end(tx: Any, exc: Optional[BaseException]) -> None:

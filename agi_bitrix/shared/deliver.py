@@ -1,12 +1,12 @@
 """The deliverer of a PBX on the shared store (worker, `agi-bitrix service`, `outbox flush`).
 
-Each pass: this PBX says it is alive (and that its pbx_id is its own), hands the store a token pair
-it renewed while the store failed, moves what its local journal kept while PostgreSQL was away,
-closes its calls whose hangup never ran (and those of a PBX that is gone: its deliverer silent for
-ALIVE seconds), then delivers the calls of every PBX that no live worker holds, oldest first. A PBX
-killed in the middle of a call leaves its entries leased for the lease's length; after that any
-PBX's deliverer carries them, once. While the shared store is away the pass delivers from the
-local journal instead.
+Each pass: this PBX says it is alive (and that its pbx_id is its own), notes how many PBXs share
+the request budget, hands the store a token pair it renewed while the store failed, moves what its
+local journal kept while PostgreSQL was away, closes its calls whose hangup never ran (and those of
+a PBX that is gone: its deliverer silent for ALIVE seconds), then delivers the calls of every PBX
+that no live worker holds, oldest first. A PBX killed in the middle of a call leaves its entries
+leased for the lease's length; after that any PBX's deliverer carries them, once. While the shared
+store is away the pass delivers from the local journal instead.
 """
 from __future__ import annotations
 
@@ -44,6 +44,13 @@ def duplicate(pbx: str, other: str) -> str:
 def others(store: Any) -> List[Dict[str, Any]]:
     return store._q("SELECT pbx, identity, seen_at, version FROM pbxs WHERE pbx != %s ORDER BY pbx",
                     (store.pbx,)).fetchall()
+
+
+def note_share(store: Any, client: Any) -> None:
+    """How many PBXs share the portal's budget now: this PBX's share of it while the store is away."""
+    if hasattr(client.limiter, "note_pbxs"):
+        row = store._one("SELECT count(*) AS n FROM pbxs WHERE seen_at > %s", (time.time() - ALIVE,))
+        client.limiter.note_pbxs(row["n"])
 
 
 def share_renewed_pair(settings: Any, logger: Any) -> None:
@@ -97,6 +104,7 @@ def shared_pass(settings: Any, client: Any, logger: Any, per_call: float, force:
     total = FlushStats()
     try:
         register(store, storage.state_dir)
+        note_share(store, client)
         share_renewed_pair(settings, logger)
         local = journal.open_local(storage.state_dir, storage.pbx_id)
         try:

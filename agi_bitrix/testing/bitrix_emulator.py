@@ -938,6 +938,12 @@ class Bitrix24Emulator(PlacementsMixin):
             self._bucket_level = 0.0
             self._bucket_at = None
 
+    def fill_bucket(self) -> None:
+        """The portal's bucket is full now (other applications, or earlier requests, spent it)."""
+        with self._lock:
+            if self._bucket_size is not None:
+                self._bucket_level, self._bucket_at = float(self._bucket_size), self.clock()
+
     def set_operating_limit(self, method: str, reset_at: float | None) -> None:
         with self._lock:
             if reset_at is None:
