@@ -178,6 +178,9 @@ def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, l
     controller = importlib.import_module(EVENTS[event])
     try:
         try:
+            away = _found_away(client, started) if settings.storage.url else ""
+            if away:  # reading the token pair found PostgreSQL away a moment ago: do not wait on it twice
+                raise StoreError(away)
             store = host.store(settings)
         except StoreError as exc:
             if settings.storage.url:
@@ -211,6 +214,12 @@ def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, l
             fields["portal_ms"] = int(client.portal_seconds * 1000)
 
 
+def _found_away(client: Any, started: float) -> str:
+    """Why the shared store failed the token pair's reading in this step ('' if it did not)."""
+    tokens = getattr(client.auth, "store", None)
+    return getattr(tokens, "problem", "") if getattr(tokens, "failed_at", float("-inf")) >= started else ""
+
+
 def _catch_up(store: Any, settings: Any, linkedid: str, fields: Dict[str, Any]) -> None:
     """What the local journal kept of this call during an outage reaches the shared store before
     the step reads it there (an answer recorded meanwhile decides the hangup's status)."""
@@ -236,6 +245,8 @@ def _on_journal(controller: Any, event: str, args: List[str], session: AGISessio
     from agi_bitrix.store import StoreError
 
     fields["shared_store_problem"] = problem
+    if hasattr(client.limiter, "store_away"):
+        client.limiter.store_away(problem)  # the step's requests draw on this PBX's share, no new attempt
     try:
         store = journal.open_local(settings.storage.state_dir, settings.storage.pbx_id)
     except StoreError as exc:

@@ -276,3 +276,55 @@ def test_while_postgresql_is_away_the_pbxs_together_stay_inside_the_portals_budg
     registers = emulator.requests_for("telephony.externalcall.register")
     assert len(registers) == 24 and [r["status"] for r in registers].count(503) == 0
     assert all("shared_store_problem" in line for pbx in pbxs for line in pbx.log() if line["event"] == "incoming")
+
+
+class SilentServer:
+    """A PostgreSQL host that takes connections and never answers: each costs libpq its
+    connect timeout. Counts the connections made to it."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.accepted = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.accepted.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def url(self) -> str:
+        return "postgresql://postgres:secret@127.0.0.1:%d/agi" % self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("mode", ["webhook", "oauth"])
+def test_a_postgresql_that_does_not_answer_costs_a_step_one_connect_timeout(mode, tmp_path, emulator, pg_url):
+    """The step's first attempt ends its use of PostgreSQL: neither the store nor the request
+    budget tries again (each attempt would cost libpq's connect timeout, 2 s at least)."""
+    from test_oauth import use_oauth
+
+    a = SharedPBX(tmp_path, emulator.webhook_url, pg_url, "office-a")
+    if mode == "oauth":  # the pair is in the shared store, and in this PBX's copy
+        use_oauth(a, emulator)
+        assert a.cli("auth", "--code", stdin=emulator.authorization_code() + "\n").returncode == 0
+    silent = SilentServer()
+    try:
+        a.values["storage"].update(url=silent.url(), db_timeout="1")  # libpq waits 2 s for a connection
+        a.write()
+        run = a.run(CALL, linkedid="1795650000.1")
+    finally:
+        silent.close()
+    assert run.set_variables["BITRIX_STATUS"] == "OK"
+    assert "cannot be reached (no answer)" in a.log()[-1]["shared_store_problem"]
+    assert len(silent.accepted) == 1

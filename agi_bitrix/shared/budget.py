@@ -21,6 +21,7 @@ from agi_bitrix.shared.connect import SharedStoreError, connect
 
 PBXS = "pbxs"       # in this PBX's file: the PBXs its deliverer last saw alive
 AWAY = "away_at"    # in this PBX's file: its last request while the shared store was away
+RETRY = 10.0        # seconds a limiter whose PostgreSQL failed draws on the file before it asks again
 
 
 class SharedRateLimiter(RateLimiter):
@@ -30,6 +31,7 @@ class SharedRateLimiter(RateLimiter):
         self.url, self.pbx, self.portal, self.timeout = url, pbx, portal, timeout
         self._conn: Any = None
         self._pid = 0
+        self._down_at = float("-inf")  # when PostgreSQL last failed this limiter
 
     def borrow(self, conn: Any) -> None:
         """Use the call step's own connection to the shared store (one connection per step, not two)."""
@@ -41,20 +43,31 @@ class SharedRateLimiter(RateLimiter):
             self._pid = os.getpid()
         return self._conn
 
+    def store_away(self, problem: str) -> None:
+        """The step found the shared store away: its requests draw on this PBX's file without
+        trying PostgreSQL again (a server that does not answer costs a connect timeout each time)."""
+        self._conn, self._down_at, self.problem = None, self.clock(), f"shared request budget: {problem}"
+
     @contextmanager
     def _state(self) -> Iterator[Optional[Dict[str, Any]]]:
-        try:
-            conn = self._db()
-            tx = conn.transaction()
-            tx.__enter__()
-            row = conn.execute("SELECT state FROM budgets WHERE portal = %s FOR UPDATE", (self.portal,)).fetchone()
-            if row is None:
-                conn.execute("INSERT INTO budgets (portal) VALUES (%s) ON CONFLICT DO NOTHING", (self.portal,))
+        row = tx = None
+        if self._conn is not None or self.clock() - self._down_at >= RETRY:
+            try:
+                conn = self._db()
+                tx = conn.transaction()
+                tx.__enter__()
                 row = conn.execute("SELECT state FROM budgets WHERE portal = %s FOR UPDATE",
                                    (self.portal,)).fetchone()
-        except (psycopg.Error, SharedStoreError) as exc:
-            self._conn = None
-            self.problem = f"shared request budget: {exc}"
+                if row is None:
+                    conn.execute("INSERT INTO budgets (portal) VALUES (%s) ON CONFLICT DO NOTHING", (self.portal,))
+                    row = conn.execute("SELECT state FROM budgets WHERE portal = %s FOR UPDATE",
+                                       (self.portal,)).fetchone()
+            except (psycopg.Error, SharedStoreError) as exc:
+                if tx is not None:
+                    _end(tx, exc)  # a borrowed connection goes back to its step out of the transaction
+                self.store_away(str(exc))
+                row = None
+        if row is None:
             with super()._state() as state:  # this PBX's own file until the shared store is back
                 if state is not None:
                     self._away(state)

@@ -39,6 +39,7 @@ class SharedTokenStore(TokenStore):
         self._conn: Any = None
         self._pid = 0
         self.problem = ""  # why the shared store could not be used last time
+        self.failed_at = float("-inf")  # when (time.monotonic) it could not be read
         self.label = f"the shared store (this PBX's copy: {self.path})"
         self.unshared = self.folder / "oauth-tokens.unshared"  # the copy holds a pair the store missed
 
@@ -55,6 +56,7 @@ class SharedTokenStore(TokenStore):
         except (psycopg.Error, SharedStoreError) as exc:
             self.problem = str(exc) if isinstance(exc, SharedStoreError) else friendly(exc, self.url)
             self._conn = None
+            self.failed_at = time.monotonic()  # a call step then runs on its journal without asking again
             return super().load()  # this PBX's copy; it is never refreshed while the store is away
         self.problem = ""
         local = _quiet(super().load)
