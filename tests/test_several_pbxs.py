@@ -42,7 +42,8 @@ def test_dialer_run_goes_on_after_postgresql_restarts(tmp_path, emulator, pg_url
 
 
 def test_the_service_goes_back_to_postgresql_after_it_restarts(tmp_path, emulator, pg_url, pg_cluster):
-    """Its pooled connections of the call steps, and its dialer's, are opened anew."""
+    """Its pooled connections of the call steps, and its dialer's, are opened anew; a dialer that
+    started while PostgreSQL was away begins once it is back."""
     from test_dialer import CallCenter
 
     a = SharedServicePBX(tmp_path, emulator.webhook_url, pg_url, "office-a")
@@ -53,8 +54,14 @@ def test_the_service_goes_back_to_postgresql_after_it_restarts(tmp_path, emulato
         a.write()
         center.script["+7916"] = OriginateOutcome(reason=5)
         first = center.task("Позвонить: Иван Петров", ["+7 916 111-22-33"], responsible=center.anna)
-        a.start()
+        pg_cluster.stop()
         try:
+            try:
+                a.start()
+                wait_for(lambda: any(line["event"] == "dialer_pass" and "cannot be reached" in line.get("reason", "")
+                                     for line in a.log()), "the dialer to find PostgreSQL away")
+            finally:
+                pg_cluster.start()
             wait_for(lambda: attempts(pg_url, first) == 1, "the service's dialer to dial the first task")
             lids = ["1795600000.1", "1795600000.2"]
             assert a.run(CALL, linkedid=lids[0]).set_variables["BITRIX_STATUS"] == "OK"

@@ -296,16 +296,22 @@ class Service:
             return
         try:
             with DialerLock(settings.storage.state_dir):
-                store = open_store(settings, timeout=max(settings.storage.db_timeout, 5.0),
-                                   write_lock=self._write_lock)
                 ami = AMIClient(ast.ami_host, ast.ami_port, ast.ami_user, ast.ami_secret)
+                dialer: Any = None
                 try:
                     client = make_client(settings, http=self.http, auth=self._shared_auth(settings))
                     client.timeout = max(settings.bitrix24.timeout, 10.0)
                     client.observe = self._observe
-                    dialer = Dialer(settings, store, client, ami)
                     while not self._stop.is_set():
                         try:
+                            if dialer is None:  # the shared store may be away at the start: tried each pass
+                                try:
+                                    store = open_store(settings, timeout=max(settings.storage.db_timeout, 5.0),
+                                                       write_lock=self._write_lock)
+                                except StoreError as exc:
+                                    self.log.error("dialer_pass", reason=str(exc))
+                                    raise
+                                dialer = Dialer(settings, store, client, ami)
                             report = one_pass(dialer, self.log)
                             self.metrics.dialer_passes.inc()
                             for outcome in report.outcomes.values():
@@ -317,7 +323,8 @@ class Service:
                         self._stop.wait(self.settings.dialer.poll_interval)
                 finally:
                     ami.close()
-                    store.close()
+                    if dialer is not None:
+                        dialer.store.close()
         except DialerBusy as exc:
             self.dialer_note = str(exc)
             self.log.error("dialer_pass", reason=str(exc))
