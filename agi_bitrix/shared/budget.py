@@ -88,7 +88,6 @@ class SharedRateLimiter(RateLimiter):
             raise
         _end(tx, None)
 
-
     def _limits(self, state: Dict[str, Any]) -> Tuple[int, float]:
         share = int(state.get(PBXS) or 1)  # only this PBX's own file holds it
         return max(1, self.burst // share), self.rate / share
