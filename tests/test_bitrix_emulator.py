@@ -363,6 +363,41 @@ def test_faults_delay_and_restart(emu: Bitrix24Emulator) -> None:
     assert requests.post(emu.webhook_url + "scope", timeout=30).status_code == 200
 
 
+def test_each_answer_is_one_write_on_a_kept_alive_connection(emu: Bitrix24Emulator, monkeypatch) -> None:
+    """Head and body written apart cost a delayed ACK (about 40 ms) per request on a kept-alive
+    connection: every answer, good or bad, goes out in one write."""
+    from agi_bitrix.testing import bitrix_emulator as module
+
+    writes: list = []
+    setup = module._Handler.setup
+
+    class Counting:
+        def __init__(self, raw: Any) -> None:
+            self.raw = raw
+
+        def write(self, data: bytes) -> int:
+            writes.append(data)
+            return self.raw.write(data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.raw, name)
+
+    def counting_setup(handler: Any) -> None:
+        setup(handler)
+        handler.wfile = Counting(handler.wfile)
+
+    monkeypatch.setattr(module._Handler, "setup", counting_setup)
+    session = requests.Session()
+    bad_hook = emu.webhook_url.replace(emu.webhook_code, "wrong")
+    answers = [session.post(emu.webhook_url + "scope", json={}, timeout=30),
+               session.post(bad_hook + "scope", json={}, timeout=30),
+               session.post(emu.webhook_url + "batch", json={"cmd": {"a": "scope", "b": "profile"}}, timeout=30)]
+    assert [a.status_code for a in answers] == [200, 401, 200]
+    assert emu.connections_opened == 1  # all three on one kept-alive connection
+    assert len(writes) == 3
+    assert all(w.startswith(b"HTTP/1.1 ") and w.endswith(a.content) for w, a in zip(writes, answers))
+
+
 def test_parse_php_query() -> None:
     parsed = parse_php_query("FILTER%5BUF_PHONE_INNER%5D=101&USER_ID[]=1&USER_ID[]=2&cmd[a]=user.get%3FID%3D1&x=")
     assert parsed == {"FILTER": {"UF_PHONE_INNER": "101"}, "USER_ID": ["1", "2"],
