@@ -206,6 +206,24 @@ RU: Dict[str, str] = {
     "last error: {error}": "последняя ошибка: {error}",
     "dead #{id} {kind} of call {linkedid}: {error}": "неисправимая #{id} {kind} звонка {linkedid}: {error}",
     "fix the cause, then: agi-bitrix outbox retry": "устраните причину, затем: agi-bitrix outbox retry",
+    "waiting by kind: {kinds}": "ждут по видам: {kinds}",
+    "delivering them takes about {time} once the portal answers ({requests} request(s) at {rate} per second after a burst of {burst})":
+        "их отправка займёт около {time}, когда портал отвечает ({requests} запрос(ов), {rate} в секунду после первых {burst})",
+    # -- outbox flush
+    "delivered {delivered}, still waiting {waiting}, dead-lettered {dead} ({calls} call(s), {requests} request(s))":
+        "доставлено {delivered}, ещё ждут {waiting}, неисправимых {dead} (звонков: {calls}, запросов: {requests})",
+    "stopped early, the portal failed a whole request: {reason}":
+        "остановлено раньше: портал не выполнил запрос целиком: {reason}",
+    "  {count} waiting ({kinds}): {reason}": "  ждут {count} ({kinds}): {reason}",
+    "  {count} waiting for other reasons (agi-bitrix outbox status)":
+        "  ждут {count} по другим причинам (agi-bitrix outbox status)",
+    "being delivered by another deliverer ({owner}) until {time}": "их отправляет другой процесс ({owner}) до {time}",
+    "behind an earlier entry of their call that waits": "стоят за более ранней записью своего звонка, которая ждёт",
+    "not tried: the flush stopped early": "не отправлялись: flush остановился раньше",
+    "not tried yet": "ещё не отправлялись",
+    "what waits goes out with the worker (or the service) or the next flush":
+        "то, что ждёт, отправит worker (или служба) или следующий flush",
+    "... delivered {delivered} so far": "... доставлено пока {delivered}",
     "{n} s": "{n} с",
     "{n} min": "{n} мин",
     "{n} h": "{n} ч",

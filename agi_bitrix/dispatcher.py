@@ -363,8 +363,7 @@ def settle(ctx: Any, outcome: Any, deliver: bool = True) -> Any:
     from agi_bitrix.store import DEAD, PENDING
 
     if deliver:
-        for key in outcome.deliver or [ctx.linkedid]:
-            ctx.outbox.deliver_call(key, ctx.deadline, lease=ctx.lease)
+        ctx.outbox.deliver_keys(outcome.deliver or [ctx.linkedid], ctx.deadline, lease=ctx.lease)
     entries = ctx.store.entry_states(outcome.queued)
     call = ctx.store.call(ctx.store.active_key(ctx.linkedid))
     outcome.call_id = call.call_id if call else None

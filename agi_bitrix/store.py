@@ -20,8 +20,8 @@ from agi_bitrix.ownership import match_owner_quietly
 
 DB_NAME = "agi-bitrix.sqlite3"
 USER_CACHE_SECONDS = 3600
-LEASE_SLACK = 1.0  # a lease held for at most this much less than asked is not renewed
-KEEP_SECONDS = 7 * 24 * 3600  # finished calls and delivered entries are kept a week for troubleshooting
+VACUUM_MIN_PAGES = 256          # free pages worth giving back to the file system (1 MB of 4 KB pages)
+CONVERT_MAX_BYTES = 8 << 20     # an old database is switched to incremental vacuum only up to this size
 
 PENDING, DONE, DEAD = "pending", "done", "dead"
 REPEAT_HARMS = ("finish", "rest")  # entry kinds whose second delivery is not the same as one
@@ -81,8 +81,15 @@ CREATE TABLE IF NOT EXISTS replayed (
     uid         TEXT PRIMARY KEY,             -- an entry brought back by `outbox replay`, once
     at          REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_try);
 CREATE INDEX IF NOT EXISTS outbox_call ON outbox (linkedid, id);
+-- Partial indexes: what waits is found by reading the waiting entries only, what is settled by
+-- its age, however long the history (SQLite docs: partial indexes).
+DROP INDEX IF EXISTS outbox_due;
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (linkedid, id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_next ON outbox (next_try) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_settled ON outbox (done_at) WHERE state != 'pending';
+CREATE INDEX IF NOT EXISTS routes_fetched ON routes (fetched_at);
+CREATE INDEX IF NOT EXISTS replayed_at ON replayed (at);
 """
 
 
@@ -171,6 +178,18 @@ class Entry:
                    created_at=row["created_at"], last_error=row["last_error"], sending_at=row["sending_at"])
 
 
+@dataclass
+class Mark:
+    """How one attempt at an entry ended (Store.settle writes a batch's marks in one transaction)."""
+    entry: Entry
+    state: str                    # DONE, DEAD, or PENDING: again later
+    note: str = ""                # why: the dead letter's reason, the error to retry after
+    next_try: float = 0.0         # PENDING: when to try again
+    sent: bool = False            # PENDING: the request may have reached the portal
+    attempted: bool = True        # PENDING: False when it was not tried at all (no attempt counted)
+    call_id: Optional[str] = None  # DONE register: the call's CALL_ID
+
+
 def _friendly(exc: BaseException, path: Path) -> str:
     text = str(exc)
     if "disk is full" in text or getattr(exc, "errno", None) == 28:
@@ -196,6 +215,9 @@ class Store:
                                       check_same_thread=not pooled)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA busy_timeout = 10000")
+            # Pages freed by pruning go back to the file system (Store.prune). It takes effect
+            # only for a new database, so it comes before WAL mode writes the file's header.
+            self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self.db.execute("PRAGMA journal_mode = WAL")
             # FULL: a call record acknowledged to Asterisk survives a power cut, not only a crash.
@@ -437,81 +459,149 @@ class Store:
             (linkedid, kind, json.dumps(payload, ensure_ascii=False), now, now, owner, now + lease))
         return int(cur.lastrowid)
 
-    def claim(self, linkedid: str, owner: str, lease: float) -> List[Entry]:
-        """Lease the pending entries of one call, in order; [] when another worker holds them."""
+    def lease_calls(self, owner: str, lease: float, keys: Optional[List[str]] = None,
+                    due_by: Optional[float] = None, upto_id: Optional[int] = None,
+                    limit: int = 50) -> List[Entry]:
+        """Lease the pending entries of up to `limit` calls no other deliverer holds, and return
+        them grouped by call, each call's in order (the order of delivery within a call).
+
+        `keys`: only these calls (a call step delivering its own); otherwise any call whose first
+        pending entry is due by `due_by` (None: due or not) and not newer than `upto_id`. Calls
+        still going on (no finish queued yet: their registers and card moves) come first, then
+        the rest oldest first, so a backlog never holds up the card of a live call.
+        """
         now = time.time()
-        sql = "SELECT * FROM outbox WHERE linkedid = ? AND state = ? ORDER BY id"
-        # A step delivering what it has just journaled holds the lease already (it was written
-        # with the entries, for as long): reading them is enough, nobody else may take them.
-        rows = self.db.execute(sql, (linkedid, PENDING)).fetchall()
-        if rows and all(r["lease_owner"] == owner and (r["lease_until"] or 0) >= now + lease - LEASE_SLACK
-                        for r in rows):
-            return [Entry.from_row(r) for r in rows]
+        free = "(l.lease_owner IS NULL OR l.lease_owner = :me OR l.lease_until <= :now)"
+        args: Dict[str, Any] = {"me": owner, "now": now, "limit": limit,
+                                "due": now if due_by is None else due_by,
+                                "upto": upto_id if upto_id is not None else 1 << 62}
         with self._tx(durable=False) as db:
-            rows = db.execute(sql, (linkedid, PENDING)).fetchall()
-            if any(r["lease_owner"] not in (None, owner) and (r["lease_until"] or 0) > now for r in rows):
+            if keys is not None:
+                args.update({f"k{i}": key for i, key in enumerate(keys)})
+                marks = ", ".join(f":k{i}" for i in range(len(keys)))
+                picked = [r[0] for r in db.execute(
+                    f"SELECT DISTINCT o.linkedid FROM outbox o WHERE o.state = 'pending'"
+                    f" AND o.linkedid IN ({marks}) AND NOT EXISTS (SELECT 1 FROM outbox l"
+                    f" WHERE l.linkedid = o.linkedid AND l.state = 'pending' AND NOT {free})", args)]
+            else:
+                # The partial index outbox_pending holds only waiting entries: the scan and each
+                # call's first entry cost the backlog's size, never the history's.
+                picked = [r[0] for r in db.execute(
+                    "SELECT o.linkedid, (c.linkedid IS NOT NULL AND c.finish_claimed IS NULL) AS live"
+                    " FROM outbox o LEFT JOIN calls c ON c.linkedid = o.linkedid"
+                    " WHERE o.state = 'pending' AND o.next_try <= :due AND o.id <= :upto"
+                    " AND o.id = (SELECT MIN(p.id) FROM outbox p WHERE p.linkedid = o.linkedid"
+                    "             AND p.state = 'pending')"
+                    f" AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.linkedid = o.linkedid"
+                    f"                 AND l.state = 'pending' AND NOT {free})"
+                    " ORDER BY live DESC, o.id LIMIT :limit", args)]
+            if not picked:
                 return []
-            db.execute("UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE linkedid = ? AND state = ?",
-                       (owner, now + lease, linkedid, PENDING))
-        return [Entry.from_row(r) for r in rows]
+            order = {key: i for i, key in enumerate(picked)}
+            marks = ", ".join("?" * len(picked))
+            db.execute(f"UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE state = 'pending'"
+                       f" AND linkedid IN ({marks})", [owner, now + lease] + picked)
+            rows = db.execute(f"SELECT * FROM outbox WHERE state = 'pending' AND linkedid IN ({marks})"
+                              f" ORDER BY id", picked).fetchall()
+        entries = [Entry.from_row(r) for r in rows]
+        entries.sort(key=lambda e: (order[e.linkedid], e.id))
+        return entries
 
-    def release(self, linkedid: str, owner: str) -> None:
+    def release(self, keys: List[str], owner: str) -> None:
+        """Give up this owner's leases on these calls (what it did not deliver waits for the next)."""
+        if not keys:
+            return
+        marks = ", ".join("?" * len(keys))
         with self._tx(durable=False) as db:
-            db.execute("UPDATE outbox SET lease_owner = NULL, lease_until = NULL"
-                       " WHERE linkedid = ? AND lease_owner = ?", (linkedid, owner))
+            db.execute(f"UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE state = 'pending'"
+                       f" AND lease_owner = ? AND linkedid IN ({marks})", [owner] + list(keys))
 
-    def due_calls(self, force: bool = False, limit: int = 1000) -> List[str]:
-        """Calls with pending entries not leased by a live worker; unless `force`, only those
-        whose first pending entry is due (order within a call is never skipped)."""
-        now = time.time()
-        rows = self.db.execute(
-            "SELECT o.linkedid FROM outbox o WHERE o.state = ?"
-            " AND o.id = (SELECT MIN(id) FROM outbox WHERE linkedid = o.linkedid AND state = ?)"
-            " AND (? OR o.next_try <= ?)"
-            " AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.linkedid = o.linkedid AND l.state = ?"
-            "                 AND l.lease_until > ?)"
-            " ORDER BY o.id LIMIT ?", (PENDING, PENDING, 1 if force else 0, now, PENDING, now, limit)).fetchall()
-        return [r["linkedid"] for r in rows]
+    def lease_owners(self) -> List[str]:
+        """Who holds leases on waiting entries now."""
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT lease_owner FROM outbox WHERE state = 'pending' AND lease_owner IS NOT NULL"
+            " AND lease_until > ?", (time.time(),))]
 
-    def mark_sending(self, entry: Entry) -> None:
-        """A request for the entry is about to go out. Durable only where a repeat would do harm:
-        a finish (a lost mark would take the portal's "Call is not found" for an error) and a
-        plain method call (a task comment twice). A repeated register, card move or recording
-        changes nothing (see outbox.py), so their mark costs no fsync under the write lock."""
-        with self._tx(durable=entry.kind in REPEAT_HARMS) as db:
-            db.execute("UPDATE outbox SET sending_at = ?, attempts = attempts + 1 WHERE id = ?",
-                       (time.time(), entry.id))
+    def free_leases(self, owners: List[str]) -> int:
+        """Leases of deliverers known to be gone (killed mid-batch): free now, not at expiry."""
+        if not owners:
+            return 0
+        marks = ", ".join("?" * len(owners))
+        with self._tx(durable=False) as db:
+            return db.execute(f"UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE state = 'pending'"
+                              f" AND lease_owner IN ({marks})", owners).rowcount
+
+    def make_due(self, upto_id: int) -> None:
+        """`outbox flush`: everything waiting now is tried now, whatever its backoff said."""
+        with self._tx(durable=False) as db:
+            db.execute("UPDATE outbox SET next_try = ? WHERE state = 'pending' AND id <= ? AND next_try > ?",
+                       (time.time(), upto_id, time.time()))
+
+    def last_entry_id(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()[0])
+
+    def next_due(self, owner: str) -> Optional[float]:
+        """When the earliest waiting entry nobody else holds is due (None: nothing waits)."""
+        row = self.db.execute(
+            "SELECT MIN(next_try) FROM outbox WHERE state = 'pending'"
+            " AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?)", (owner, time.time())).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def mark_sending(self, ids: List[int]) -> None:
+        """Requests about to go out: from now on their outcome is unknown until the portal answers."""
+        if not ids:
+            return
+        marks = ", ".join("?" * len(ids))
+        with self._tx() as db:
+            db.execute(f"UPDATE outbox SET sending_at = ?, attempts = attempts + 1 WHERE id IN ({marks})",
+                       [time.time()] + list(ids))
 
     def card_not_live(self, linkedid: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE calls SET card_live = 0 WHERE linkedid = ?", (linkedid,))
 
-    def mark_done(self, entry: Entry, call_id: Optional[str] = None,
-                  crm: Optional[Tuple[str, int]] = None) -> None:
-        """Delivered; a register's answer (its CALL_ID and the client it was bound to) with it."""
-        now = time.time()
-        with self._tx(durable=False) as db:
-            db.execute("UPDATE outbox SET state = ?, done_at = ?, sending_at = NULL, last_error = NULL,"
-                       " lease_owner = NULL, lease_until = NULL WHERE id = ?", (DONE, now, entry.id))
-            if entry.kind == "register" and call_id:
-                db.execute("UPDATE calls SET call_id = ? WHERE linkedid = ?", (call_id, entry.linkedid))
-            if crm is not None:
-                db.execute("UPDATE calls SET crm_type = ?, crm_id = ? WHERE linkedid = ?",
-                           (crm[0], crm[1], entry.linkedid))
-            if entry.kind == "finish":
-                db.execute("UPDATE calls SET finished_at = ? WHERE linkedid = ?", (now, entry.linkedid))
-                db.execute("DELETE FROM calls WHERE started_at < ? AND finished_at IS NOT NULL",
-                           (now - KEEP_SECONDS,))
-                db.execute("DELETE FROM outbox WHERE state = ? AND done_at < ?", (DONE, now - KEEP_SECONDS))
+    def settle(self, marks: List["Mark"]) -> None:
+        """How the attempts at these entries ended, in one transaction.
 
-    def mark_retry(self, entry_id: int, error: str, next_try: float, sent: bool,
-                   before: Optional[float] = None) -> None:
-        """Not delivered this time. `sent`: the request may have reached the portal; if not,
-        `sending_at` goes back to `before` (an earlier attempt may have reached it)."""
-        with self._tx() as db:
-            db.execute("UPDATE outbox SET next_try = ?, last_error = ?, lease_owner = NULL, lease_until = NULL,"
-                       " sending_at = CASE WHEN ? THEN sending_at ELSE ? END WHERE id = ?",
-                       (next_try, error[:500], 1 if sent else 0, before, entry_id))
+        Marks of delivery alone skip the fsync (see _tx): a lost one only means a repeat, which
+        the portal answers the same way. A retry or a dead letter is kept durably.
+        """
+        if not marks:
+            return
+        now = time.time()
+        with self._tx(durable=any(m.state != DONE for m in marks)) as db:
+            for m in marks:
+                entry = m.entry
+                if m.state == DONE:
+                    db.execute("UPDATE outbox SET state = 'done', done_at = ?, sending_at = NULL, last_error = NULL,"
+                               " lease_owner = NULL, lease_until = NULL WHERE id = ?", (now, entry.id))
+                    if entry.kind == "register" and m.call_id:
+                        db.execute("UPDATE calls SET call_id = ? WHERE linkedid = ?", (m.call_id, entry.linkedid))
+                    if entry.kind == "finish":
+                        db.execute("UPDATE calls SET finished_at = ? WHERE linkedid = ?", (now, entry.linkedid))
+                elif m.state == DEAD:
+                    # sending_at goes back to its value before this attempt: after `outbox retry` a
+                    # finish an earlier attempt may have delivered still takes "Call is not found"
+                    # as finished already.
+                    db.execute("UPDATE outbox SET state = 'dead', last_error = ?, sending_at = ?, done_at = ?,"
+                               " lease_owner = NULL, lease_until = NULL WHERE id = ?",
+                               (m.note[:500], entry.sending_at, now, entry.id))
+                elif m.attempted:
+                    # `sent`: the request may have reached the portal; if not, sending_at goes
+                    # back to its value before (an earlier attempt may have reached it).
+                    db.execute("UPDATE outbox SET next_try = ?, last_error = ?, lease_owner = NULL,"
+                               " lease_until = NULL, sending_at = CASE WHEN ? THEN sending_at ELSE ? END"
+                               " WHERE id = ?", (m.next_try, m.note[:500], 1 if m.sent else 0,
+                                                 entry.sending_at, entry.id))
+                else:  # not attempted (a recording still being written): no attempt counted
+                    db.execute("UPDATE outbox SET next_try = ?, last_error = ?, lease_owner = NULL,"
+                               " lease_until = NULL WHERE id = ?", (m.next_try, m.note[:500], entry.id))
+
+    def mark_done(self, entry: Entry, call_id: Optional[str] = None) -> None:
+        self.settle([Mark(entry, DONE, call_id=call_id)])
+
+    def mark_dead(self, entry: Entry, reason: str) -> None:
+        self.settle([Mark(entry, DEAD, reason)])
 
     def note_maybe_shown(self, entry_id: int) -> None:
         """A register with SHOW=1 may have reached the portal: its card may be up for its user."""
@@ -521,20 +611,6 @@ class Store:
                 payload = dict(json.loads(row["payload"]), _maybe_shown=1)
                 db.execute("UPDATE outbox SET payload = ? WHERE id = ?",
                            (json.dumps(payload, ensure_ascii=False), entry_id))
-
-    def postpone(self, entry_id: int, note: str, next_try: float) -> None:
-        """Not attempted (e.g. the recording is still being written): no attempt is counted."""
-        with self._tx() as db:
-            db.execute("UPDATE outbox SET next_try = ?, last_error = ?, lease_owner = NULL, lease_until = NULL"
-                       " WHERE id = ?", (next_try, note[:500], entry_id))
-
-    def mark_dead(self, entry_id: int, reason: str, before: Optional[float] = None) -> None:
-        """Dead-lettered. `sending_at` goes back to `before` (its value before this attempt): after
-        `outbox retry` a finish an earlier attempt may have delivered still takes "Call is not
-        found" as finished already."""
-        with self._tx() as db:
-            db.execute("UPDATE outbox SET state = ?, last_error = ?, sending_at = ?, lease_owner = NULL,"
-                       " lease_until = NULL WHERE id = ?", (DEAD, reason[:500], before, entry_id))
 
     def entry_states(self, ids: List[int]) -> Dict[int, Entry]:
         if not ids:
@@ -562,13 +638,108 @@ class Store:
             return cur.rowcount
 
     def outbox_status(self) -> Dict[str, Any]:
-        counts = {s: 0 for s in (PENDING, DONE, DEAD)}
-        for row in self.db.execute("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state"):
+        """Counts by state, the oldest waiting entry, the latest error, and what waits by kind."""
+        counts = {PENDING: 0, DONE: 0, DEAD: 0}
+        # Each count reads a partial index with its own condition written out (SQLite uses a
+        # partial index only for a query that repeats its WHERE term).
+        counts[PENDING] = self.db.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
+        for row in self.db.execute("SELECT state, COUNT(*) AS n FROM outbox WHERE state != 'pending' GROUP BY state"):
             counts[row["state"]] = row["n"]
-        oldest = self.db.execute("SELECT MIN(created_at) FROM outbox WHERE state = ?", (PENDING,)).fetchone()[0]
-        last = self.db.execute("SELECT last_error FROM outbox WHERE last_error IS NOT NULL AND state != ?"
-                               " ORDER BY COALESCE(next_try, 0) DESC LIMIT 1", (DONE,)).fetchone()
-        return {"counts": counts, "oldest_pending": oldest, "last_error": last[0] if last else None}
+        oldest = self.db.execute("SELECT MIN(created_at) FROM outbox WHERE state = 'pending'").fetchone()[0]
+        last = self.db.execute("SELECT last_error FROM outbox WHERE state = 'pending' AND last_error IS NOT NULL"
+                               " ORDER BY next_try DESC LIMIT 1").fetchone()
+        if last is None:
+            last = self.db.execute("SELECT last_error FROM outbox WHERE state != 'pending' AND state = 'dead'"
+                                   " ORDER BY done_at DESC LIMIT 1").fetchone()
+        kinds = {r["kind"]: r["n"] for r in self.db.execute(
+            "SELECT kind, COUNT(*) AS n FROM outbox WHERE state = 'pending' GROUP BY kind")}
+        return {"counts": counts, "oldest_pending": oldest, "last_error": last[0] if last else None,
+                "pending_kinds": kinds}
+
+    def waiting(self, upto_id: Optional[int] = None) -> List[Dict[str, Any]]:
+        """What waits, grouped by why: the reason of its last attempt, a lease another deliverer
+        holds, or an earlier entry of its call it waits behind. Largest groups first."""
+        now = time.time()
+        rows = self.db.execute(
+            "SELECT o.kind, o.last_error, o.lease_owner, o.lease_until, o.next_try, o.created_at,"
+            " o.id = (SELECT MIN(p.id) FROM outbox p WHERE p.linkedid = o.linkedid AND p.state = 'pending') AS first"
+            " FROM outbox o WHERE o.state = 'pending' AND o.id <= ?", (upto_id if upto_id is not None else 1 << 62,))
+        groups: Dict[Any, Dict[str, Any]] = {}
+        for r in rows:
+            held = r["lease_owner"] if r["lease_owner"] and (r["lease_until"] or 0) > now else None
+            if held:
+                key = ("lease", held)
+            elif r["last_error"]:
+                key = ("error", r["last_error"])
+            elif not r["first"]:
+                key = ("behind", "")
+            else:
+                key = ("new", "")
+            group = groups.setdefault(key, {"why": key[0], "text": key[1], "count": 0, "kinds": {},
+                                            "until": 0.0, "next_try": None, "oldest": r["created_at"]})
+            group["count"] += 1
+            group["kinds"][r["kind"]] = group["kinds"].get(r["kind"], 0) + 1
+            group["until"] = max(group["until"], r["lease_until"] or 0.0)
+            group["next_try"] = r["next_try"] if group["next_try"] is None else min(group["next_try"], r["next_try"])
+            group["oldest"] = min(group["oldest"], r["created_at"])
+        return sorted(groups.values(), key=lambda g: -g["count"])
+
+    # -- keeping the database small (the deliverer prunes it, never a call step) -----------------------
+    def prune(self, keep: float, routes_keep: float, chunk: int = 2000,
+              now: Optional[float] = None) -> Dict[str, int]:
+        """Delete what is older than `keep` seconds: delivered entries and dead letters, calls with
+        nothing left waiting (finished or not), replay marks; cached routes older than
+        `routes_keep`. Each chunk is a short transaction of its own, by indexed ranges, so the
+        call steps' writes get the lock between them; freed pages then go back to the file system.
+        """
+        now = time.time() if now is None else now
+        cutoff = now - keep
+        steps = {
+            "entries": ("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state != 'pending'"
+                        " AND done_at < ? LIMIT ?)", cutoff),
+            # A call goes once nothing of it waits or is dead-lettered (kept for `outbox retry`).
+            "calls": ("DELETE FROM calls WHERE linkedid IN (SELECT c.linkedid FROM calls c WHERE c.started_at < ?"
+                      " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.linkedid = c.linkedid AND o.state != 'done')"
+                      " LIMIT ?)", cutoff),
+            "routes": ("DELETE FROM routes WHERE phone IN (SELECT phone FROM routes WHERE fetched_at < ? LIMIT ?)",
+                       now - routes_keep),
+            "replayed": ("DELETE FROM replayed WHERE uid IN (SELECT uid FROM replayed WHERE at < ? LIMIT ?)",
+                         cutoff),
+        }
+        counts = {}
+        for name, (sql, before) in steps.items():
+            counts[name] = 0
+            while True:
+                with self._tx(durable=False) as db:
+                    gone = db.execute(sql, (before, chunk)).rowcount
+                counts[name] += gone
+                if gone < chunk:
+                    break
+        counts["freed_kib"] = self._give_back_pages()
+        return counts
+
+    def _give_back_pages(self) -> int:
+        """Return free pages to the file system; KiB given back (SQLite docs: auto_vacuum)."""
+        db = self.db
+        page = db.execute("PRAGMA page_size").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        if free < VACUUM_MIN_PAGES:
+            return 0
+        before = db.execute("PRAGMA page_count").fetchone()[0]
+        with self.write_lock:
+            if db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+                db.execute("PRAGMA incremental_vacuum")
+            elif (before - free) * page <= CONVERT_MAX_BYTES:
+                # A database made before pages were given back: VACUUM switches it over once. It
+                # holds the write lock while it copies the live data, so only while that is small.
+                db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                db.execute("VACUUM")
+            else:
+                return 0
+            # In WAL mode the file shrinks when the log is checkpointed into it.
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        after = db.execute("PRAGMA page_count").fetchone()[0]
+        return max(0, before - after) * page // 1024
 
     # -- bringing back what a step could not journal (spill.py) -----------------------------------
     def put_call(self, row: Dict[str, Any]) -> Optional[Call]:

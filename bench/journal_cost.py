@@ -31,9 +31,10 @@ def journal_ms(state_dir: str, n: int) -> float:
         store = Store(state_dir)
         lid = f"1795000000.{i}"
         entry_id = store.start_call(lid, "incoming", "+79161234567", "", "101", register, "bench", 5.0)
-        entry = store.claim(lid, "bench", 5.0)[0]
-        store.mark_sending(entry)
+        entry = store.lease_calls("bench", 5.0, keys=[lid])[0]
+        store.mark_sending([entry_id])
         store.mark_done(entry, f"externalCall.{i}")
+        store.release([lid], "bench")
         store.entry_states([entry_id])
         store.call(lid)
         store.close()

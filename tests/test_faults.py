@@ -104,7 +104,7 @@ def test_gateway_error_after_the_finish_was_done_is_no_dead_letter(pbx, emulator
     # The portal is unreachable for the next pass: that attempt surely did not reach it, and
     # must not make the finish forget that the first one may have.
     emulator.stop()
-    assert "still waiting 3" in pbx.cli("outbox", "flush").stdout
+    assert "still waiting 6" in pbx.cli("outbox", "flush").stdout  # three finishes, three recordings
     emulator.start()
     res = pbx.cli("outbox", "flush")  # tries now, whatever the backoff
     assert "delivered 6" in res.stdout and "dead-lettered 0" in res.stdout, res.stdout + res.stderr

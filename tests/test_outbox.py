@@ -42,8 +42,13 @@ def test_portal_down_during_the_whole_call_then_flush(pbx, emulator):
     assert call["duration"] == 2  # talk time measured during the outage, not at replay
     assert call["finish_user_id"] == emulator.people["102"]
     assert call["register"]["EXTERNAL_CALL_ID"] == "1795400000.1"
-    # The card move was skipped: the call was over by the time it could be shown.
-    assert emulator.requests_for("batch") == []
+    # The card move was skipped: the call was over by the time it could be shown. The register and
+    # the finish went in one request, the finish using the register's CALL_ID inside it.
+    assert emulator.requests_for("telephony.externalcall.show") == []
+    assert emulator.requests_for("telephony.externalcall.hide") == []
+    (batch,) = [r for r in emulator.requests if not r["batch"]]
+    assert batch["method"] == "batch" and list(batch["params"]["cmd"]) == ["r1", "f3"]
+    assert "CALL_ID=$result[r1][CALL_ID]" in batch["params"]["cmd"]["f3"]
 
     before = len(emulator.requests)
     res = pbx.cli("outbox", "flush")
@@ -216,7 +221,7 @@ def test_poison_event_is_dead_lettered_while_the_calls_behind_it_go_through(pbx,
     pbx.run(["hangup", "ANSWER", "6"], linkedid="1795400700.2", dead=True)
     emulator.start()
     res = pbx.cli("outbox", "flush")
-    assert "delivered 2" in res.stdout and "dead-lettered 1" in res.stdout, res.stdout
+    assert "delivered 2" in res.stdout and "dead-lettered 2" in res.stdout, res.stdout  # the register and its finish
     assert [c["register"]["USER_PHONE_INNER"] for c in emulator.calls.values()] == ["101"]
     status = pbx.cli("outbox", "status").stdout
     assert "dead letters: 2" in status and "User is not found" in status

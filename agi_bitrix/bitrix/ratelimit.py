@@ -113,6 +113,32 @@ class RateLimiter:
             self.waited += wait
         return wait
 
+    def delay(self, reserve: int = 0) -> float:
+        """Seconds until a request may go while leaving `reserve` slots of the burst free (for the
+        cards of live calls while a backlog drains); 0 = now. Reads the shared state only."""
+        with self._state() as state:
+            if state is None:
+                return 0.0
+            level = self._level(state, self.clock())
+        room = max(1.0, self.burst - reserve)
+        return max(0.0, (level + 1.0 - room) / self.rate)
+
+    def room(self) -> int:
+        """Requests that may go at once now."""
+        with self._state() as state:
+            if state is None:
+                return self.burst
+            return max(0, int(self.burst - self._level(state, self.clock())))
+
+    def blocked_methods(self) -> Dict[str, float]:
+        """Methods held back by a 429 now, and until when."""
+        with self._state() as state:
+            if state is None:
+                return {}
+            now = self.clock()
+            return {m: float(t) for m, t in (state.get("blocked") or {}).items()
+                    if isinstance(t, (int, float)) and t > now}
+
     def saturated(self) -> None:
         """The portal answered 503 QUERY_LIMIT_EXCEEDED: its bucket is full (maybe others share it)."""
         with self._state() as state:

@@ -6,13 +6,15 @@ entries are leased by one deliverer at a time.
 from __future__ import annotations
 
 import time
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 from agi_bitrix import settings as settings_mod
 from agi_bitrix.admin_texts import Texts, choose_language
 from agi_bitrix.commands.admin import CommandFailed
 
 FLUSH_REQUEST_TIMEOUT = 10.0  # off the call path a request may wait longer than a ringing caller
+PROGRESS_EVERY = 10.0         # seconds between the progress lines of a long flush
+MAX_GROUPS = 12               # reasons listed one by one after a flush
 
 
 def open_outbox(args: Any, journal: bool = False) -> Tuple[Any, Any, Any]:
@@ -81,12 +83,23 @@ def _age(seconds: float, t: Texts) -> str:
     return t("{n} h", n=f"{seconds / 3600:.1f}")
 
 
-def status(outbox: Any, t: Texts) -> int:
+def _kinds(kinds: Dict[str, int]) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items()))
+
+
+def status(outbox: Any, settings: Any, t: Texts) -> int:
     info = outbox.store.outbox_status()
     counts = info["counts"]
     print(t("waiting: {pending}   delivered: {done}   dead letters: {dead}", **counts))
     if info["oldest_pending"]:
         print(t("oldest waiting: {age} old", age=_age(time.time() - info["oldest_pending"], t)))
+    if counts["pending"]:
+        b24 = settings.bitrix24
+        requests, seconds = outbox.estimate(info["pending_kinds"], b24.rate_per_second, b24.rate_burst)
+        print(t("waiting by kind: {kinds}", kinds=_kinds(info["pending_kinds"])))
+        print(t("delivering them takes about {time} once the portal answers ({requests} request(s) at "
+                "{rate} per second after a burst of {burst})", time=_age(seconds, t), requests=requests,
+                rate=f"{b24.rate_per_second:g}", burst=b24.rate_burst))
     if info["last_error"]:
         print(t("last error: {error}", error=info["last_error"]))
     for entry in outbox.store.entries(state="dead")[:20]:
@@ -107,12 +120,46 @@ def status(outbox: Any, t: Texts) -> int:
     return 0
 
 
+def _why(group: Dict[str, Any], stopped: str, t: Texts) -> str:
+    """Why a group of entries still waits, in one phrase."""
+    if group["why"] == "lease":
+        from agi_bitrix.outbox import describe_owner
+
+        return t("being delivered by another deliverer ({owner}) until {time}", owner=describe_owner(group["text"]),
+                 time=time.strftime("%H:%M:%S", time.localtime(group["until"])))
+    if group["why"] == "error":
+        return t.translate(group["text"])
+    if group["why"] == "behind":
+        return t("behind an earlier entry of their call that waits")
+    return t("not tried: the flush stopped early") if stopped else t("not tried yet")
+
+
+def flush_report(stats: Any, t: Texts) -> List[str]:
+    """What `outbox flush` prints: the totals, then what still waits and why, group by group."""
+    lines = [t("delivered {delivered}, still waiting {waiting}, dead-lettered {dead} ({calls} call(s), "
+               "{requests} request(s))", delivered=stats.delivered, waiting=stats.waiting, dead=stats.dead,
+               calls=stats.calls, requests=stats.requests)]
+    if stats.stopped:
+        lines.append(t("stopped early, the portal failed a whole request: {reason}",
+                       reason=t.translate(stats.stopped)))
+    for group in stats.groups[:MAX_GROUPS]:
+        lines.append(t("  {count} waiting ({kinds}): {reason}", count=group["count"], kinds=_kinds(group["kinds"]),
+                       reason=_why(group, stats.stopped, t)))
+    if len(stats.groups) > MAX_GROUPS:
+        rest = sum(g["count"] for g in stats.groups[MAX_GROUPS:])
+        lines.append(t("  {count} waiting for other reasons (agi-bitrix outbox status)", count=rest))
+    if stats.waiting:
+        lines.append(t("what waits goes out with the worker (or the service) or the next flush"))
+    return lines
+
+
 def run(args: Any) -> int:
     # A flush on the shared store opens it itself, and works from the local journal while it is away.
     settings, outbox, logger = open_outbox(args, journal=args.action == "flush")
+    t = Texts(choose_language(getattr(args, "lang", None), settings.logging.language))
     try:
         if args.action == "status":
-            return status(outbox, Texts(choose_language(getattr(args, "lang", None), settings.logging.language)))
+            return status(outbox, settings, t)
         if args.action == "retry":
             count = outbox.store.retry_dead()
             print(f"{count} dead letter(s) put back in line; they go out with the next flush")
@@ -138,13 +185,22 @@ def run(args: Any) -> int:
             abandoned = close_abandoned(settings, outbox, logger)
             if abandoned:
                 print(f"closed {abandoned} call(s) whose hangup never ran (older than [calls] max_call_length)")
-            stats = outbox.flush(per_call=FLUSH_REQUEST_TIMEOUT * 3)
+            shown = [started]
+
+            def progress(so_far: Any) -> None:
+                # A long backlog drains at the portal's pace: say how it goes every few seconds.
+                if time.monotonic() - shown[0] >= PROGRESS_EVERY:
+                    shown[0] = time.monotonic()
+                    print(t("... delivered {delivered} so far", delivered=so_far.delivered), flush=True)
+
+            stats = outbox.flush(progress=progress)
         fields = dict(calls=stats.calls, delivered=stats.delivered, waiting=stats.waiting, dead=stats.dead,
-                      ms=int((time.monotonic() - started) * 1000))
-        fields.update({k: v for k, v in outbox.log.items() if k in ("delivery_errors", "dead_letters")})
+                      requests=stats.requests, ms=int((time.monotonic() - started) * 1000))
+        if stats.stopped:
+            fields["stopped"] = stats.stopped
+        fields.update({k: v[:20] for k, v in outbox.log.items() if k in ("delivery_errors", "dead_letters")})
         logger.info("outbox_flush", **fields)
-        print(f"delivered {stats.delivered}, still waiting {stats.waiting}, dead-lettered {stats.dead}"
-              f" ({stats.calls} call(s))")
+        print("\n".join(flush_report(stats, t)))
         return 0
     finally:
         outbox.store.close()

@@ -37,7 +37,7 @@ def one_pass(settings: Any, outbox: Any, logger: Any, poller: Optional[Callable[
             stats = shared_pass(settings, outbox.client, logger, FLUSH_REQUEST_TIMEOUT * 3, owner=outbox.owner)
         else:
             close_abandoned(settings, outbox, logger)
-            stats = outbox.flush(per_call=FLUSH_REQUEST_TIMEOUT * 3, force=False)
+            stats = outbox.flush(force=False)
         if stats.calls:
             logger.info("outbox_flush", calls=stats.calls, delivered=stats.delivered, waiting=stats.waiting,
                         dead=stats.dead, ms=int((time.monotonic() - started) * 1000),
