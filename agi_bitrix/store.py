@@ -216,8 +216,10 @@ class Store:
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA busy_timeout = 10000")
             # Pages freed by pruning go back to the file system (Store.prune). It takes effect
-            # only for a new database, so it comes before WAL mode writes the file's header.
-            self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            # only for a new database, so it comes before WAL mode writes the file's header (and
+            # only then: on a database that has it, setting it again costs a write).
+            if self.db.execute("PRAGMA page_count").fetchone()[0] == 0:
+                self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self.db.execute("PRAGMA journal_mode = WAL")
             # FULL: a call record acknowledged to Asterisk survives a power cut, not only a crash.
