@@ -58,6 +58,12 @@ class StepHost(Protocol):
         the delivery still has (None: the step's own); raises Released where this process must
         stop (its child goes on). `in_memory`: the step's state is not in the database."""
 
+    def outbox_owner(self) -> Optional[str]:
+        """Whose lease the step's journal entries carry (None: the step's own)."""
+
+    def deliver(self, ctx: Any, keys: List[str]) -> None:
+        """Deliver what waits for these calls within the step's budget (`ctx.deadline`)."""
+
 
 @dataclass
 class StepResult:
@@ -192,7 +198,8 @@ def _dispatch(event: str, args: List[str], session: AGISession, settings: Any, l
             _catch_up(store, settings, linkedid, fields)
             if hasattr(client.limiter, "borrow"):
                 client.limiter.borrow(store.db)  # the shared budget's row through the step's connection
-        ctx = _context(event, args, session, settings, store, client, deadline, linkedid, fields)
+        ctx = _context(event, args, session, settings, store, client, deadline, linkedid, fields,
+                       host.outbox_owner())
         try:
             return _handle(controller, ctx, started, host)
         except StoreError as exc:
@@ -272,12 +279,12 @@ def _on_journal(controller: Any, event: str, args: List[str], session: AGISessio
 
 
 def _context(event: str, args: List[str], session: AGISession, settings: Any, store: Any, client: Any,
-             deadline: Any, linkedid: str, fields: Dict[str, Any]) -> Any:
+             deadline: Any, linkedid: str, fields: Dict[str, Any], owner: Optional[str] = None) -> Any:
     from agi_bitrix.controllers.base import EventContext
     from agi_bitrix.outbox import Outbox
 
     return EventContext(event=event, args=args, session=session, settings=settings, store=store,
-                        outbox=Outbox(store, client, settings.calls.recording_url, log=fields),
+                        outbox=Outbox(store, client, settings.calls.recording_url, owner, log=fields),
                         deadline=deadline, linkedid=linkedid, log=fields)
 
 
@@ -289,7 +296,7 @@ def _handle(controller: Any, ctx: Any, started: float, host: StepHost, in_memory
         return outcome
     if getattr(controller, "DELIVER_AFTER_RETURN", False):
         _release(ctx, outcome, started, host, in_memory)
-    return settle(ctx, outcome)
+    return settle(ctx, outcome, host)
 
 
 def _without_journal(controller: Any, event: str, args: List[str], session: AGISession, settings: Any,
@@ -345,7 +352,7 @@ def _release(ctx: Any, outcome: Any, started: float, host: StepHost, in_memory: 
 
     if not any(ctx.store.entries(key, PENDING) for key in outcome.deliver or [ctx.linkedid]):
         return
-    early = settle(ctx, dataclasses.replace(outcome), deliver=False)
+    early = settle(ctx, dataclasses.replace(outcome))
     _publish(ctx.session, early.status, early.call_id or "", early.responsible, early.variables)
     ctx.log["released_ms"] = int((time.monotonic() - started) * 1000)
     budget = host.release(ctx, in_memory)
@@ -353,17 +360,18 @@ def _release(ctx: Any, outcome: Any, started: float, host: StepHost, in_memory: 
         ctx.deadline = Deadline(budget)
 
 
-def settle(ctx: Any, outcome: Any, deliver: bool = True) -> Any:
-    """Deliver what is due for this call within the budget; the status from this step's entries.
+def settle(ctx: Any, outcome: Any, host: Optional[StepHost] = None) -> Any:
+    """Deliver what is due for this call within the budget (by the host); the status from this
+    step's entries.
 
     OK: everything the step journaled reached Bitrix24. QUEUED: kept in the outbox for later
-    delivery. ERROR: an entry was dead-lettered (reason in the log). `deliver=False` only reads
+    delivery. ERROR: an entry was dead-lettered (reason in the log). Without a host it only reads
     the journal (no network): the status of a step that delivers after giving Asterisk its answer.
     """
     from agi_bitrix.store import DEAD, PENDING
 
-    if deliver:
-        ctx.outbox.deliver_keys(outcome.deliver or [ctx.linkedid], ctx.deadline, lease=ctx.lease)
+    if host is not None:
+        host.deliver(ctx, outcome.deliver or [ctx.linkedid])
     entries = ctx.store.entry_states(outcome.queued)
     call = ctx.store.call(ctx.store.active_key(ctx.linkedid))
     outcome.call_id = call.call_id if call else None
@@ -420,6 +428,13 @@ class ProcessHost:
 
     def close(self, store: Any) -> None:
         store.close()
+
+    def outbox_owner(self) -> Optional[str]:
+        return None
+
+    def deliver(self, ctx: Any, keys: List[str]) -> None:
+        """The step's own calls, inline: other processes' calls cannot share its requests."""
+        ctx.outbox.deliver_keys(keys, ctx.deadline, lease=ctx.lease)
 
     def release(self, ctx: Any, in_memory: bool) -> Optional[float]:
         """Asterisk waits for the AGI process itself (background.py): fork, the parent exits.

@@ -37,6 +37,7 @@ INLINE_MAX = 5 * 1024 * 1024  # larger recordings go through the two-step upload
 ROUND_BUDGET = 60.0           # off the call path: one round's requests, waits for the budget included
 LEASE_MARGIN = 30.0           # a lease outlives the round's budget by this much
 LIVE_RESERVE = 10             # slots of the burst a draining backlog leaves to the cards of live calls
+MAX_NOTES = 20                # errors and dead letters kept for one log line
 
 
 def new_owner() -> str:
@@ -153,13 +154,17 @@ class Outbox:
 
     # -- one round -------------------------------------------------------------------------------
     def round(self, deadline: Deadline, keys: Optional[List[str]] = None, upto_id: Optional[int] = None,
-              lease: Optional[float] = None, limit: int = BATCH_MAX) -> Round:
-        """Lease, plan, send one request (plus inline recordings), settle. See the module doc."""
+              lease: Optional[float] = None, fill: bool = False, max_commands: int = BATCH_MAX) -> Round:
+        """Lease, plan, send one request (plus inline recordings), settle. See the module doc.
+
+        `keys`: these calls (backoff ignored); with `fill`, calls that are due fill the request up
+        to `max_commands`. Without `keys`: the calls that are due, live ones first.
+        """
         stats = Round(rounds=1)
         if lease is None:
             lease = min(deadline.remaining(), ROUND_BUDGET) + LEASE_MARGIN
-        entries = self.store.lease_calls(self.owner, lease, keys=keys, due_by=None if keys else time.time(),
-                                         upto_id=upto_id, limit=limit)
+        entries = self.store.lease_calls(self.owner, lease, keys=keys, fill=fill or keys is None,
+                                         due_by=time.time(), upto_id=upto_id, limit=max_commands)
         if not entries:
             return stats
         stats.keys = list(dict.fromkeys(e.linkedid for e in entries))
@@ -168,7 +173,7 @@ class Outbox:
         planner = Planner(self.store, self.recording_url, self.log,
                           limiter.blocked_methods() if limiter is not None else None)
         try:
-            plan = planner.plan(entries)
+            plan = planner.plan(entries, max_commands)
             marks = list(plan.settled)
             if plan.commands and deadline.remaining() >= 0.05:
                 answers = self._send(plan, deadline, stats)
@@ -183,7 +188,7 @@ class Outbox:
 
     def _send(self, plan: Plan, deadline: Deadline, stats: Round) -> Answers:
         """The one request: a plain call for a single command, else a batch."""
-        self.store.mark_sending([p.entry.id for p in plan.planned if p.keys])
+        self.store.mark_sending([p.entry.id for p in plan.planned if p.keys], plan.not_live)
         stats.requests += 1
         if len(plan.commands) == 1:
             ((key, (method, params)),) = plan.commands.items()
@@ -217,11 +222,17 @@ class Outbox:
                 stats.progress = True
             elif mark.state == DEAD:
                 stats.dead += 1
-                self.log.setdefault("dead_letters", []).append(f"{entry.kind} #{entry.id}: {mark.note}")
+                self._note("dead_letters", f"{entry.kind} #{entry.id}: {mark.note}")
             else:
                 stats.waiting += 1
                 if mark.attempted:
-                    self.log.setdefault("delivery_errors", []).append(f"{entry.kind}: {mark.note}")
+                    self._note("delivery_errors", f"{entry.kind}: {mark.note}")
+
+    def _note(self, field_name: str, text: str) -> None:
+        """For the log line of the step or pass (the first few: a backlog may fail by thousands)."""
+        notes = self.log.setdefault(field_name, [])
+        if len(notes) < MAX_NOTES:
+            notes.append(text)
 
     def _send_inline(self, planner: Planner, plan: Plan, deadline: Deadline, stats: Round) -> None:
         """Recordings sent inline or uploaded, each on its own, once their call is finished."""

@@ -87,10 +87,12 @@ class Plan:
     inline: List[Tuple[Entry, CallState]] = field(default_factory=list)  # recordings after the batch
     lookups: Dict[str, str] = field(default_factory=dict)  # inner number -> command key
     registering: Set[str] = field(default_factory=set)     # calls this request registers
+    not_live: List[str] = field(default_factory=list)      # calls registered after they ended: no card
     keys: List[str] = field(default_factory=list)          # the calls of this round
+    size: int = BATCH_MAX                                  # commands it may hold
 
     def room(self) -> int:
-        return BATCH_MAX - len(self.commands)
+        return self.size - len(self.commands)
 
 
 Send = Callable[[Dict[str, Tuple[str, Dict[str, Any]]]], "Answers"]
@@ -131,8 +133,8 @@ class Planner:
         self.now = time.time()
 
     # -- planning --------------------------------------------------------------------------------
-    def plan(self, entries: List[Entry]) -> Plan:
-        plan = Plan()
+    def plan(self, entries: List[Entry], size: int = BATCH_MAX) -> Plan:
+        plan = Plan(size=size)
         chains: Dict[str, List[Entry]] = {}
         for entry in entries:
             chains.setdefault(entry.linkedid, []).append(entry)
@@ -218,7 +220,7 @@ class Planner:
             if not maybe_shown:
                 # Nobody can have its card. One that may have been shown (an earlier attempt
                 # reached the portal, its answer lost) stays live: the card moves still hide it.
-                self.store.card_not_live(entry.linkedid)
+                plan.not_live.append(entry.linkedid)
                 state.card_live = False
         key = f"r{entry.id}"
         went = self._add(plan, Planned(entry, [key], params=params), [(key, payloads.REGISTER, params)], [])

@@ -141,6 +141,7 @@ class CallsSettings(_Section):
 
 class StorageSettings(StorageRules, _Section):
     state_dir: str = DEFAULT_STATE_DIR
+    retention_days: float = Field(7.0, ge=1, le=3650)  # history kept in the database, then pruned
     # Empty: everything in SQLite under state_dir (one PBX). postgresql://USER:PASSWORD@HOST/DB: the
     # state several PBXs of one portal share (call state, outbox, tokens, request budget, dialer);
     # state_dir then keeps the local journal a call step falls back on while PostgreSQL is sick.
@@ -359,6 +360,7 @@ class ServiceSettings(_Section):
     max_connections: int = Field(200, ge=1, le=5000)  # steps served at once (a `dial` holds one for the call)
     dialer: bool = False                 # also run the auto-dialer loop
     flush_interval: float = Field(5.0, gt=0, le=3600)  # seconds between outbox passes
+    batch_window: float = Field(0.3, ge=0, le=5)  # seconds a register may wait to share a request
 
     @field_validator("fastagi")
     @classmethod

@@ -86,7 +86,7 @@ CREATE INDEX IF NOT EXISTS outbox_call ON outbox (linkedid, id);
 -- its age, however long the history (SQLite docs: partial indexes).
 DROP INDEX IF EXISTS outbox_due;
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (linkedid, id) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS outbox_next ON outbox (next_try) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_queue ON outbox (id) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_settled ON outbox (done_at) WHERE state != 'pending';
 CREATE INDEX IF NOT EXISTS routes_fetched ON routes (fetched_at);
 CREATE INDEX IF NOT EXISTS replayed_at ON replayed (at);
@@ -295,6 +295,11 @@ class Store:
             raise
         return ids
 
+    @property
+    def private(self) -> bool:
+        """A copy in memory (Store.in_memory): no other process or thread sees it."""
+        return str(self.path) == ":memory:"
+
     def close(self) -> None:
         self.db.close()
 
@@ -461,42 +466,49 @@ class Store:
             (linkedid, kind, json.dumps(payload, ensure_ascii=False), now, now, owner, now + lease))
         return int(cur.lastrowid)
 
-    def lease_calls(self, owner: str, lease: float, keys: Optional[List[str]] = None,
+    def lease_calls(self, owner: str, lease: float, keys: Optional[List[str]] = None, fill: bool = True,
                     due_by: Optional[float] = None, upto_id: Optional[int] = None,
                     limit: int = 50) -> List[Entry]:
         """Lease the pending entries of up to `limit` calls no other deliverer holds, and return
         them grouped by call, each call's in order (the order of delivery within a call).
 
-        `keys`: only these calls (a call step delivering its own); otherwise any call whose first
-        pending entry is due by `due_by` (None: due or not) and not newer than `upto_id`. Calls
-        still going on (no finish queued yet: their registers and card moves) come first, then
+        `keys` come first, whatever their backoff (a call step delivering its own calls). With
+        `fill`, other calls follow whose first pending entry is due by `due_by` and not newer than
+        `upto_id`: calls still going on (no finish queued yet: registers and card moves) first, then
         the rest oldest first, so a backlog never holds up the card of a live call.
         """
         now = time.time()
         free = "(l.lease_owner IS NULL OR l.lease_owner = :me OR l.lease_until <= :now)"
-        args: Dict[str, Any] = {"me": owner, "now": now, "limit": limit,
-                                "due": now if due_by is None else due_by,
+        args: Dict[str, Any] = {"me": owner, "now": now, "due": now if due_by is None else due_by,
                                 "upto": upto_id if upto_id is not None else 1 << 62}
+        picked: List[str] = []
         with self._tx(durable=False) as db:
-            if keys is not None:
+            if keys:
                 args.update({f"k{i}": key for i, key in enumerate(keys)})
                 marks = ", ".join(f":k{i}" for i in range(len(keys)))
-                picked = [r[0] for r in db.execute(
+                found = {r[0] for r in db.execute(
                     f"SELECT DISTINCT o.linkedid FROM outbox o WHERE o.state = 'pending'"
                     f" AND o.linkedid IN ({marks}) AND NOT EXISTS (SELECT 1 FROM outbox l"
-                    f" WHERE l.linkedid = o.linkedid AND l.state = 'pending' AND NOT {free})", args)]
-            else:
-                # The partial index outbox_pending holds only waiting entries: the scan and each
-                # call's first entry cost the backlog's size, never the history's.
-                picked = [r[0] for r in db.execute(
-                    "SELECT o.linkedid, (c.linkedid IS NOT NULL AND c.finish_claimed IS NULL) AS live"
-                    " FROM outbox o LEFT JOIN calls c ON c.linkedid = o.linkedid"
-                    " WHERE o.state = 'pending' AND o.next_try <= :due AND o.id <= :upto"
-                    " AND o.id = (SELECT MIN(p.id) FROM outbox p WHERE p.linkedid = o.linkedid"
-                    "             AND p.state = 'pending')"
-                    f" AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.linkedid = o.linkedid"
-                    f"                 AND l.state = 'pending' AND NOT {free})"
-                    " ORDER BY live DESC, o.id LIMIT :limit", args)]
+                    f" WHERE l.linkedid = o.linkedid AND l.state = 'pending' AND NOT {free})", args)}
+                picked = [key for key in dict.fromkeys(keys) if key in found][:limit]
+            # A call qualifies by its first waiting entry: due, not newer than `upto`, and no
+            # entry of it leased by someone else. Live calls are found through the partial index
+            # of calls not finished, the others by walking the waiting entries oldest first until
+            # enough are found: each costs what waits, never the history.
+            first = ("f.id = (SELECT MIN(p.id) FROM outbox p WHERE p.linkedid = f.linkedid AND p.state = 'pending')"
+                     " AND f.state = 'pending' AND f.next_try <= :due AND f.id <= :upto"
+                     " AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.linkedid = f.linkedid"
+                     f" AND l.state = 'pending' AND NOT {free})")
+            queries = ["SELECT c.linkedid FROM calls c CROSS JOIN outbox f ON f.linkedid = c.linkedid"
+                       f" WHERE c.finish_claimed IS NULL AND {first} ORDER BY f.id LIMIT :limit",
+                       f"SELECT f.linkedid FROM outbox f WHERE f.state = 'pending' AND {first}"
+                       " ORDER BY f.id LIMIT :limit"]
+            for sql in queries if fill else []:
+                if len(picked) >= limit:
+                    break
+                # Enough rows to fill the request even when some are calls picked already.
+                args["limit"] = limit + len(picked)
+                picked += [r[0] for r in db.execute(sql, args) if r[0] not in picked][:limit - len(picked)]
             if not picked:
                 return []
             order = {key: i for i, key in enumerate(picked)}
@@ -542,25 +554,18 @@ class Store:
     def last_entry_id(self) -> int:
         return int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()[0])
 
-    def next_due(self, owner: str) -> Optional[float]:
-        """When the earliest waiting entry nobody else holds is due (None: nothing waits)."""
-        row = self.db.execute(
-            "SELECT MIN(next_try) FROM outbox WHERE state = 'pending'"
-            " AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?)", (owner, time.time())).fetchone()
-        return None if row[0] is None else float(row[0])
-
-    def mark_sending(self, ids: List[int]) -> None:
-        """Requests about to go out: from now on their outcome is unknown until the portal answers."""
-        if not ids:
+    def mark_sending(self, ids: List[int], not_live: Optional[List[str]] = None) -> None:
+        """Requests about to go out: from now on their outcome is unknown until the portal answers.
+        `not_live`: calls registered after they ended, without a card (nobody has one to move)."""
+        if not ids and not not_live:
             return
-        marks = ", ".join("?" * len(ids))
         with self._tx() as db:
-            db.execute(f"UPDATE outbox SET sending_at = ?, attempts = attempts + 1 WHERE id IN ({marks})",
-                       [time.time()] + list(ids))
-
-    def card_not_live(self, linkedid: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE calls SET card_live = 0 WHERE linkedid = ?", (linkedid,))
+            if ids:
+                db.execute(f"UPDATE outbox SET sending_at = ?, attempts = attempts + 1 WHERE id IN"
+                           f" ({', '.join('?' * len(ids))})", [time.time()] + list(ids))
+            if not_live:
+                db.execute(f"UPDATE calls SET card_live = 0 WHERE linkedid IN ({', '.join('?' * len(not_live))})",
+                           list(not_live))
 
     def settle(self, marks: List["Mark"]) -> None:
         """How the attempts at these entries ended, in one transaction.

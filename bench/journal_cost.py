@@ -31,7 +31,7 @@ def journal_ms(state_dir: str, n: int) -> float:
         store = Store(state_dir)
         lid = f"1795000000.{i}"
         entry_id = store.start_call(lid, "incoming", "+79161234567", "", "101", register, "bench", 5.0)
-        entry = store.lease_calls("bench", 5.0, keys=[lid])[0]
+        entry = store.lease_calls("bench", 5.0, keys=[lid], fill=False)[0]
         store.mark_sending([entry_id])
         store.mark_done(entry, f"externalCall.{i}")
         store.release([lid], "bench")

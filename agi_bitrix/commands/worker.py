@@ -8,6 +8,9 @@ from typing import Any, Callable, List, Optional
 from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT, close_abandoned, open_outbox
 
 
+PRUNE_EVERY = 300.0  # seconds between two prunings of the database by one deliverer
+
+
 def run(args: Any) -> int:
     settings, outbox, logger = open_outbox(args, journal=True)
     stopping: List[int] = []
@@ -15,8 +18,12 @@ def run(args: Any) -> int:
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
     logger.info("worker_started", interval=args.interval)
     poller = event_poller(settings, outbox, logger)
+    pruned = float("-inf")
     while not stopping:
         one_pass(settings, outbox, logger, poller)
+        if time.monotonic() - pruned >= PRUNE_EVERY:
+            pruned = time.monotonic()
+            prune_history(settings, outbox.store, logger)
         deadline = time.monotonic() + args.interval
         while not stopping and time.monotonic() < deadline:
             time.sleep(min(0.2, args.interval))
@@ -25,18 +32,27 @@ def run(args: Any) -> int:
     return 0
 
 
-def one_pass(settings: Any, outbox: Any, logger: Any, poller: Optional[Callable[[], None]]) -> None:
-    """One pass of the deliverer (the worker's, or the one inside `agi-bitrix service`)."""
-    started = time.monotonic()
+def one_chores(settings: Any, outbox: Any, logger: Any, poller: Optional[Callable[[], None]]) -> None:
+    """What a deliverer does before each pass: offline events, calls whose hangup never ran."""
     if poller is not None:
         poller()
+    try:
+        if not settings.storage.url:  # on the shared store its pass closes them (shared/deliver.py)
+            close_abandoned(settings, outbox, logger)
+    except Exception as exc:  # keep serving: one bad pass must not stop the delivery of calls
+        logger.error("worker_pass_failed", reason=f"{type(exc).__name__}: {exc}")
+
+
+def one_pass(settings: Any, outbox: Any, logger: Any, poller: Optional[Callable[[], None]]) -> None:
+    """One pass of the worker: its chores, then what is due, in full batches."""
+    started = time.monotonic()
+    one_chores(settings, outbox, logger, poller)
     try:
         if settings.storage.url:
             from agi_bitrix.shared.deliver import shared_pass
 
             stats = shared_pass(settings, outbox.client, logger, FLUSH_REQUEST_TIMEOUT * 3, owner=outbox.owner)
         else:
-            close_abandoned(settings, outbox, logger)
             stats = outbox.flush(force=False)
         if stats.calls:
             logger.info("outbox_flush", calls=stats.calls, delivered=stats.delivered, waiting=stats.waiting,
@@ -44,6 +60,22 @@ def one_pass(settings: Any, outbox: Any, logger: Any, poller: Optional[Callable[
                         **{k: outbox.log.pop(k) for k in ("delivery_errors", "dead_letters") if k in outbox.log})
     except Exception as exc:  # keep serving: one bad pass must not stop the delivery of calls
         logger.error("worker_pass_failed", reason=f"{type(exc).__name__}: {exc}")
+
+
+def prune_history(settings: Any, store: Any, logger: Any) -> None:
+    """Delete the history older than [storage] retention_days (never a call that may still be
+    going on: at least [calls] max_call_length plus an hour), off the call path; one log line
+    when anything went."""
+    keep = max(settings.storage.retention_days * 86400.0, settings.calls.max_call_length + 3600.0)
+    started = time.monotonic()
+    try:
+        counts = store.prune(keep, max(settings.calls.route_cache, 60.0))
+    except Exception as exc:  # a busy or broken database: the next pass tries again
+        logger.error("outbox_pruned", reason=f"{type(exc).__name__}: {exc}")
+        return
+    if any(counts.values()):
+        logger.info("outbox_pruned", ms=int((time.monotonic() - started) * 1000),
+                    retention_days=settings.storage.retention_days, **counts)
 
 
 def event_poller(settings: Any, outbox: Any, logger: Any, ami: Any = None) -> Optional[Callable[[], None]]:

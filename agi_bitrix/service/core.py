@@ -21,6 +21,7 @@ from agi_bitrix import log as log_mod
 from agi_bitrix import settings as settings_mod
 from agi_bitrix.agi.session import AGISession
 from agi_bitrix.controllers import EVENTS, Refused
+from agi_bitrix.service.courier import SETTLE_GRACE, Courier, is_urgent
 from agi_bitrix.service.fastagi import ENV_TIMEOUT, FastAGIServer
 from agi_bitrix.service.metrics import Metrics
 
@@ -53,6 +54,8 @@ class Service:
         self.http = self._new_http(self.settings)
         self.portal: Dict[str, Any] = {"ok": None, "at": float("-inf"), "reason": "no request yet"}
         self.deliverer_beat = 0.0
+        # The one deliverer of the steps' journal: requests shared among calls (courier.py).
+        self.courier = Courier(lambda: self.settings.service.batch_window)
         self.dialer_note = ""
         from agi_bitrix.commands.serve import SharedAMI
 
@@ -92,6 +95,7 @@ class Service:
         self.fastagi.stop_accepting()
         finished = self.fastagi.wait_idle(STOP_GRACE)
         self._stop.set()
+        self.courier.wake()
         self.web.shutdown()
         for thread in self._threads:
             thread.join(STOP_GRACE)
@@ -208,6 +212,25 @@ class Service:
         ctx.session.detach()
         return ctx.settings.bitrix24.timeout
 
+    def outbox_owner(self) -> Optional[str]:
+        return self.courier.owner
+
+    def deliver(self, ctx: Any, keys: List[str]) -> None:
+        """Hand the calls to the deliverer thread and wait for its answer within the step's budget,
+        so that calls arriving together share requests. A step working from a copy in memory (the
+        database could not be written) delivers itself."""
+        if ctx.store.private or self._stop.is_set():
+            ctx.outbox.deliver_keys(keys, ctx.deadline, lease=ctx.lease)
+            return
+        if not any(ctx.store.entries(key, "pending") for key in keys):
+            return
+        limiter = ctx.outbox.client.limiter
+        roomy = limiter is None or limiter.room() > limiter.burst // 2
+        ticket = self.courier.submit(keys, is_urgent(ctx.store, keys), ctx.deadline.remaining(), roomy)
+        # A request cut at the budget is settled a moment later (as in process mode, where the
+        # step itself writes it down before it ends).
+        ticket.done.wait(ctx.deadline.remaining() + SETTLE_GRACE)
+
     def _shared_auth(self, settings: Any) -> Any:
         from agi_bitrix.bitrix.factory import make_auth
 
@@ -239,34 +262,56 @@ class Service:
 
     # -- the long-lived jobs ------------------------------------------------------------------------------
     def _deliverer(self) -> None:
+        """The courier's thread: the steps' tickets at once, and every flush_interval a pass over
+        what waits (with the worker's chores: calls never hung up, offline events, pruning)."""
         from agi_bitrix.bitrix.factory import NotConfigured, make_client
         from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT
-        from agi_bitrix.commands.worker import event_poller, one_pass
+        from agi_bitrix.commands.worker import PRUNE_EVERY, event_poller, one_chores, prune_history
         from agi_bitrix.outbox import Outbox
         from agi_bitrix.store import Store, StoreError
 
-        store = None
+        store, outbox, made_for = None, None, None
+        pruned = float("-inf")
         try:
             while not self._stop.is_set():
                 self.deliverer_beat = time.monotonic()
                 settings = self.settings
+                wait = settings.service.flush_interval
                 try:
                     if store is None or str(store.path.parent) != settings.storage.state_dir:
                         if store is not None:
                             store.close()
-                        store = Store(settings.storage.state_dir, write_lock=self._write_lock)
-                    client = make_client(settings, http=self.http, auth=self._shared_auth(settings))
-                    client.timeout = max(settings.bitrix24.timeout, FLUSH_REQUEST_TIMEOUT)
-                    client.observe = self._observe
-                    outbox = Outbox(store, client, settings.calls.recording_url)
-                    if time.monotonic() - self.portal["at"] > PORTAL_PROBE_AFTER:
-                        self._probe_portal(client)
-                    one_pass(settings, outbox, self.log, event_poller(settings, outbox, self.log, self.ami))
+                        store, made_for = Store(settings.storage.state_dir, write_lock=self._write_lock), None
+                    if made_for is not settings:  # settings reloaded: a client for them
+                        client = make_client(settings, http=self.http, auth=self._shared_auth(settings))
+                        client.timeout = max(settings.bitrix24.timeout, FLUSH_REQUEST_TIMEOUT)
+                        client.observe = self._observe
+                        outbox, made_for = Outbox(store, client, settings.calls.recording_url, self.courier.owner), \
+                            settings
+                        poller = event_poller(settings, outbox, self.log, self.ami)
+                    if self.courier.pass_due():
+                        if time.monotonic() - self.portal["at"] > PORTAL_PROBE_AFTER:
+                            self._probe_portal(outbox.client)
+                        one_chores(settings, outbox, self.log, poller)
+                        if time.monotonic() - pruned >= PRUNE_EVERY:
+                            pruned = time.monotonic()
+                            prune_history(settings, store, self.log)
+                    wait = self.courier.step(outbox, settings.service.flush_interval)
+                    finished = self.courier.finished
+                    if finished is not None and (finished.delivered or finished.dead or finished.stopped):
+                        self.log.info("outbox_flush", calls=finished.calls, delivered=finished.delivered,
+                                      dead=finished.dead, requests=finished.requests,
+                                      stopped=finished.stopped or None,
+                                      **{k: outbox.log[k] for k in ("delivery_errors", "dead_letters")
+                                         if k in outbox.log})
+                    if finished is not None:
+                        outbox.log.clear()
                 except (NotConfigured, StoreError) as exc:
                     self.log.error("worker_pass_failed", reason=str(exc))
                 except Exception as exc:  # the deliverer must outlive any one pass
                     self.log.error("worker_pass_failed", reason=f"{type(exc).__name__}: {exc}")
-                self._stop.wait(settings.service.flush_interval)
+                if not self._stop.is_set():
+                    self.courier.sleep(min(wait, settings.service.flush_interval))
         finally:
             if store is not None:
                 store.close()

@@ -753,6 +753,11 @@ class Bitrix24Emulator(PlacementsMixin):
                 out[cid] = c
             return out
 
+    def call_facts(self, *fields: str) -> list[tuple]:
+        """The named fields of every call (no deep copy)."""
+        with self._lock:
+            return [tuple(call[f] for f in fields) for call in self._calls.values()]
+
     @property
     def users(self) -> dict[int, dict]:
         with self._lock:
@@ -809,6 +814,13 @@ class Bitrix24Emulator(PlacementsMixin):
         """How many REST requests arrived so far (cheap: no copy of the request log)."""
         with self._lock:
             return len(self._requests)
+
+    def request_facts(self, *params: str) -> list[tuple]:
+        """(method, in batch, time, status, *the named params) of every request so far: a cheap
+        view of a long request log (no deep copy)."""
+        with self._lock:
+            return [(r["method"], r["batch"], r["time"], r["status"], *(r["params"].get(p) for p in params))
+                    for r in self._requests]
 
     def requests_for(self, method: str) -> list[dict]:
         name = method.lower()
