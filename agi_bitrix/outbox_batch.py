@@ -341,7 +341,7 @@ class Planner:
                 mark = Mark(entry, PENDING, mark.note, next_try=self.now + backoff(entry.attempts + 1))
             if mark.state != DONE:
                 broken.setdefault(entry.linkedid, mark.note)
-                if entry.kind == "register":
+                if entry.kind == "register" and not mark.sent:  # surely not done: no call to refer to
                     failed_refs[item.keys[0]] = mark.note
             marks.append(mark)
         return marks

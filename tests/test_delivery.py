@@ -11,11 +11,13 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
+from conftest import only_call
 
 from agi_bitrix.bitrix.auth import WebhookAuth
 from agi_bitrix.bitrix.client import Bitrix24
@@ -227,3 +229,122 @@ def test_a_10000_entry_backlog_drains_in_full_batches_while_live_calls_go_first(
     batches = [cmd for method, _, cmd in pbx.http_requests() if method == "batch"]
     assert sum(len(cmd) == 50 for cmd in batches) >= 150  # full batches: 10,000 / 50
     assert pbx.store.outbox_status()["counts"][PENDING] == 0
+
+
+# ----------------------------------------------------------------------------------- one batch, many outcomes
+
+class Journal:
+    """Calls journaled as the steps do, delivered by `outbox flush`'s rounds (real time, no bucket)."""
+
+    def __init__(self, state_dir: str, emulator: Bitrix24Emulator, recording_url: str = "") -> None:
+        self.store = Store(state_dir)
+        self.limiter = RateLimiter(state_dir, "portal", burst=40, per_second=2.0)
+        self.outbox = Outbox(self.store, Bitrix24(WebhookAuth(emulator.webhook_url), timeout=10,
+                                                  limiter=self.limiter), recording_url)
+        self.recording = Path(state_dir) / "rec.wav"
+        self.recording.write_bytes(b"RIFF-recording")
+        os.utime(self.recording, (1, 1))
+
+    def call(self, lid: str, user: str = "101", finish_user: Optional[str] = None, card: Optional[Dict] = None,
+             record: Optional[str] = None, ended: bool = True) -> Dict[str, int]:
+        """register [card] [finish [record]] of one call: the ids of its entries by kind."""
+        register = {"USER_PHONE_INNER": user, "PHONE_NUMBER": "+79160000" + lid[-3:], "TYPE": 2,
+                    "CALL_START_DATE": "2026-11-21T10:00:00+03:00", "EXTERNAL_CALL_ID": lid, "SHOW": 0}
+        ids = {"register": self.store.start_call(lid, "incoming", register["PHONE_NUMBER"], "", user, register, "x", 0)}
+        if card is not None:
+            ids["card"] = self.store.move_card(lid, card.get("show", []), card.get("hide", []), [], "x", 0)
+        if not ended:
+            return ids
+        rec = {"path": str(self.recording), "name": record} if record else None
+        finish = {"USER_PHONE_INNER": finish_user or user, "DURATION": 7, "STATUS_CODE": "200"}
+        more = self.store.queue_finish(lid, finish, rec, "x", 0)
+        ids["finish"] = more[0]
+        if rec:
+            ids["record"] = more[1]
+        return ids
+
+    def states(self, ids: Dict[str, int]) -> Dict[str, Tuple[str, Optional[str]]]:
+        found = self.store.entry_states(list(ids.values()))
+        return {kind: (found[i].state, found[i].last_error) for kind, i in ids.items()}
+
+
+def test_one_batch_with_mixed_failures_settles_each_entry_by_its_own_answer(state_dir, emulator, recordings):
+    box = Journal(state_dir, emulator, recordings.url.replace("/rec/", "/missing/"))
+    emulator.add_user("Gone", "Man", inner="199", active=False)
+    emulator.set_operating_limit("telephony.externalcall.show", time.time() + 120)  # 429 for show
+    nobody = box.call("1796300000.001", user="555")                                # no such employee
+    limited = box.call("1796300000.002", card={"show": ["102"]}, ended=False)      # its show gets a 429
+    unknown = box.call("1796300000.003", card={"hide": ["199"]})                   # no active employee 199
+    bad_finish = box.call("1796300000.004", finish_user="555", record="r4.wav")    # the finish is refused
+    fine = box.call("1796300000.005")
+    stats = box.outbox.flush()
+    (request,) = [r for r in emulator.requests if not r["batch"]]  # all five calls in one request
+    assert request["method"] == "batch" and len(request["params"]["cmd"]) == 14
+
+    assert box.states(nobody) == {"register": ("dead", "telephony.externalcall.register: HTTP 400 ERROR_CORE "
+                                               "(User is not found or is not active)"),
+                                  "finish": ("dead", f"waits for the dead-lettered register #{nobody['register']}")}
+    got = box.states(limited)
+    assert got["register"] == ("done", None) and got["card"][0] == "pending" and "OPERATION_TIME_LIMIT" in got["card"][1]
+    # The 429 holds show back for every deliverer of this PBX until the portal frees it.
+    assert "telephony.externalcall.show" in box.limiter.blocked_methods()
+    got = box.states(unknown)
+    assert got["card"] == ("dead", "user.get: USER_NOT_FOUND (no active employee has inner number 199)")
+    assert got["finish"] == ("done", None)
+    got = box.states(bad_finish)
+    assert got["finish"][0] == "dead" and "User is not found" in got["finish"][1]
+    # attachRecord failed because its finish did: waiting, not a dead letter of its own.
+    assert got["record"][0] == "pending" and "not finished yet" in got["record"][1]
+    assert box.states(fine) == {"register": ("done", None), "finish": ("done", None)}
+    assert (stats.delivered, stats.dead) == (6, 4)
+
+    # Nothing marked delivered that the portal did not do, nothing done twice.
+    calls = {c["external_call_id"]: c for c in emulator.calls.values()}
+    assert set(calls) == {"1796300000.002", "1796300000.003", "1796300000.004", "1796300000.005"}
+    assert [calls[lid]["finished"] for lid in sorted(calls)] == [False, True, False, True]
+    assert calls["1796300000.002"]["shown"] == []  # the show refused with a 429 did nothing
+    assert all(c["register_count"] == 1 for c in calls.values())
+
+    # The next flush does not knock on show while the portal holds it back, and says so.
+    again = box.outbox.flush()
+    assert again.requests == 0
+    held = [g for g in again.groups if g["text"].startswith("telephony.externalcall.show: held back until")]
+    assert [g["count"] for g in held] == [1]
+
+
+@pytest.mark.parametrize("answer", ["cut", "not json", "no results"])
+def test_an_odd_batch_answer_loses_nothing_and_repeats_nothing(state_dir, emulator, recordings, answer):
+    box = Journal(state_dir, emulator, recordings.url)
+    ids = [box.call(f"1796400000.00{n}", record=f"r{n}.wav") for n in range(3)]
+    body = {"cut": '{"result": {"result": {"r1": {"CALL_ID": "exter', "not json": "<html>Bad Gateway</html>",
+            "no results": '{"result": {"result": [], "result_error": []}, "time": {}}'}[answer]
+    emulator.fail_next(200, "", method="batch", body=body, after=True)  # the portal did the work
+    first = box.outbox.flush()
+    assert (first.delivered, first.dead) == (0, 0) and first.waiting == 9
+    for entry in ids:  # each may have been sent: a finish repeat answered "not found" is finished
+        assert all(state == "pending" for state, _ in box.states(entry).values())
+        assert all(box.store.entry_states([i])[i].sending_at is not None for i in entry.values())
+    second = box.outbox.flush()
+    assert (second.delivered, second.dead, second.waiting) == (9, 0, 0)
+    calls = list(emulator.calls.values())
+    assert len(calls) == 3 and all(c["finished"] and c["record"] is not None for c in calls)
+    assert [len(emulator.requests_for("telephony.externalcall.finish"))] == [6]  # the repeat, answered not found
+    assert sum(c["register_count"] for c in calls) == 6  # the repeat found the same call (EXTERNAL_CALL_ID)
+
+
+def test_a_reference_to_a_register_that_failed_leaves_the_entries_behind_it_untouched(state_dir, emulator):
+    box = Journal(state_dir, emulator)
+    emulator.set_operating_limit(REGISTER, time.time() + 60)
+    ids = box.call("1796500000.001", card={"show": ["102"]}, ended=False)
+    stats = box.outbox.flush()
+    assert stats.requests == 1 and (stats.delivered, stats.dead) == (0, 0)
+    got = box.states(ids)
+    assert got["register"][0] == "pending" and "OPERATION_TIME_LIMIT" in got["register"][1]
+    for kind in ("card",):  # it named a CALL_ID that never came: it did nothing
+        assert got[kind][0] == "pending" and got[kind][1].startswith("waits for its register")
+        assert box.store.entry_states([ids[kind]])[ids[kind]].sending_at is None
+    assert emulator.calls == {}
+    emulator.set_operating_limit(REGISTER, None)
+    box.limiter.path.unlink()  # the portal freed it
+    assert box.outbox.flush().delivered == 2
+    assert only_call(emulator)["shown"] == [emulator.people["102"]]
