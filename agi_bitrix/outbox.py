@@ -131,11 +131,14 @@ class Outbox:
         upto = self.store.last_entry_id()
         if force:
             self.store.make_due(upto)
+        touched: set = set()
         while True:
             if live is not None and live():
                 break
             done = self.round(Deadline(ROUND_BUDGET), upto_id=upto)
             total.add(done)
+            touched.update(done.keys)
+            total.calls = len(touched)  # a call whose entries took two rounds is one call
             if progress is not None and done.requests:
                 progress(total)
             if done.failed is not None and not done.progress:
