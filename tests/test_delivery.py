@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
-from conftest import only_call
+from conftest import ServicePBX, only_call
 
 from agi_bitrix.bitrix.auth import WebhookAuth
 from agi_bitrix.bitrix.client import Bitrix24
@@ -35,8 +35,8 @@ REGISTER = "telephony.externalcall.register"
 class Clock:
     """The time of the portal, the request budget and the deliverer: it moves when the test says."""
 
-    def __init__(self) -> None:
-        self.now = START
+    def __init__(self, start: float = START) -> None:
+        self.now = start
 
     def __call__(self) -> float:
         return self.now
@@ -348,3 +348,43 @@ def test_a_reference_to_a_register_that_failed_leaves_the_entries_behind_it_unto
     box.limiter.path.unlink()  # the portal freed it
     assert box.outbox.flush().delivered == 2
     assert only_call(emulator)["shown"] == [emulator.people["102"]]
+
+
+# ----------------------------------------------------------------------------------- through the service
+
+def test_the_service_sends_the_registers_of_calls_arriving_together_in_one_request(tmp_path, emulator):
+    pbx = ServicePBX(tmp_path, emulator.webhook_url)
+    pbx.values["service"]["batch_window"] = "0.3"
+    pbx.start()
+    try:
+        courier = pbx.service.courier
+        wait(lambda: courier.next_pass > 0, "the service's first pass")
+        clock = Clock(time.monotonic())  # the courier's clock stands still until the test moves it
+        courier.clock = clock
+        lids = [f"1796600000.{n}" for n in range(3)]
+        runs: Dict[str, Any] = {}
+        steps = [threading.Thread(target=lambda lid=lid: runs.__setitem__(
+            lid, pbx.run(["incoming", "8916123450" + lid[-1]], linkedid=lid))) for lid in lids]
+        for step in steps:
+            step.start()
+        wait(lambda: courier.waiting() == 3, "the three steps to hand their calls over")
+        sent = lambda: [r for r in emulator.requests if not r["batch"] and r["method"] != "scope"]  # noqa: E731
+        assert sent() == []  # each waits for the others within the window (`scope`: the health probe)
+        clock.advance(0.3)
+        courier.wake()
+        for step in steps:
+            step.join(60)
+        assert [runs[lid].set_variables["BITRIX_STATUS"] for lid in lids] == ["OK"] * 3
+        by_lid = {c["external_call_id"]: c["CALL_ID"] for c in emulator.calls.values()}
+        assert [runs[lid].set_variables["BITRIX_CALL_ID"] for lid in lids] == [by_lid[lid] for lid in lids]
+        (request,) = sent()
+        assert request["method"] == "batch" and sorted(request["params"]["cmd"]) == ["r1", "r2", "r3"]
+    finally:
+        pbx.stop()
+
+
+def wait(condition: Any, what: str, limit: float = 60.0) -> None:
+    end = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < end, f"gave up waiting for {what}"
+        time.sleep(0.02)
