@@ -735,7 +735,8 @@ class Store:
         before = db.execute("PRAGMA page_count").fetchone()[0]
         with self.write_lock:
             if db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
-                db.execute("PRAGMA incremental_vacuum")
+                # It frees one page per step of the statement: executescript steps it to the end.
+                db.executescript("PRAGMA incremental_vacuum;")
             elif (before - free) * page <= CONVERT_MAX_BYTES:
                 # A database made before pages were given back: VACUUM switches it over once. It
                 # holds the write lock while it copies the live data, so only while that is small.
