@@ -61,6 +61,19 @@ def english_locale(monkeypatch):
 
 
 @pytest.fixture
+def fast_dir():
+    """A folder on tmpfs when there is one, for a database written thousands of times in a test
+    (each write's fsync is not what such a test is about)."""
+    import shutil
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    path = tempfile.mkdtemp(prefix="agi-bitrix-test-", dir=base)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def emulator():
     with Bitrix24Emulator(webhook_code=WEBHOOK_CODE) as emu:
         emu.people = {}

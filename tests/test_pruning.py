@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
-import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from conftest import ServicePBX
@@ -28,11 +25,8 @@ FINISH = {"USER_PHONE_INNER": "101", "DURATION": 42, "STATUS_CODE": "200", "ADD_
 
 
 @pytest.fixture
-def state_dir() -> Iterator[str]:
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    path = tempfile.mkdtemp(prefix="agi-bitrix-pruning-", dir=base)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def state_dir(fast_dir) -> str:
+    return fast_dir
 
 
 def add_history(path: Path, calls: int, days: float, now: float) -> None:

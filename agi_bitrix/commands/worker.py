@@ -5,7 +5,7 @@ import signal
 import time
 from typing import Any, Callable, List, Optional
 
-from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT, close_abandoned, open_outbox
+from agi_bitrix.commands.outbox import close_abandoned, open_outbox
 
 
 PRUNE_EVERY = 300.0  # seconds between two prunings of the database by one deliverer
