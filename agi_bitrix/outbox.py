@@ -94,12 +94,13 @@ class Round(FlushStats):
 
 class Outbox:
     def __init__(self, store: Store, client: Bitrix24, recording_url: str = "", owner: Optional[str] = None,
-                 log: Optional[Dict[str, Any]] = None) -> None:
+                 log: Optional[Dict[str, Any]] = None, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.client = client
         self.recording_url = recording_url
         self.owner = owner or new_owner()
         self.log = log if log is not None else {}
+        self.clock = clock  # when entries are due and retried (a test moves it)
 
     # -- driving -------------------------------------------------------------------------------
     def deliver_keys(self, keys: List[str], deadline: Deadline, lease: Optional[float] = None) -> FlushStats:
@@ -167,14 +168,14 @@ class Outbox:
         if lease is None:
             lease = min(deadline.remaining(), ROUND_BUDGET) + LEASE_MARGIN
         entries = self.store.lease_calls(self.owner, lease, keys=keys, fill=fill or keys is None,
-                                         due_by=time.time(), upto_id=upto_id, limit=max_commands)
+                                         due_by=self.clock(), upto_id=upto_id, limit=max_commands)
         if not entries:
             return stats
         stats.keys = list(dict.fromkeys(e.linkedid for e in entries))
         stats.calls = len(stats.keys)
         limiter = self.client.limiter
         planner = Planner(self.store, self.recording_url, self.log,
-                          limiter.blocked_methods() if limiter is not None else None)
+                          limiter.blocked_methods() if limiter is not None else None, self.clock())
         try:
             plan = planner.plan(entries, max_commands)
             marks = list(plan.settled)

@@ -125,12 +125,12 @@ class Planner:
     """Turns leased entries into one request and its answers into marks (see the module doc)."""
 
     def __init__(self, store: Store, recording_url: str, log: Dict[str, Any],
-                 blocked: Optional[Dict[str, float]] = None) -> None:
+                 blocked: Optional[Dict[str, float]] = None, now: Optional[float] = None) -> None:
         self.store = store
         self.recording_url = recording_url
         self.log = log
         self.blocked = {k.lower(): v for k, v in (blocked or {}).items()}  # method -> held back until
-        self.now = time.time()
+        self.now = time.time() if now is None else now  # the deliverer's clock: when to try again
 
     # -- planning --------------------------------------------------------------------------------
     def plan(self, entries: List[Entry], size: int = BATCH_MAX) -> Plan:
@@ -282,13 +282,13 @@ class Planner:
         try:
             st = os.stat(path)
         except OSError as exc:
-            if self.now - entry.created_at < MISSING_GRACE:
+            if time.time() - entry.created_at < MISSING_GRACE:  # the file system's clock from here on
                 plan.settled.append(Mark(entry, PENDING, f"recording {name} not there yet",
                                          next_try=self.now + 15, attempted=False))
                 return "wait"
             plan.settled.append(Mark(entry, DEAD, f"recording {name} cannot be read: {exc.strerror}"))
             return "dead"
-        if self.now - st.st_mtime < SETTLE_SECONDS:
+        if time.time() - st.st_mtime < SETTLE_SECONDS:
             # MixMonitor may still be writing it after the hangup handler ran.
             plan.settled.append(Mark(entry, PENDING, f"recording {name} is still being written",
                                      next_try=st.st_mtime + SETTLE_SECONDS + 0.1, attempted=False))

@@ -3,7 +3,6 @@ by indexed ranges; freed pages go back to the file system; a step costs the same
 calls as on an empty database."""
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time
@@ -17,11 +16,7 @@ from agi_bitrix.bitrix.client import Bitrix24
 from agi_bitrix.deadline import Deadline
 from agi_bitrix.outbox import Outbox
 from agi_bitrix.store import Store
-
-DAY = 86400.0
-REGISTER = {"USER_PHONE_INNER": "101", "PHONE_NUMBER": "+79161234567", "TYPE": 2,
-            "CALL_START_DATE": "2026-11-21T10:00:00+03:00", "CRM_CREATE": 1, "SHOW": 1}
-FINISH = {"USER_PHONE_INNER": "101", "DURATION": 42, "STATUS_CODE": "200", "ADD_TO_CHAT": 1}
+from agi_bitrix.testing.traffic import DAY, FINISH, REGISTER_PARAMS as REGISTER, past_calls
 
 
 @pytest.fixture
@@ -29,33 +24,10 @@ def state_dir(fast_dir) -> str:
     return fast_dir
 
 
-def add_history(path: Path, calls: int, days: float, now: float) -> None:
-    """`calls` past calls spread over the last `days`, as the journal leaves them once delivered:
-    the call row, its register, finish and recording entries done (one transaction: a history,
-    not the steps that made it)."""
-    rows, entries = [], []
-    for n in range(calls):
-        at = now - days * DAY * (n + 0.5) / calls
-        lid = f"1790000000.{n}"
-        rows.append((lid, f"externalCall.{n:032x}.{int(at)}", at + 5, at, at + 60, at + 61))
-        for kind, payload in (("register", dict(REGISTER, EXTERNAL_CALL_ID=lid)), ("finish", FINISH),
-                              ("record", {"path": f"/var/spool/asterisk/monitor/{lid}.wav", "name": f"{lid}.wav"})):
-            entries.append((lid, kind, json.dumps(payload), at, at, at + 61))
-    db = sqlite3.connect(str(path))
-    with db:
-        db.executemany("INSERT INTO calls (linkedid, direction, phone, line, user_inner, call_id, shown, answered_inner,"
-                       " answered_at, started_at, finish_claimed, finished_at, status_code, duration)"
-                       " VALUES (?, 'incoming', '+79161234567', '74951234567', '101', ?, '[]', '101', ?, ?, ?, ?,"
-                       " '200', 42)", rows)
-        db.executemany("INSERT INTO outbox (linkedid, kind, payload, state, attempts, next_try, created_at, done_at)"
-                       " VALUES (?, ?, ?, 'done', 1, ?, ?, ?)", entries)
-    db.close()
-
-
 def test_the_history_past_its_retention_goes_and_the_file_shrinks(state_dir):
     now = time.time()
     store = Store(state_dir)
-    add_history(store.path, 20000, 30, now)
+    past_calls(store.path, 20000, 30, now)
     # What must stay whatever its age: a call still waiting for delivery, a fresh dead letter.
     store.start_call("old-waiting", "incoming", "+79161234567", "", "101", REGISTER, "x", 0)
     store.start_call("old-dead", "incoming", "+79161234567", "", "101", REGISTER, "x", 0)
@@ -122,7 +94,7 @@ def test_a_call_costs_the_same_at_100k_past_calls_as_on_an_empty_database(state_
     outbox = Outbox(store, Bitrix24(WebhookAuth(emulator.webhook_url), timeout=10))
     one_call(store, outbox, "warm-up.1")  # caches (the employees' user ids) as in steady state
     empty = vm_steps(store, lambda: one_call(store, outbox, "1795900000.1"))
-    add_history(store.path, 100000, 6, time.time())  # within the retention: nothing to prune
+    past_calls(store.path, 100000, 6, time.time())  # within the retention: nothing to prune
     full = vm_steps(store, lambda: one_call(store, outbox, "1795900000.2"))
     assert emulator.calls and all(c["finished"] for c in emulator.calls.values())
     assert full <= empty * 1.10, (empty, full)
@@ -133,7 +105,7 @@ def test_the_service_prunes_the_history_off_the_call_path(tmp_path, emulator):
     pbx = ServicePBX(tmp_path, emulator.webhook_url)
     pbx.values["storage"]["retention_days"] = "2"
     store = Store(str(pbx.state_dir))
-    add_history(store.path, 300, 4, time.time())  # half of it older than two days
+    past_calls(store.path, 300, 4, time.time())  # half of it older than two days
     store.close()
     pbx.start()
     try:
@@ -158,7 +130,7 @@ def test_a_small_database_made_before_pages_were_given_back_is_switched_over_at_
     old.execute("PRAGMA journal_mode = WAL")
     old.executescript(_SCHEMA)
     old.close()
-    add_history(path, 3000, 30, time.time())
+    past_calls(path, 3000, 30, time.time())
     store = Store(state_dir)
     assert store.db.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
     before = os.path.getsize(path)

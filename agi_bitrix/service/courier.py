@@ -51,6 +51,7 @@ class Courier:
         self._pass: Optional[FlushStats] = None
         self._pass_upto = 0
         self.next_pass = float("-inf")
+        self.batch, self.live_batch = BATCH_MAX, LIVE_COMMANDS  # commands per request (a benchmark's baseline: 1)
         self.finished: Optional[FlushStats] = None  # the pass that ended in the last step()
 
     # -- the call steps' side --------------------------------------------------------------------------
@@ -101,7 +102,7 @@ class Courier:
             # stuck portal leaves the entries QUEUED with the reason, not the steps without one.
             budget = min(t.until for t in tickets) - now
             done = outbox.round(Deadline(max(0.0, budget)), keys=keys, fill=True,
-                                max_commands=LIVE_COMMANDS if urgent else BATCH_MAX)
+                                max_commands=self.live_batch if urgent else self.batch)
             self._answer(tickets, done, outbox)
             if self._pass is not None:
                 self._pass.add(done)
@@ -116,7 +117,7 @@ class Courier:
         delay = limiter.delay(LIVE_RESERVE) if limiter is not None else 0.0
         if delay > 0:
             return min(delay, max(0.0, min([t.send_by for t in tickets], default=now + delay) - now))
-        done = outbox.round(Deadline(ROUND_BUDGET), upto_id=self._pass_upto)
+        done = outbox.round(Deadline(ROUND_BUDGET), upto_id=self._pass_upto, max_commands=self.batch)
         self._pass.add(done)
         self._answer(tickets, done, outbox)
         if not done.keys or (done.failed is not None and not done.progress):

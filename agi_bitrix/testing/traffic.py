@@ -11,7 +11,9 @@ by bench/delivery.py.
 from __future__ import annotations
 
 import heapq
+import json
 import os
+import sqlite3
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +32,10 @@ BUDGET = 2.0  # [bitrix24] timeout: what a step waits for its delivery
 REGISTER = "telephony.externalcall.register"
 
 Event = Tuple[float, str, str]  # (seconds after START, "incoming" | "hangup", linkedid)
+DAY = 86400.0
+REGISTER_PARAMS = {"USER_PHONE_INNER": "101", "PHONE_NUMBER": "+79161234567", "TYPE": 2,
+                   "CALL_START_DATE": "2026-11-21T10:00:00+03:00", "CRM_CREATE": 1, "SHOW": 1}
+FINISH = {"USER_PHONE_INNER": "101", "DURATION": 42, "STATUS_CODE": "200", "ADD_TO_CHAT": 1}
 
 
 class Clock:
@@ -88,7 +94,7 @@ class PBX:
                                    sleep=self.clock.advance)
         client = Bitrix24(WebhookAuth(emulator.webhook_url), timeout=10, limiter=self.limiter)
         self.courier = Courier(lambda: window, clock=self.clock)
-        self.outbox = Outbox(self.store, client, recording_url, owner=self.courier.owner)
+        self.outbox = Outbox(self.store, client, recording_url, owner=self.courier.owner, clock=self.clock)
         self.arrived: Dict[str, float] = {}  # linkedid -> when its `incoming` step journaled
         self.recording = Path(state_dir) / "rec.wav"
         self.recording.write_bytes(b"RIFF-recording")
@@ -162,3 +168,26 @@ def traffic(calls: int, per_minute: float, start: float = 0.0, prefix: str = "17
         lid = f"{prefix}.{n}"
         events += [(at, "incoming", lid), (at + 20 + (n * 37) % 60, "hangup", lid)]
     return events
+
+
+def past_calls(path: Path, calls: int, days: float, now: float) -> None:
+    """`calls` past calls spread over the last `days`, as the journal leaves them once delivered:
+    the call row, its register, finish and recording entries done (one transaction: a history,
+    not the steps that made it)."""
+    rows, entries = [], []
+    for n in range(calls):
+        at = now - days * DAY * (n + 0.5) / calls
+        lid = f"1790000000.{n}"
+        rows.append((lid, f"externalCall.{n:032x}.{int(at)}", at + 5, at, at + 60, at + 61))
+        for kind, payload in (("register", dict(REGISTER_PARAMS, EXTERNAL_CALL_ID=lid)), ("finish", FINISH),
+                              ("record", {"path": f"/var/spool/asterisk/monitor/{lid}.wav", "name": f"{lid}.wav"})):
+            entries.append((lid, kind, json.dumps(payload), at, at, at + 61))
+    db = sqlite3.connect(str(path))
+    with db:
+        db.executemany("INSERT INTO calls (linkedid, direction, phone, line, user_inner, call_id, shown, answered_inner,"
+                       " answered_at, started_at, finish_claimed, finished_at, status_code, duration)"
+                       " VALUES (?, 'incoming', '+79161234567', '74951234567', '101', ?, '[]', '101', ?, ?, ?, ?,"
+                       " '200', 42)", rows)
+        db.executemany("INSERT INTO outbox (linkedid, kind, payload, state, attempts, next_try, created_at, done_at)"
+                       " VALUES (?, ?, ?, 'done', 1, ?, ?, ?)", entries)
+    db.close()
