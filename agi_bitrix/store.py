@@ -21,6 +21,8 @@ from agi_bitrix.ownership import match_owner_quietly
 DB_NAME = "agi-bitrix.sqlite3"
 USER_CACHE_SECONDS = 3600
 VACUUM_MIN_PAGES = 256          # free pages worth giving back to the file system (1 MB of 4 KB pages)
+VACUUM_CHUNK = 2048             # pages given back per write lock (8 MB)
+WAL_KEEP = 4 << 20              # bytes of write-ahead log kept on disk once it was copied into the database
 CONVERT_MAX_BYTES = 8 << 20     # an old database is switched to incremental vacuum only up to this size
 
 PENDING, DONE, DEAD = "pending", "done", "dead"
@@ -225,6 +227,8 @@ class Store:
             # FULL: a call record acknowledged to Asterisk survives a power cut, not only a crash.
             self.db.execute("PRAGMA synchronous = FULL")
             self._synchronous = "FULL"
+            # A big pruning grows the log; once copied into the database it shrinks back to this.
+            self.db.execute(f"PRAGMA journal_size_limit = {WAL_KEEP}")
             self.schema_before = migrate_sqlite(self.db, self.path)  # first: _SCHEMA's indexes name its columns
             self.db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
@@ -726,26 +730,34 @@ class Store:
         return counts
 
     def _give_back_pages(self) -> int:
-        """Return free pages to the file system; KiB given back (SQLite docs: auto_vacuum)."""
+        """Return free pages to the file system, a few MB per write lock (the call steps' writes
+        go in between); KiB given back (SQLite docs: auto_vacuum, incremental_vacuum)."""
         db = self.db
         page = db.execute("PRAGMA page_size").fetchone()[0]
         free = db.execute("PRAGMA freelist_count").fetchone()[0]
         if free < VACUUM_MIN_PAGES:
             return 0
         before = db.execute("PRAGMA page_count").fetchone()[0]
-        with self.write_lock:
-            if db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
-                # It frees one page per step of the statement: executescript steps it to the end.
-                db.executescript("PRAGMA incremental_vacuum;")
-            elif (before - free) * page <= CONVERT_MAX_BYTES:
-                # A database made before pages were given back: VACUUM switches it over once. It
-                # holds the write lock while it copies the live data, so only while that is small.
+        if db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+            while free > 0:
+                with self.write_lock:
+                    # It frees one page per step of the statement: executescript steps it to the end.
+                    db.executescript(f"PRAGMA incremental_vacuum({VACUUM_CHUNK});")
+                left = db.execute("PRAGMA freelist_count").fetchone()[0]
+                if left >= free:
+                    break
+                free = left
+        elif (before - free) * page <= CONVERT_MAX_BYTES:
+            # A database made before pages were given back: VACUUM switches it over once. It
+            # holds the write lock while it copies the live data, so only while that is small.
+            with self.write_lock:
                 db.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 db.execute("VACUUM")
-            else:
-                return 0
-            # In WAL mode the file shrinks when the log is checkpointed into it.
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        else:
+            return 0
+        # In WAL mode the file shrinks when the log is copied into it; a passive checkpoint never
+        # waits for (nor blocks) the steps' readers and writers.
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         after = db.execute("PRAGMA page_count").fetchone()[0]
         return max(0, before - after) * page // 1024
 
