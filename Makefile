@@ -45,6 +45,8 @@ bench: $(BIN)/.installed postgresql
 	$(BIN)/python bench/fastagi.py
 	$(BIN)/python bench/journal_cost.py
 	$(BIN)/python bench/requests_per_call.py
+	$(BIN)/python bench/delivery.py
+	$(BIN)/python bench/db_growth.py
 	$(BIN)/python bench/dialer_requests.py
 	$(BIN)/python bench/answer_step.py
 	$(BIN)/python bench/shared_store.py

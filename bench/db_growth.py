@@ -15,7 +15,8 @@ import shutil
 import statistics
 import tempfile
 import time
-from typing import Tuple
+from pathlib import Path
+from typing import Dict, List
 
 from agi_bitrix.store import DONE, Mark, Store
 from agi_bitrix.testing.traffic import DAY, FINISH, REGISTER_PARAMS, past_calls
@@ -41,8 +42,8 @@ def deliver(store: Store, lid: str, call_id: str = "") -> None:
     store.release([lid], "s")
 
 
-def cost(store: Store, tag: str) -> Tuple[int, float]:
-    """(VM instructions of one call, median ms of one call)."""
+def vm_steps(store: Store, tag: str) -> int:
+    """SQLite virtual-machine instructions of one call: the database's work, counted."""
     steps = [0]
 
     def tick() -> int:
@@ -50,52 +51,63 @@ def cost(store: Store, tag: str) -> Tuple[int, float]:
         return 0
 
     store.db.set_progress_handler(tick, 1)
-    one_call(store, f"{tag}.vm")
+    one_call(store, tag)
     store.db.set_progress_handler(None, 1)
-    samples = []
-    for n in range(CALLS):
-        start = time.perf_counter()
-        one_call(store, f"{tag}.{n}")
-        samples.append(time.perf_counter() - start)
-    return steps[0], statistics.median(samples) * 1000
+    return steps[0]
 
 
-def mib(path: str) -> float:
+def mib(path: Path) -> float:
     return os.path.getsize(path) / (1 << 20)
 
 
+def pruned(past: int, folder: Path) -> str:
+    """The same number of calls spread over 30 days, pruned to the last 7."""
+    store = Store(str(folder))
+    try:
+        past_calls(store.path, past, 30, time.time())
+        started = time.perf_counter()
+        counts = store.prune(7 * DAY, 300)
+        took = time.perf_counter() - started
+        return (f"{mib(store.path):6.1f} MiB ({counts['calls']} calls pruned in {took * 1000:.0f} ms, "
+                f"{counts['freed_kib'] / 1024:.1f} MiB given back)")
+    finally:
+        store.close()
+
+
 def main() -> int:
-    print("a call's work in the state database beside the history, and the database's size:")
-    print("  past calls   VM instructions   ms per call (fsync)   vs empty   database   30 days of history pruned to 7")
-    base = None
-    for past in (0, 10_000, 100_000):
-        folder = tempfile.mkdtemp(prefix="agi-bitrix-bench-")
-        try:
-            store = Store(folder)
+    sizes = (0, 10_000, 100_000)
+    root = Path(tempfile.mkdtemp(prefix="agi-bitrix-bench-"))
+    try:
+        stores = {}
+        for past in sizes:
+            (root / str(past)).mkdir()
+            store = stores[past] = Store(str(root / str(past)))
             one_call(store, "warm-up")
             if past:
                 past_calls(store.path, past, 6, time.time())  # all within the retention
             store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            vm, ms = cost(store, "now")
-            base = base or (vm, ms)
-            size = mib(str(store.path))
+        vm = {past: vm_steps(store, "vm") for past, store in stores.items()}
+        size = {past: mib(store.path) for past, store in stores.items()}
+        # Interleaved, so that a busy moment of the machine falls on all three alike.
+        samples: Dict[int, List[float]] = {past: [] for past in sizes}
+        for n in range(CALLS):
+            for past, store in stores.items():
+                start = time.perf_counter()
+                one_call(store, f"now.{n}")
+                samples[past].append(time.perf_counter() - start)
+        for store in stores.values():
             store.close()
-            shutil.rmtree(folder)
-            os.mkdir(folder)
-            store = Store(folder)
-            pruned = "-"
-            if past:
-                past_calls(store.path, past, 30, time.time())
-                started = time.perf_counter()
-                counts = store.prune(7 * DAY, 300)
-                took = time.perf_counter() - started
-                pruned = (f"{mib(str(store.path)):6.1f} MiB ({counts['calls']} calls pruned in {took * 1000:.0f} ms, "
-                          f"{counts['freed_kib'] / 1024:.1f} MiB given back)")
-            store.close()
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        print(f"  {past:10,d}   {vm:15,d}   {ms:19.2f}   {ms / base[1]:7.2f}x   {size:6.1f} MiB   {pruned}")
-    print(f"  (a call's VM instructions at 100k past calls are {vm / base[0]:.2f}x those on an empty database)")
+        ms = {past: statistics.median(samples[past]) * 1000 for past in sizes}
+        print("a call's work in the state database beside the history, and the database's size:")
+        print("  past calls   VM instructions   ms per call (fsync)   vs empty   database   "
+              "30 days of history pruned to 7")
+        for past in sizes:
+            (root / f"p{past}").mkdir()
+            after = pruned(past, root / f"p{past}") if past else "-"
+            print(f"  {past:10,d}   {vm[past]:15,d}   {ms[past]:19.2f}   {ms[past] / ms[0]:7.2f}x   "
+                  f"{size[past]:6.1f} MiB   {after}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -81,7 +81,9 @@ def main() -> int:
             }
             for label, (lid, who) in cases.items():
                 methods, statuses = box.call(lid, who)
-                assert statuses == ["OK"] * 3, f"{mode} {label}: {statuses}"
+                # `answer` says QUEUED when it leaves a card move to its background delivery.
+                assert statuses[0] == statuses[2] == "OK" and statuses[1] in ("OK", "QUEUED"), \
+                    f"{mode} {label}: {statuses}"
                 rows.append((mode, label, methods))
             if mode == "oauth":
                 emu.expire_access_tokens()  # once an hour: what the first call after expiry costs
