@@ -117,15 +117,13 @@ class Outbox:
     def deliver_call(self, linkedid: str, deadline: Deadline, lease: Optional[float] = None) -> FlushStats:
         return self.deliver_keys([linkedid], deadline, lease)
 
-    def flush(self, force: bool = True, progress: Optional[Callable[[FlushStats], None]] = None,
-              live: Optional[Callable[[], bool]] = None) -> FlushStats:
+    def flush(self, force: bool = True, progress: Optional[Callable[[FlushStats], None]] = None) -> FlushStats:
         """Deliver what waits now, in full batches, until nothing more can go.
 
         `force` (an administrator's flush): everything waiting is tried now, whatever its backoff;
         without it (the worker) only what is due. Entries journaled after the start wait for the
         next pass. Stops early when the portal fails a whole request (it would fail the next
-        one too). `live()`: a call step is waiting (the service): stop and let it go first.
-        What still waits is in `groups`, by reason.
+        one too). What still waits is in `groups`, by reason.
         """
         total = FlushStats()
         self.free_stale_leases()
@@ -134,8 +132,6 @@ class Outbox:
             self.store.make_due(upto)
         touched: set = set()
         while True:
-            if live is not None and live():
-                break
             done = self.round(Deadline(ROUND_BUDGET), upto_id=upto)
             total.add(done)
             touched.update(done.keys)

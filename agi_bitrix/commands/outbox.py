@@ -15,6 +15,7 @@ from agi_bitrix.commands.admin import CommandFailed
 FLUSH_REQUEST_TIMEOUT = 10.0  # off the call path a request may wait longer than a ringing caller
 PROGRESS_EVERY = 10.0         # seconds between the progress lines of a long flush
 MAX_GROUPS = 12               # reasons listed one by one after a flush
+PRUNE_EVERY = 300.0           # seconds between two prunings of the database by one deliverer
 
 
 def open_outbox(args: Any, journal: bool = False) -> Tuple[Any, Any, Any]:
@@ -53,6 +54,22 @@ def close_abandoned(settings: Any, outbox: Any, logger: Any) -> int:
     for record in closed:
         logger.warning("call_closed_unfinished", **record)
     return len(closed)
+
+
+def prune_history(settings: Any, store: Any, logger: Any) -> None:
+    """Delete the history older than [storage] retention_days (never a call that may still be
+    going on: at least [calls] max_call_length plus an hour), off the call path; one log line
+    when anything went."""
+    keep = max(settings.storage.retention_days * 86400.0, settings.calls.max_call_length + 3600.0)
+    started = time.monotonic()
+    try:
+        counts = store.prune(keep, max(settings.calls.route_cache, 60.0))
+    except Exception as exc:  # a busy or broken database: the next pass tries again
+        logger.error("outbox_pruned", reason=f"{type(exc).__name__}: {exc}")
+        return
+    if any(counts.values()):
+        logger.info("outbox_pruned", ms=int((time.monotonic() - started) * 1000),
+                    retention_days=settings.storage.retention_days, **counts)
 
 
 def _replay(outbox: Any, logger: Any, files: List[str]) -> None:
@@ -194,6 +211,7 @@ def run(args: Any) -> int:
                     print(t("... delivered {delivered} so far", delivered=so_far.delivered), flush=True)
 
             stats = outbox.flush(progress=progress)
+            prune_history(settings, outbox.store, logger)  # where cron flushes, nothing else prunes
         fields = dict(calls=stats.calls, delivered=stats.delivered, waiting=stats.waiting, dead=stats.dead,
                       requests=stats.requests, ms=int((time.monotonic() - started) * 1000))
         if stats.stopped:

@@ -5,10 +5,7 @@ import signal
 import time
 from typing import Any, Callable, List, Optional
 
-from agi_bitrix.commands.outbox import close_abandoned, open_outbox
-
-
-PRUNE_EVERY = 300.0  # seconds between two prunings of the database by one deliverer
+from agi_bitrix.commands.outbox import PRUNE_EVERY, close_abandoned, open_outbox, prune_history
 
 
 def run(args: Any) -> int:
@@ -60,22 +57,6 @@ def one_pass(settings: Any, outbox: Any, logger: Any, poller: Optional[Callable[
                         **{k: outbox.log.pop(k) for k in ("delivery_errors", "dead_letters") if k in outbox.log})
     except Exception as exc:  # keep serving: one bad pass must not stop the delivery of calls
         logger.error("worker_pass_failed", reason=f"{type(exc).__name__}: {exc}")
-
-
-def prune_history(settings: Any, store: Any, logger: Any) -> None:
-    """Delete the history older than [storage] retention_days (never a call that may still be
-    going on: at least [calls] max_call_length plus an hour), off the call path; one log line
-    when anything went."""
-    keep = max(settings.storage.retention_days * 86400.0, settings.calls.max_call_length + 3600.0)
-    started = time.monotonic()
-    try:
-        counts = store.prune(keep, max(settings.calls.route_cache, 60.0))
-    except Exception as exc:  # a busy or broken database: the next pass tries again
-        logger.error("outbox_pruned", reason=f"{type(exc).__name__}: {exc}")
-        return
-    if any(counts.values()):
-        logger.info("outbox_pruned", ms=int((time.monotonic() - started) * 1000),
-                    retention_days=settings.storage.retention_days, **counts)
 
 
 def event_poller(settings: Any, outbox: Any, logger: Any, ami: Any = None) -> Optional[Callable[[], None]]:

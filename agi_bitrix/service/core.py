@@ -265,8 +265,8 @@ class Service:
         """The courier's thread: the steps' tickets at once, and every flush_interval a pass over
         what waits (with the worker's chores: calls never hung up, offline events, pruning)."""
         from agi_bitrix.bitrix.factory import NotConfigured, make_client
-        from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT
-        from agi_bitrix.commands.worker import PRUNE_EVERY, event_poller, one_chores, prune_history
+        from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT, PRUNE_EVERY, prune_history
+        from agi_bitrix.commands.worker import event_poller, one_chores
         from agi_bitrix.outbox import Outbox
         from agi_bitrix.store import Store, StoreError
 
