@@ -78,6 +78,7 @@ class FlushStats:
     stopped: str = ""     # why a flush stopped early: the portal failed the whole request
     groups: List[Dict[str, Any]] = field(default_factory=list)  # what still waits, by reason
     errors: List[str] = field(default_factory=list)
+    keys: List[str] = field(default_factory=list)   # the calls it leased
 
     def add(self, other: "FlushStats") -> None:
         for name in ("delivered", "waiting", "dead", "calls", "requests", "rounds"):
@@ -87,7 +88,6 @@ class FlushStats:
 
 @dataclass
 class Round(FlushStats):
-    keys: List[str] = field(default_factory=list)   # the calls it leased
     progress: bool = False                          # something was delivered
     failed: Optional[BitrixError] = None            # the whole request failed
 
@@ -136,6 +136,7 @@ class Outbox:
             total.add(done)
             touched.update(done.keys)
             total.calls = len(touched)  # a call whose entries took two rounds is one call
+            total.keys = sorted(touched)
             if progress is not None and done.requests:
                 progress(total)
             if done.failed is not None and not done.progress:

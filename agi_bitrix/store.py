@@ -128,6 +128,30 @@ def migrate_sqlite(db: sqlite3.Connection, path: Path) -> int:
     return found
 
 
+def group_waiting(rows: Any, now: float) -> List[Dict[str, Any]]:
+    """Waiting entries (kind, last_error, lease_owner, lease_until, next_try, created_at, first)
+    grouped by why they wait, largest groups first (both engines)."""
+    groups: Dict[Any, Dict[str, Any]] = {}
+    for r in rows:
+        held = r["lease_owner"] if r["lease_owner"] and (r["lease_until"] or 0) > now else None
+        if held:
+            key = ("lease", held)
+        elif r["last_error"]:
+            key = ("error", r["last_error"])
+        elif not r["first"]:
+            key = ("behind", "")
+        else:
+            key = ("new", "")
+        group = groups.setdefault(key, {"why": key[0], "text": key[1], "count": 0, "kinds": {},
+                                        "until": 0.0, "next_try": None, "oldest": r["created_at"]})
+        group["count"] += 1
+        group["kinds"][r["kind"]] = group["kinds"].get(r["kind"], 0) + 1
+        group["until"] = max(group["until"], r["lease_until"] or 0.0)
+        group["next_try"] = r["next_try"] if group["next_try"] is None else min(group["next_try"], r["next_try"])
+        group["oldest"] = min(group["oldest"], r["created_at"])
+    return sorted(groups.values(), key=lambda g: -g["count"])
+
+
 class StoreError(Exception):
     """The state directory or database is unusable; the message says what to fix."""
 
@@ -675,25 +699,7 @@ class Store:
             "SELECT o.kind, o.last_error, o.lease_owner, o.lease_until, o.next_try, o.created_at,"
             " o.id = (SELECT MIN(p.id) FROM outbox p WHERE p.linkedid = o.linkedid AND p.state = 'pending') AS first"
             " FROM outbox o WHERE o.state = 'pending' AND o.id <= ?", (upto_id if upto_id is not None else 1 << 62,))
-        groups: Dict[Any, Dict[str, Any]] = {}
-        for r in rows:
-            held = r["lease_owner"] if r["lease_owner"] and (r["lease_until"] or 0) > now else None
-            if held:
-                key = ("lease", held)
-            elif r["last_error"]:
-                key = ("error", r["last_error"])
-            elif not r["first"]:
-                key = ("behind", "")
-            else:
-                key = ("new", "")
-            group = groups.setdefault(key, {"why": key[0], "text": key[1], "count": 0, "kinds": {},
-                                            "until": 0.0, "next_try": None, "oldest": r["created_at"]})
-            group["count"] += 1
-            group["kinds"][r["kind"]] = group["kinds"].get(r["kind"], 0) + 1
-            group["until"] = max(group["until"], r["lease_until"] or 0.0)
-            group["next_try"] = r["next_try"] if group["next_try"] is None else min(group["next_try"], r["next_try"])
-            group["oldest"] = min(group["oldest"], r["created_at"])
-        return sorted(groups.values(), key=lambda g: -g["count"])
+        return group_waiting(rows, now)
 
     # -- keeping the database small (the deliverer prunes it, never a call step) -----------------------
     def prune(self, keep: float, routes_keep: float, chunk: int = 2000,

@@ -117,6 +117,9 @@ _SCOPE = {"insufficient_scope", "invalid_scope", "access_denied", "user_access_e
 # OVERLOAD_LIMIT is a manual block by Bitrix24 support: retryable, but only much later.
 _LIMIT = {"query_limit_exceeded", "operation_time_limit", "overload_limit"}
 _NOT_FOUND = {"error_method_not_found", "not_found"}
+# The portal failed, not the request: inside a batch the command's error comes without its HTTP
+# status (Bitrix24 REST docs: batch), so the code says it.
+_SERVER = {"internal_server_error"}
 
 
 def classify(status: int, code: str, description: str, method: str,
@@ -131,6 +134,8 @@ def classify(status: int, code: str, description: str, method: str,
         return AuthError(code, description, status, method)
     if low in _LIMIT or status == 429:
         return LimitError(code, description, status, method, reset_at=reset_at)
+    if low in _SERVER:
+        return NetworkError(code, description, max(status, 500), method)
     if low in _NOT_FOUND or "not found" in (description or "").lower():
         return NotFoundError(code, description, status, method)
     if status >= 500:

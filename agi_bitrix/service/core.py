@@ -219,7 +219,9 @@ class Service:
         """Hand the calls to the deliverer thread and wait for its answer within the step's budget,
         so that calls arriving together share requests. A step working from a copy in memory (the
         database could not be written) delivers itself."""
-        if ctx.store.private or self._stop.is_set():
+        if ctx.store.private or self._stop.is_set() or self.settings.storage.url:
+            # On the shared store the deliverer is shared_pass (shared/deliver.py): the step
+            # delivers its own calls, in one request per round.
             ctx.outbox.deliver_keys(keys, ctx.deadline, lease=ctx.lease)
             return
         if not any(ctx.store.entries(key, "pending") for key in keys):
@@ -266,7 +268,7 @@ class Service:
         what waits (with the worker's chores: calls never hung up, offline events, pruning)."""
         from agi_bitrix.bitrix.factory import NotConfigured, make_client
         from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT, PRUNE_EVERY, prune_history
-        from agi_bitrix.commands.worker import event_poller, one_chores
+        from agi_bitrix.commands.worker import event_poller, one_chores, one_pass
         from agi_bitrix.outbox import Outbox
         from agi_bitrix.store import Store, StoreError
 
@@ -289,6 +291,12 @@ class Service:
                         outbox, made_for = Outbox(store, client, settings.calls.recording_url, self.courier.owner), \
                             settings
                         poller = event_poller(settings, outbox, self.log, self.ami)
+                    if settings.storage.url:  # several PBXs: the shared store's pass (shared/deliver.py)
+                        if time.monotonic() - self.portal["at"] > PORTAL_PROBE_AFTER:
+                            self._probe_portal(outbox.client)
+                        one_pass(settings, outbox, self.log, poller)
+                        self._stop.wait(settings.service.flush_interval)
+                        continue
                     if self.courier.pass_due():
                         if time.monotonic() - self.portal["at"] > PORTAL_PROBE_AFTER:
                             self._probe_portal(outbox.client)

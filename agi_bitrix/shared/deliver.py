@@ -14,7 +14,6 @@ import time
 from typing import Any, Dict, List
 
 from agi_bitrix import __version__
-from agi_bitrix.deadline import Deadline
 from agi_bitrix.outbox import FlushStats, Outbox
 from agi_bitrix.shared import journal
 from agi_bitrix.shared.connect import SharedStoreError, identity
@@ -88,9 +87,12 @@ def close_for_the_gone(store: Any, settings: Any, owner: str, logger: Any, now: 
     return closed
 
 
-def shared_pass(settings: Any, client: Any, logger: Any, per_call: float, force: bool = False,
+def shared_pass(settings: Any, client: Any, logger: Any, per_call: float = 0.0, force: bool = False,
                 owner: str = "") -> FlushStats:
-    from agi_bitrix.commands.outbox import close_abandoned
+    """One pass: this PBX's calls in batches, then those of any other PBX nobody holds (a standby
+    carries the backlog of a PBX that died). `per_call` is kept for the callers' sake: each round
+    has its own budget now (outbox.py)."""
+    from agi_bitrix.commands.outbox import close_abandoned, prune_history
     from agi_bitrix.stores import open_store
 
     storage = settings.storage
@@ -98,10 +100,9 @@ def shared_pass(settings: Any, client: Any, logger: Any, per_call: float, force:
         store = open_store(settings, timeout=max(storage.db_timeout, 5.0))
     except StoreError as exc:
         logger.warning("shared_store_away", reason=str(exc))
-        stats = _journal_pass(settings, client, per_call, force, owner)
+        stats = _journal_pass(settings, client, force, owner)
         stats.errors = [f"{exc}; delivered from the local journal, which moves to the shared store when it is back"]
         return stats
-    total = FlushStats()
     try:
         register(store, storage.state_dir)
         note_share(store, client)
@@ -116,29 +117,26 @@ def shared_pass(settings: Any, client: Any, logger: Any, per_call: float, force:
         outbox = Outbox(store, client, settings.calls.recording_url, owner=owner or None)
         close_abandoned(settings, outbox, logger)
         close_for_the_gone(store, settings, outbox.owner, logger)
-        for pbx, key in store.due_everywhere(force):
-            carrier = outbox if pbx == store.pbx else Outbox(store.as_pbx(pbx), client, settings.calls.recording_url,
-                                                             outbox.owner, outbox.log)
-            stats = carrier.deliver_call(key, Deadline(per_call), lease=max(60.0, per_call + 30), force=force)
-            total.calls += 1
-            total.delivered += stats.delivered
-            total.waiting += stats.waiting
-            total.dead += stats.dead
-            if pbx != store.pbx and stats.delivered:
-                logger.info("carried", pbx=pbx, linkedid=key, delivered=stats.delivered)
-        store.prune()
+        total = outbox.flush(force=force)
+        for pbx in store.pbxs_due(store.last_entry_id()):
+            carried = Outbox(store.as_pbx(pbx), client, settings.calls.recording_url, outbox.owner,
+                             outbox.log).flush(force=force)
+            total.add(carried)
+            total.groups += carried.groups
+            if carried.delivered:
+                logger.info("carried", pbx=pbx, calls=carried.calls, delivered=carried.delivered)
+        prune_history(settings, store, logger)  # every PBX's history, off the call path
     finally:
         store.close()
     return total
 
 
-def _journal_pass(settings: Any, client: Any, per_call: float, force: bool, owner: str) -> FlushStats:
+def _journal_pass(settings: Any, client: Any, force: bool, owner: str) -> FlushStats:
     """The shared store is away: deliver what the journal holds, and remember the calls it changed."""
     local = journal.open_local(settings.storage.state_dir, settings.storage.pbx_id)
     try:
-        keys = local.due_calls(force)
-        stats = Outbox(local, client, settings.calls.recording_url, owner=owner or None).flush(per_call, force)
-        journal.note_unsynced(local, keys)
+        stats = Outbox(local, client, settings.calls.recording_url, owner=owner or None).flush(force=force)
+        journal.note_unsynced(local, stats.keys)
         return stats
     finally:
         local.close()

@@ -17,7 +17,7 @@ import psycopg
 
 from agi_bitrix.shared import schema
 from agi_bitrix.shared.connect import SharedStoreError, connect, friendly
-from agi_bitrix.store import DEAD, DONE, KEEP_SECONDS, PENDING, REPEAT_HARMS, USER_CACHE_SECONDS, Call, Entry
+from agi_bitrix.store import DEAD, DONE, PENDING, USER_CACHE_SECONDS, Call, Entry, Mark, group_waiting
 
 _CALL_FIELDS = [f for f in Call.__dataclass_fields__]
 ADOPT_LOCK = 7_432_200  # pg_advisory_xact_lock(ADOPT_LOCK, hashtext(CALL_ID)): one PBX adopts a click
@@ -248,44 +248,94 @@ class PgStore:
                          now + lease))
         return int(row["id"])
 
-    def claim(self, linkedid: str, owner: str, lease: float) -> List[Entry]:
-        """Lease the pending entries of one call of this PBX, in order; [] when another holds them."""
+    def lease_calls(self, owner: str, lease: float, keys: Optional[List[str]] = None, fill: bool = True,
+                    due_by: Optional[float] = None, upto_id: Optional[int] = None,
+                    limit: int = 50) -> List[Entry]:
+        """Lease the pending entries of up to `limit` calls of this PBX no other deliverer holds,
+        grouped by call, each call's in order (store.Store.lease_calls says which calls). Seen as
+        another PBX (as_pbx), a call's recording and what follows it stay with that PBX (the file
+        is on its disk)."""
         now = time.time()
+        args = {"pbx": self.pbx, "me": owner, "now": now, "due": now if due_by is None else due_by,
+                "upto": upto_id if upto_id is not None else 1 << 62, "other": self.home != self.pbx}
         with self._tx(durable=False):
-            rows = self._q("SELECT * FROM outbox WHERE pbx = %s AND linkedid = %s AND state = %s ORDER BY id"
-                           " FOR UPDATE", (self.pbx, linkedid, PENDING)).fetchall()
-            if any(r["lease_owner"] not in (None, owner) and (r["lease_until"] or 0) > now for r in rows):
+            picked: List[str] = []
+            if keys:
+                found = {r["linkedid"] for r in self._q(
+                    "SELECT DISTINCT linkedid FROM outbox WHERE pbx = %s AND state = 'pending' AND linkedid = ANY(%s)",
+                    (self.pbx, list(keys)))}
+                picked = [key for key in dict.fromkeys(keys) if key in found][:limit]
+            first = ("f.pbx = %(pbx)s AND f.state = 'pending' AND f.next_try <= %(due)s AND f.id <= %(upto)s"
+                     " AND f.id = (SELECT min(p.id) FROM outbox p WHERE p.pbx = f.pbx AND p.linkedid = f.linkedid"
+                     "             AND p.state = 'pending') AND (NOT %(other)s OR f.kind != 'record')"
+                     " AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.pbx = f.pbx AND l.linkedid = f.linkedid"
+                     "   AND l.state = 'pending' AND l.lease_owner != %(me)s AND l.lease_until > %(now)s)")
+            queries = ["SELECT f.linkedid FROM calls c JOIN outbox f ON f.pbx = c.pbx AND f.linkedid = c.linkedid"
+                       f" WHERE c.pbx = %(pbx)s AND c.finish_claimed IS NULL AND {first} ORDER BY f.id LIMIT %(limit)s",
+                       f"SELECT f.linkedid FROM outbox f WHERE {first} ORDER BY f.id LIMIT %(limit)s"]
+            for sql in queries if fill else []:
+                if len(picked) >= limit:
+                    break
+                args["limit"] = limit + len(picked)
+                picked += [r["linkedid"] for r in self._q(sql, args) if r["linkedid"] not in picked][:limit - len(picked)]
+            if not picked:
                 return []
-            if self.home != self.pbx:  # another PBX's call: its recordings stay with it
-                kinds = [r["kind"] for r in rows]
-                rows = rows[:kinds.index("record")] if "record" in kinds else rows
-            if rows:
+            rows = self._q("SELECT * FROM outbox WHERE pbx = %s AND linkedid = ANY(%s) AND state = 'pending'"
+                           " ORDER BY id FOR UPDATE", (self.pbx, picked)).fetchall()
+            # Under the rows' locks: a call another deliverer leased meanwhile is its.
+            busy = {r["linkedid"] for r in rows if r["lease_owner"] not in (None, owner) and (r["lease_until"] or 0) > now}
+            kept: List[Dict[str, Any]] = []
+            stop: Set[str] = set()
+            for r in rows:
+                if r["linkedid"] in busy or r["linkedid"] in stop:
+                    continue
+                if args["other"] and r["kind"] == "record":
+                    stop.add(r["linkedid"])
+                    continue
+                kept.append(r)
+            if kept:
                 self._q("UPDATE outbox SET lease_owner = %s, lease_until = %s WHERE id = ANY(%s)",
-                        (owner, now + lease, [r["id"] for r in rows]))
-        return [_entry(r) for r in rows]
+                        (owner, now + lease, [r["id"] for r in kept]))
+        order = {key: i for i, key in enumerate(picked)}
+        return sorted((_entry(r) for r in kept), key=lambda e: (order[e.linkedid], e.id))
 
-    def release(self, linkedid: str, owner: str) -> None:
+    def release(self, keys: List[str], owner: str) -> None:
+        if not keys:
+            return
         with self._tx(durable=False):
-            self._q("UPDATE outbox SET lease_owner = NULL, lease_until = NULL"
-                    " WHERE pbx = %s AND linkedid = %s AND lease_owner = %s", (self.pbx, linkedid, owner))
+            self._q("UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE pbx = %s AND state = 'pending'"
+                    " AND lease_owner = %s AND linkedid = ANY(%s)", (self.pbx, owner, list(keys)))
 
-    def due_calls(self, force: bool = False, limit: int = 1000) -> List[str]:
-        """This PBX's calls with pending entries not leased by a live worker (see due_elsewhere)."""
-        return [key for pbx, key in self.due_everywhere(force, limit) if pbx == self.pbx]
+    def lease_owners(self) -> List[str]:
+        return [r["lease_owner"] for r in self._q(
+            "SELECT DISTINCT lease_owner FROM outbox WHERE state = 'pending' AND lease_owner IS NOT NULL"
+            " AND lease_until > %s", (time.time(),))]
 
-    def due_everywhere(self, force: bool = False, limit: int = 1000) -> List[Any]:
-        """(pbx, linkedid) of every PBX's calls due, oldest first; another PBX's recordings stay
-        with it (their files are on its disk)."""
+    def free_leases(self, owners: List[str]) -> int:
+        if not owners:
+            return 0
+        with self._tx(durable=False):
+            return self._q("UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE state = 'pending'"
+                           " AND lease_owner = ANY(%s)", (list(owners),)).rowcount
+
+    def make_due(self, upto_id: int) -> None:
+        """A forced flush: what waits of every PBX (it carries them all) is due now."""
         now = time.time()
-        rows = self._q(
-            "SELECT o.pbx, o.linkedid FROM outbox o WHERE o.state = %s"
-            " AND o.id = (SELECT min(id) FROM outbox m WHERE m.pbx = o.pbx AND m.linkedid = o.linkedid"
-            "             AND m.state = %s)"
-            " AND (%s OR o.next_try <= %s) AND (o.pbx = %s OR o.kind != 'record')"
-            " AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.pbx = o.pbx AND l.linkedid = o.linkedid"
-            "                 AND l.state = %s AND l.lease_until > %s)"
-            " ORDER BY o.id LIMIT %s", (PENDING, PENDING, force, now, self.pbx, PENDING, now, limit)).fetchall()
-        return [(r["pbx"], r["linkedid"]) for r in rows]
+        with self._tx(durable=False):
+            self._q("UPDATE outbox SET next_try = %s WHERE state = 'pending' AND id <= %s AND next_try > %s",
+                    (now, upto_id, now))
+
+    def last_entry_id(self) -> int:
+        return int(self._one("SELECT coalesce(max(id), 0) AS m FROM outbox")["m"])
+
+    def pbxs_due(self, upto_id: int) -> List[str]:
+        """The other PBXs with due calls nobody holds (a standby carries them)."""
+        now = time.time()
+        return [r["pbx"] for r in self._q(
+            "SELECT DISTINCT o.pbx FROM outbox o WHERE o.state = 'pending' AND o.pbx != %s AND o.id <= %s"
+            " AND o.next_try <= %s AND o.kind != 'record' AND NOT EXISTS (SELECT 1 FROM outbox l WHERE"
+            " l.pbx = o.pbx AND l.linkedid = o.linkedid AND l.state = 'pending' AND l.lease_until > %s)"
+            " ORDER BY o.pbx", (self.pbx, upto_id, now, now))]
 
     def as_pbx(self, pbx: str) -> "PgStore":
         """The same connection seen as another PBX (a standby delivering its backlog)."""
@@ -296,47 +346,84 @@ class PgStore:
         other.home = self.pbx
         return other
 
-    def mark_sending(self, entry: Entry) -> None:
-        """Durable only where a repeat would do harm (store.Store.mark_sending says why)."""
-        with self._tx(durable=entry.kind in REPEAT_HARMS):
-            self._q("UPDATE outbox SET sending_at = %s, attempts = attempts + 1 WHERE id = %s", (time.time(), entry.id))
-
-    def card_not_live(self, linkedid: str) -> None:
+    def mark_sending(self, ids: List[int], not_live: Optional[List[str]] = None) -> None:
+        if not ids and not not_live:
+            return
         with self._tx():
-            self._q("UPDATE calls SET card_live = 0 WHERE pbx = %s AND linkedid = %s", (self.pbx, linkedid))
-        self.touched.add(linkedid)
+            if ids:
+                self._q("UPDATE outbox SET sending_at = %s, attempts = attempts + 1 WHERE id = ANY(%s)",
+                        (time.time(), list(ids)))
+            if not_live:
+                self._q("UPDATE calls SET card_live = 0 WHERE pbx = %s AND linkedid = ANY(%s)", (self.pbx, list(not_live)))
+                self.touched.update(not_live)
 
-    def mark_done(self, entry: Entry, call_id: Optional[str] = None,
-                  crm: Optional[Tuple[str, int]] = None) -> None:
+    def settle(self, marks: List[Mark]) -> None:
+        """How the attempts at these entries ended, in one transaction (store.Store.settle)."""
+        if not marks:
+            return
         now = time.time()
-        with self._tx(durable=False):
-            self._q("UPDATE outbox SET state = %s, done_at = %s, sending_at = NULL, last_error = NULL,"
-                    " lease_owner = NULL, lease_until = NULL WHERE id = %s", (DONE, now, entry.id))
-            if entry.kind == "register" and call_id:
-                self._q("UPDATE calls SET call_id = %s WHERE pbx = %s AND linkedid = %s",
-                        (call_id, self.pbx, entry.linkedid))
-            if crm is not None:
-                self._q("UPDATE calls SET crm_type = %s, crm_id = %s WHERE pbx = %s AND linkedid = %s",
-                        (crm[0], crm[1], self.pbx, entry.linkedid))
-            if entry.kind == "finish":
-                self._q("UPDATE calls SET finished_at = %s WHERE pbx = %s AND linkedid = %s",
-                        (now, self.pbx, entry.linkedid))
-        if entry.kind in ("register", "finish"):
-            self.touched.add(entry.linkedid)
+        with self._tx(durable=any(m.state != DONE for m in marks)):
+            for m in marks:
+                entry = m.entry
+                if m.state == DONE:
+                    self._q("UPDATE outbox SET state = 'done', done_at = %s, sending_at = NULL, last_error = NULL,"
+                            " lease_owner = NULL, lease_until = NULL WHERE id = %s", (now, entry.id))
+                    if entry.kind == "register" and m.call_id:
+                        self._q("UPDATE calls SET call_id = %s WHERE pbx = %s AND linkedid = %s",
+                                (m.call_id, self.pbx, entry.linkedid))
+                        self.touched.add(entry.linkedid)
+                    if entry.kind == "finish":
+                        self._q("UPDATE calls SET finished_at = %s WHERE pbx = %s AND linkedid = %s",
+                                (now, self.pbx, entry.linkedid))
+                        self.touched.add(entry.linkedid)
+                elif m.state == DEAD:
+                    self._q("UPDATE outbox SET state = 'dead', last_error = %s, sending_at = %s, done_at = %s,"
+                            " lease_owner = NULL, lease_until = NULL WHERE id = %s",
+                            (m.note[:500], entry.sending_at, now, entry.id))
+                elif m.attempted:
+                    self._q("UPDATE outbox SET next_try = %s, last_error = %s, lease_owner = NULL, lease_until = NULL,"
+                            " sending_at = CASE WHEN %s THEN sending_at ELSE %s END WHERE id = %s",
+                            (m.next_try, m.note[:500], m.sent, entry.sending_at, entry.id))
+                else:
+                    self._q("UPDATE outbox SET next_try = %s, last_error = %s, lease_owner = NULL, lease_until = NULL"
+                            " WHERE id = %s", (m.next_try, m.note[:500], entry.id))
 
-    def prune(self, now: Optional[float] = None) -> None:
-        """Finished calls and delivered entries older than a week (the deliverer, off the call path)."""
+    def mark_done(self, entry: Entry, call_id: Optional[str] = None) -> None:
+        self.settle([Mark(entry, DONE, call_id=call_id)])
+
+    def mark_dead(self, entry: Entry, reason: str) -> None:
+        self.settle([Mark(entry, DEAD, reason)])
+
+    def prune(self, keep: float, routes_keep: float, chunk: int = 2000,
+              now: Optional[float] = None) -> Dict[str, int]:
+        """The history of every PBX older than `keep` seconds, as store.Store.prune (PostgreSQL's
+        autovacuum reuses the space)."""
         now = time.time() if now is None else now
-        with self._tx(durable=False):
-            self._q("DELETE FROM calls WHERE started_at < %s AND finished_at IS NOT NULL", (now - KEEP_SECONDS,))
-            self._q("DELETE FROM outbox WHERE state = %s AND done_at < %s", (DONE, now - KEEP_SECONDS))
-
-    def mark_retry(self, entry_id: int, error: str, next_try: float, sent: bool,
-                   before: Optional[float] = None) -> None:
-        with self._tx():
-            self._q("UPDATE outbox SET next_try = %s, last_error = %s, lease_owner = NULL, lease_until = NULL,"
-                    " sending_at = CASE WHEN %s THEN sending_at ELSE %s END WHERE id = %s",
-                    (next_try, error[:500], sent, before, entry_id))
+        steps = {
+            "entries": ("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state = 'done'"
+                        " AND done_at < %s LIMIT %s)", now - keep),
+            "dead": ("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state = 'dead'"
+                     " AND done_at < %s LIMIT %s)", now - keep),
+            "calls": ("DELETE FROM calls WHERE (pbx, linkedid) IN (SELECT c.pbx, c.linkedid FROM calls c"
+                      " WHERE c.started_at < %s AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.pbx = c.pbx"
+                      " AND o.linkedid = c.linkedid AND o.state != 'done') LIMIT %s)", now - keep),
+            "routes": ("DELETE FROM routes WHERE phone IN (SELECT phone FROM routes WHERE fetched_at < %s LIMIT %s)",
+                       now - routes_keep),
+            "replayed": ("DELETE FROM replayed WHERE uid IN (SELECT uid FROM replayed WHERE at < %s LIMIT %s)",
+                         now - keep),
+        }
+        counts = {}
+        for name, (sql, before) in steps.items():
+            counts[name] = 0
+            while True:
+                with self._tx(durable=False):
+                    gone = self._q(sql, (before, chunk)).rowcount
+                counts[name] += gone
+                if gone < chunk:
+                    break
+        counts["entries"] += counts.pop("dead")
+        counts["freed_kib"] = 0
+        return counts
 
     def note_maybe_shown(self, entry_id: int) -> None:
         with self._tx():
@@ -345,16 +432,6 @@ class PgStore:
                 payload = dict(json.loads(row["payload"]), _maybe_shown=1)
                 self._q("UPDATE outbox SET payload = %s WHERE id = %s",
                         (json.dumps(payload, ensure_ascii=False), entry_id))
-
-    def postpone(self, entry_id: int, note: str, next_try: float) -> None:
-        with self._tx():
-            self._q("UPDATE outbox SET next_try = %s, last_error = %s, lease_owner = NULL, lease_until = NULL"
-                    " WHERE id = %s", (next_try, note[:500], entry_id))
-
-    def mark_dead(self, entry_id: int, reason: str, before: Optional[float] = None) -> None:
-        with self._tx():
-            self._q("UPDATE outbox SET state = %s, last_error = %s, sending_at = %s, lease_owner = NULL,"
-                    " lease_until = NULL WHERE id = %s", (DEAD, reason[:500], before, entry_id))
 
     def entry_states(self, ids: List[int]) -> Dict[int, Entry]:
         if not ids:
@@ -386,7 +463,22 @@ class PgStore:
                            (self.pbx, PENDING))["m"]
         last = self._one("SELECT last_error FROM outbox WHERE pbx = %s AND last_error IS NOT NULL AND state != %s"
                          " ORDER BY COALESCE(next_try, 0) DESC LIMIT 1", (self.pbx, DONE))
-        return {"counts": counts, "oldest_pending": oldest, "last_error": last["last_error"] if last else None}
+        kinds = {r["kind"]: r["n"] for r in self._q(
+            "SELECT kind, count(*) AS n FROM outbox WHERE pbx = %s AND state = 'pending' GROUP BY kind", (self.pbx,))}
+        return {"counts": counts, "oldest_pending": oldest, "last_error": last["last_error"] if last else None,
+                "pending_kinds": kinds}
+
+    def waiting(self, upto_id: Optional[int] = None) -> List[Dict[str, Any]]:
+        """What of this PBX waits, grouped by why (store.group_waiting)."""
+        rows = self._q(
+            "SELECT o.kind, o.last_error, o.lease_owner, o.lease_until, o.next_try, o.created_at,"
+            " o.id = (SELECT min(p.id) FROM outbox p WHERE p.pbx = o.pbx AND p.linkedid = o.linkedid"
+            "         AND p.state = 'pending') AS first"
+            " FROM outbox o WHERE o.pbx = %s AND o.state = 'pending' AND o.id <= %s",
+            (self.pbx, upto_id if upto_id is not None else 1 << 62)).fetchall()
+        return group_waiting(rows, time.time())
+
+    private = False  # every process sees it
 
     # -- bringing back what was journaled elsewhere (the local journal, spill files) -----------
     def put_call(self, row: Dict[str, Any]) -> Optional[Call]:
