@@ -31,7 +31,7 @@ from agi_bitrix.bitrix.client import BATCH_MAX, Bitrix24
 from agi_bitrix.bitrix.errors import BitrixError, LimitError
 from agi_bitrix.deadline import Deadline
 from agi_bitrix.outbox_batch import Answers, Plan, Planned, Planner, may_have_reached
-from agi_bitrix.store import DEAD, DONE, Entry, Mark, Store
+from agi_bitrix.store import DEAD, DONE, PENDING, Entry, Mark, Store
 
 INLINE_MAX = 5 * 1024 * 1024  # larger recordings go through the two-step uploadUrl
 ROUND_BUDGET = 60.0           # off the call path: one round's requests, waits for the budget included
@@ -142,8 +142,8 @@ class Outbox:
             if done.failed is not None and not done.progress:
                 total.stopped = done.failed.summary()
                 break
-            if not done.keys:
-                break
+            if not done.keys or not (done.requests or done.delivered or done.dead or done.waiting):
+                break  # nothing left, or nothing of what is left can go now
         total.groups = self.store.waiting(upto)
         total.waiting = sum(g["count"] for g in total.groups)
         return total
@@ -247,6 +247,9 @@ class Outbox:
                 mark = self._attach_inline(entry, call.call_id, deadline)
             except BitrixError as exc:
                 mark = planner.on_error(Planned(entry, []), exc, may_have_reached(exc))
+            except OSError as exc:  # gone since it was looked at: the next round looks again
+                mark = Mark(entry, PENDING, f"recording {entry.payload['name']} cannot be read: {exc.strerror}",
+                            next_try=self.clock() + 15)
             self._settle(planner, [mark], stats)
 
     def _attach_inline(self, entry: Entry, call_id: str, deadline: Deadline) -> Mark:

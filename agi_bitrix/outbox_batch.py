@@ -172,6 +172,10 @@ class Planner:
                 return "wait"
         new_lookups = [inner for inner in lookups if inner not in plan.lookups]
         if len(commands) + len(new_lookups) > plan.room():
+            if not plan.commands and plan.size >= BATCH_MAX:  # it would never fit
+                plan.settled.append(Mark(planned.entry, DEAD, f"needs {len(commands) + len(new_lookups)} "
+                                         f"commands, more than one request holds ({BATCH_MAX})"))
+                return "dead"
             return "full"
         for inner in new_lookups:
             key = f"u{inner}"

@@ -101,9 +101,10 @@ class Courier:
             # The request ends with the budget of the first step to give up, as its own would: a
             # stuck portal leaves the entries QUEUED with the reason, not the steps without one.
             budget = min(t.until for t in tickets) - now
-            done = outbox.round(Deadline(max(0.0, budget)), keys=keys, fill=True,
-                                max_commands=self.live_batch if urgent else self.batch)
-            self._answer(tickets, done, outbox)
+            size = self.live_batch if urgent else self.batch
+            done = outbox.round(Deadline(max(0.0, budget)), keys=keys, fill=True, max_commands=size)
+            # A due call the request had room for but did not carry is another deliverer's now.
+            self._answer(tickets, done, outbox, due=now if len(done.keys) < size else None)
             if self._pass is not None:
                 self._pass.add(done)
             return 0.0
@@ -120,7 +121,8 @@ class Courier:
         done = outbox.round(Deadline(ROUND_BUDGET), upto_id=self._pass_upto, max_commands=self.batch)
         self._pass.add(done)
         self._answer(tickets, done, outbox)
-        if not done.keys or (done.failed is not None and not done.progress):
+        stuck = not (done.requests or done.delivered or done.dead or done.waiting)  # nothing of it can go now
+        if not done.keys or stuck or (done.failed is not None and not done.progress):
             if done.failed is not None:
                 self._pass.stopped = done.failed.summary()
             self.finished, self._pass = self._pass, None
@@ -128,11 +130,13 @@ class Courier:
             return max(0.0, min([t.send_by for t in tickets] + [self.next_pass]) - now)
         return 0.0
 
-    def _answer(self, tickets: List[Ticket], done: Round, outbox: Outbox) -> None:
-        """Tickets whose calls this round carried, or that have nothing left to send, are answered."""
+    def _answer(self, tickets: List[Ticket], done: Round, outbox: Outbox, due: Optional[float] = None) -> None:
+        """Tickets whose calls this round carried, or that have nothing left to send (or, `due`:
+        that were due by then), are answered."""
         carried = set(done.keys)
         for ticket in tickets:
-            if all(k in carried or not outbox.store.entries(k, "pending") for k in ticket.keys):
+            if (due is not None and ticket.send_by <= due) or \
+                    all(k in carried or not outbox.store.entries(k, "pending") for k in ticket.keys):
                 ticket.done.set()
 
 
