@@ -42,7 +42,7 @@ MAX_NOTES = 20                # errors and dead letters kept for one log line
 
 def new_owner() -> str:
     """Who holds a lease: this host and process (so a process killed mid-batch can be told gone)."""
-    return f"{socket.gethostname()}:{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"{socket.gethostname()}:{os.getpid()}-{os.urandom(4).hex()}"  # not uuid: it imports `platform`
 
 
 def owner_gone(owner: str) -> bool:
@@ -173,6 +173,7 @@ class Outbox:
         limiter = self.client.limiter
         planner = Planner(self.store, self.recording_url, self.log,
                           limiter.blocked_methods() if limiter is not None else None, self.clock())
+        settled: set = set()
         try:
             plan = planner.plan(entries, max_commands)
             marks = list(plan.settled)
@@ -180,16 +181,17 @@ class Outbox:
                 answers = self._send(plan, deadline, stats)
                 marks += planner.settle(plan, answers)
                 stats.failed = answers.failed
-            self._settle(planner, marks, stats)
+            settled |= self._settle(planner, marks, stats)
             if plan.inline and stats.failed is None:
-                self._send_inline(planner, plan, deadline, stats)
+                settled |= self._send_inline(planner, plan, deadline, stats)
         finally:
-            self.store.release(stats.keys, self.owner)
+            if any(e.id not in settled for e in entries):  # a mark gives up its entry's lease already
+                self.store.release(stats.keys, self.owner)
         return stats
 
     def _send(self, plan: Plan, deadline: Deadline, stats: Round) -> Answers:
         """The one request: a plain call for a single command, else a batch."""
-        self.store.mark_sending([p.entry.id for p in plan.planned if p.keys], plan.not_live)
+        self.store.mark_sending([p.entry for p in plan.planned if p.keys], plan.not_live)
         stats.requests += 1
         if len(plan.commands) == 1:
             ((key, (method, params)),) = plan.commands.items()
@@ -212,7 +214,8 @@ class Outbox:
                 errors[key] = err
         return Answers(result.results, errors)
 
-    def _settle(self, planner: Planner, marks: List[Mark], stats: Round) -> None:
+    def _settle(self, planner: Planner, marks: List[Mark], stats: Round) -> set:
+        """Write the marks down (and the dead letters they take along); the ids marked."""
         self.store.settle(marks)
         extra = planner.cascade(marks)
         self.store.settle(extra)
@@ -228,6 +231,7 @@ class Outbox:
                 stats.waiting += 1
                 if mark.attempted:
                     self._note("delivery_errors", f"{entry.kind}: {mark.note}")
+        return {m.entry.id for m in marks + extra}
 
     def _note(self, field_name: str, text: str) -> None:
         """For the log line of the step or pass (the first few: a backlog may fail by thousands)."""
@@ -235,13 +239,15 @@ class Outbox:
         if len(notes) < MAX_NOTES:
             notes.append(text)
 
-    def _send_inline(self, planner: Planner, plan: Plan, deadline: Deadline, stats: Round) -> None:
-        """Recordings sent inline or uploaded, each on its own, once their call is finished."""
+    def _send_inline(self, planner: Planner, plan: Plan, deadline: Deadline, stats: Round) -> set:
+        """Recordings sent inline or uploaded, each on its own, once their call is finished; the
+        ids marked."""
+        settled: set = set()
         for entry, state in plan.inline:
             call = self.store.call(entry.linkedid)
             if call is None or not call.call_id or call.finished_at is None or deadline.remaining() < 0.05:
                 continue  # its finish did not go through: the next round tries both again
-            self.store.mark_sending([entry.id])
+            self.store.mark_sending([entry])
             stats.requests += 1
             try:
                 mark = self._attach_inline(entry, call.call_id, deadline)
@@ -250,7 +256,8 @@ class Outbox:
             except OSError as exc:  # gone since it was looked at: the next round looks again
                 mark = Mark(entry, PENDING, f"recording {entry.payload['name']} cannot be read: {exc.strerror}",
                             next_try=self.clock() + 15)
-            self._settle(planner, [mark], stats)
+            settled |= self._settle(planner, [mark], stats)
+        return settled
 
     def _attach_inline(self, entry: Entry, call_id: str, deadline: Deadline) -> Mark:
         path, name = entry.payload["path"], entry.payload["name"]

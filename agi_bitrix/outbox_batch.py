@@ -375,12 +375,13 @@ class Planner:
                 call_id = payloads.call_id_of(result)
             except ValueError as exc:
                 return Mark(entry, DEAD, str(exc))
+            crm = None
             if isinstance(result, dict) and result.get("CRM_ENTITY_TYPE") and \
                     str(result.get("CRM_ENTITY_ID") or "").isdigit():
-                self.store.set_crm(entry.linkedid, str(result["CRM_ENTITY_TYPE"]), int(result["CRM_ENTITY_ID"]))
+                crm = (str(result["CRM_ENTITY_TYPE"]), int(result["CRM_ENTITY_ID"]))
             if isinstance(result, dict) and result.get("CRM_CREATED_LEAD"):
                 self.log["lead_created"] = result["CRM_CREATED_LEAD"]
-            return Mark(entry, DONE, call_id=call_id)
+            return Mark(entry, DONE, call_id=call_id, crm=crm)
         if entry.kind == "record":
             self.log["recording"] = entry.payload.get("name")
         return Mark(entry, DONE)

@@ -20,6 +20,7 @@ from agi_bitrix.ownership import match_owner_quietly
 
 DB_NAME = "agi-bitrix.sqlite3"
 USER_CACHE_SECONDS = 3600
+LEASE_SLACK = 1.0  # a lease held for at most this much less than asked is not renewed
 VACUUM_MIN_PAGES = 256          # free pages worth giving back to the file system (1 MB of 4 KB pages)
 VACUUM_CHUNK = 2048             # pages given back per write lock (8 MB)
 WAL_KEEP = 4 << 20              # bytes of write-ahead log kept on disk once it was copied into the database
@@ -214,6 +215,7 @@ class Mark:
     sent: bool = False            # PENDING: the request may have reached the portal
     attempted: bool = True        # PENDING: False when it was not tried at all (no attempt counted)
     call_id: Optional[str] = None  # DONE register: the call's CALL_ID
+    crm: Optional[Tuple[str, int]] = None  # DONE register: the client the portal bound the call to
 
 
 def _friendly(exc: BaseException, path: Path) -> str:
@@ -506,6 +508,18 @@ class Store:
         the rest oldest first, so a backlog never holds up the card of a live call.
         """
         now = time.time()
+        if keys and not fill:
+            # A step delivering what it has just journaled holds the lease already (it was written
+            # with the entries, for as long): reading them is enough, nobody else may take them;
+            # and with nothing left of its calls there is nothing to lease.
+            marks = ", ".join("?" * len(keys))
+            rows = self.db.execute(f"SELECT * FROM outbox WHERE state = 'pending' AND linkedid IN ({marks})"
+                                   f" ORDER BY id", list(keys)).fetchall()
+            if not rows:
+                return []
+            if all(r["lease_owner"] == owner and (r["lease_until"] or 0) >= now + lease - LEASE_SLACK for r in rows):
+                order = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+                return sorted((Entry.from_row(r) for r in rows), key=lambda e: (order[e.linkedid], e.id))
         free = "(l.lease_owner IS NULL OR l.lease_owner = :me OR l.lease_until <= :now)"
         args: Dict[str, Any] = {"me": owner, "now": now, "due": now if due_by is None else due_by,
                                 "upto": upto_id if upto_id is not None else 1 << 62}
@@ -582,15 +596,20 @@ class Store:
     def last_entry_id(self) -> int:
         return int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()[0])
 
-    def mark_sending(self, ids: List[int], not_live: Optional[List[str]] = None) -> None:
+    def mark_sending(self, entries: List[Entry], not_live: Optional[List[str]] = None) -> None:
         """Requests about to go out: from now on their outcome is unknown until the portal answers.
-        `not_live`: calls registered after they ended, without a card (nobody has one to move)."""
-        if not ids and not not_live:
+        Durable only where a repeat would do harm: a finish (a lost mark would take the portal's
+        "Call is not found" for an error) and a plain method call (a task comment twice); a
+        repeated register, card move or recording changes nothing (see outbox.py), so their mark
+        costs no fsync under the write lock. `not_live`: calls registered after they ended, without
+        a card (nobody has one to move)."""
+        if not entries and not not_live:
             return
-        with self._tx() as db:
-            if ids:
+        durable = bool(not_live) or any(e.kind in REPEAT_HARMS for e in entries)
+        with self._tx(durable=durable) as db:
+            if entries:
                 db.execute(f"UPDATE outbox SET sending_at = ?, attempts = attempts + 1 WHERE id IN"
-                           f" ({', '.join('?' * len(ids))})", [time.time()] + list(ids))
+                           f" ({', '.join('?' * len(entries))})", [time.time()] + [e.id for e in entries])
             if not_live:
                 db.execute(f"UPDATE calls SET card_live = 0 WHERE linkedid IN ({', '.join('?' * len(not_live))})",
                            list(not_live))
@@ -612,6 +631,9 @@ class Store:
                                " lease_owner = NULL, lease_until = NULL WHERE id = ?", (now, entry.id))
                     if entry.kind == "register" and m.call_id:
                         db.execute("UPDATE calls SET call_id = ? WHERE linkedid = ?", (m.call_id, entry.linkedid))
+                    if m.crm is not None:
+                        db.execute("UPDATE calls SET crm_type = ?, crm_id = ? WHERE linkedid = ?",
+                                   (m.crm[0], m.crm[1], entry.linkedid))
                     if entry.kind == "finish":
                         db.execute("UPDATE calls SET finished_at = ? WHERE linkedid = ?", (now, entry.linkedid))
                 elif m.state == DEAD:
@@ -632,8 +654,10 @@ class Store:
                     db.execute("UPDATE outbox SET next_try = ?, last_error = ?, lease_owner = NULL,"
                                " lease_until = NULL WHERE id = ?", (m.next_try, m.note[:500], entry.id))
 
-    def mark_done(self, entry: Entry, call_id: Optional[str] = None) -> None:
-        self.settle([Mark(entry, DONE, call_id=call_id)])
+    def mark_done(self, entry: Entry, call_id: Optional[str] = None,
+                  crm: Optional[Tuple[str, int]] = None) -> None:
+        """Delivered; a register's answer (its CALL_ID and the client it was bound to) with it."""
+        self.settle([Mark(entry, DONE, call_id=call_id, crm=crm)])
 
     def mark_dead(self, entry: Entry, reason: str) -> None:
         self.settle([Mark(entry, DEAD, reason)])

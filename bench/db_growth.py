@@ -36,8 +36,8 @@ def one_call(store: Store, lid: str) -> None:
 
 
 def deliver(store: Store, lid: str, call_id: str = "") -> None:
-    entries = store.lease_calls("s", 30, keys=[lid], fill=False)
-    store.mark_sending([e.id for e in entries])
+    entries = store.lease_calls("s", 2, keys=[lid], fill=False)  # the lease the step wrote with them
+    store.mark_sending(entries)
     store.settle([Mark(e, DONE, call_id=call_id or None) for e in entries])
     store.release([lid], "s")
 

@@ -32,9 +32,8 @@ def journal_ms(state_dir: str, n: int) -> float:
         lid = f"1795000000.{i}"
         entry_id = store.start_call(lid, "incoming", "+79161234567", "", "101", register, "bench", 5.0)
         entry = store.lease_calls("bench", 5.0, keys=[lid], fill=False)[0]
-        store.mark_sending([entry_id])
+        store.mark_sending([entry])
         store.mark_done(entry, f"externalCall.{i}")
-        store.release([lid], "bench")
         store.entry_states([entry_id])
         store.call(lid)
         store.close()

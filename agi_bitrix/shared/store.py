@@ -17,7 +17,8 @@ import psycopg
 
 from agi_bitrix.shared import schema
 from agi_bitrix.shared.connect import SharedStoreError, connect, friendly
-from agi_bitrix.store import DEAD, DONE, PENDING, USER_CACHE_SECONDS, Call, Entry, Mark, group_waiting
+from agi_bitrix.store import (DEAD, DONE, PENDING, REPEAT_HARMS, USER_CACHE_SECONDS, Call, Entry, Mark,
+                              group_waiting)
 
 _CALL_FIELDS = [f for f in Call.__dataclass_fields__]
 ADOPT_LOCK = 7_432_200  # pg_advisory_xact_lock(ADOPT_LOCK, hashtext(CALL_ID)): one PBX adopts a click
@@ -346,13 +347,14 @@ class PgStore:
         other.home = self.pbx
         return other
 
-    def mark_sending(self, ids: List[int], not_live: Optional[List[str]] = None) -> None:
-        if not ids and not not_live:
+    def mark_sending(self, entries: List[Entry], not_live: Optional[List[str]] = None) -> None:
+        """Durable only where a repeat would do harm (store.Store.mark_sending says why)."""
+        if not entries and not not_live:
             return
-        with self._tx():
-            if ids:
+        with self._tx(durable=bool(not_live) or any(e.kind in REPEAT_HARMS for e in entries)):
+            if entries:
                 self._q("UPDATE outbox SET sending_at = %s, attempts = attempts + 1 WHERE id = ANY(%s)",
-                        (time.time(), list(ids)))
+                        (time.time(), [e.id for e in entries]))
             if not_live:
                 self._q("UPDATE calls SET card_live = 0 WHERE pbx = %s AND linkedid = ANY(%s)", (self.pbx, list(not_live)))
                 self.touched.update(not_live)
@@ -372,6 +374,9 @@ class PgStore:
                         self._q("UPDATE calls SET call_id = %s WHERE pbx = %s AND linkedid = %s",
                                 (m.call_id, self.pbx, entry.linkedid))
                         self.touched.add(entry.linkedid)
+                    if m.crm is not None:
+                        self._q("UPDATE calls SET crm_type = %s, crm_id = %s WHERE pbx = %s AND linkedid = %s",
+                                (m.crm[0], m.crm[1], self.pbx, entry.linkedid))
                     if entry.kind == "finish":
                         self._q("UPDATE calls SET finished_at = %s WHERE pbx = %s AND linkedid = %s",
                                 (now, self.pbx, entry.linkedid))
@@ -388,8 +393,9 @@ class PgStore:
                     self._q("UPDATE outbox SET next_try = %s, last_error = %s, lease_owner = NULL, lease_until = NULL"
                             " WHERE id = %s", (m.next_try, m.note[:500], entry.id))
 
-    def mark_done(self, entry: Entry, call_id: Optional[str] = None) -> None:
-        self.settle([Mark(entry, DONE, call_id=call_id)])
+    def mark_done(self, entry: Entry, call_id: Optional[str] = None,
+                  crm: Optional[Tuple[str, int]] = None) -> None:
+        self.settle([Mark(entry, DONE, call_id=call_id, crm=crm)])
 
     def mark_dead(self, entry: Entry, reason: str) -> None:
         self.settle([Mark(entry, DEAD, reason)])
