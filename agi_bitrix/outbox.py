@@ -90,6 +90,7 @@ class FlushStats:
 class Round(FlushStats):
     progress: bool = False                          # something was delivered
     failed: Optional[BitrixError] = None            # the whole request failed
+    portal: float = 0.0                             # seconds spent waiting for the portal's answers
 
 
 class Outbox:
@@ -162,6 +163,7 @@ class Outbox:
         to `max_commands`. Without `keys`: the calls that are due, live ones first.
         """
         stats = Round(rounds=1)
+        waited = self.client.portal_seconds
         if lease is None:
             lease = min(deadline.remaining(), ROUND_BUDGET) + LEASE_MARGIN
         entries = self.store.lease_calls(self.owner, lease, keys=keys, fill=fill or keys is None,
@@ -187,6 +189,7 @@ class Outbox:
         finally:
             if any(e.id not in settled for e in entries):  # a mark gives up its entry's lease already
                 self.store.release(stats.keys, self.owner)
+            stats.portal = self.client.portal_seconds - waited
         return stats
 
     def _send(self, plan: Plan, deadline: Deadline, stats: Round) -> Answers:

@@ -28,7 +28,7 @@ CONVERT_MAX_BYTES = 8 << 20     # an old database is switched to incremental vac
 
 PENDING, DONE, DEAD = "pending", "done", "dead"
 REPEAT_HARMS = ("finish", "rest")  # entry kinds whose second delivery is not the same as one
-# Entry kinds (outbox.py has a _deliver_<kind> for each): register, card, finish, record, and
+# Entry kinds (outbox_batch.py has a _plan_<kind> for each): register, card, finish, record, and
 # `rest`, any other method call that belongs to the call (the dialer's task comments, deadlines,
 # notifications). Inside one call they are delivered in creation order.
 

@@ -232,6 +232,9 @@ class Service:
         # A request cut at the budget is settled a moment later (as in process mode, where the
         # step itself writes it down before it ends).
         ticket.done.wait(ctx.deadline.remaining() + SETTLE_GRACE)
+        client = ctx.outbox.client  # what the step's log line says of the requests that carried it
+        client.requests_made += ticket.requests
+        client.portal_seconds += ticket.portal
 
     def _shared_auth(self, settings: Any) -> Any:
         from agi_bitrix.bitrix.factory import make_auth

@@ -38,6 +38,8 @@ class Ticket:
     send_by: float        # clock time by which a request must carry it
     until: float          # clock time after which its step no longer waits
     done: threading.Event = field(default_factory=threading.Event)
+    requests: int = 0     # the requests that carried its calls, for the step's log line
+    portal: float = 0.0   # and the seconds they waited for the portal
 
 
 class Courier:
@@ -135,6 +137,9 @@ class Courier:
         that were due by then), are answered."""
         carried = set(done.keys)
         for ticket in tickets:
+            if carried & set(ticket.keys):
+                ticket.requests += done.requests
+                ticket.portal += done.portal
             if (due is not None and ticket.send_by <= due) or \
                     all(k in carried or not outbox.store.entries(k, "pending") for k in ticket.keys):
                 ticket.done.set()
