@@ -21,7 +21,7 @@ from typing import Dict, List
 from agi_bitrix.store import DONE, Mark, Store
 from agi_bitrix.testing.traffic import DAY, FINISH, REGISTER_PARAMS, past_calls
 
-CALLS = 40
+CALLS = 100
 
 
 def one_call(store: Store, lid: str) -> None:
