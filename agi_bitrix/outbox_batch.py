@@ -258,9 +258,11 @@ class Planner:
                 ids[inner] = cached
         commands = []
         if show:
-            commands.append((f"s{entry.id}", payloads.SHOW, {"CALL_ID": state.call_id, "USER_ID": [ids[i] for i in show]}))
+            commands.append((f"s{entry.id}", payloads.SHOW,
+                             {"CALL_ID": state.call_id, "USER_ID": [ids[i] for i in show]}))
         if hide:
-            commands.append((f"h{entry.id}", payloads.HIDE, {"CALL_ID": state.call_id, "USER_ID": [ids[i] for i in hide]}))
+            commands.append((f"h{entry.id}", payloads.HIDE,
+                             {"CALL_ID": state.call_id, "USER_ID": [ids[i] for i in hide]}))
         return self._add(plan, Planned(entry, [c[0] for c in commands], ref=state.register_key), commands,
                          list(dict.fromkeys(lookups)))
 
@@ -310,8 +312,8 @@ class Planner:
 
     def _plan_rest(self, entry: Entry, state: CallState, plan: Plan) -> str:
         key = f"x{entry.id}"
-        return self._add(plan, Planned(entry, [key]), [(key, entry.payload["method"], entry.payload.get("params") or {})],
-                         [])
+        command = (key, entry.payload["method"], entry.payload.get("params") or {})
+        return self._add(plan, Planned(entry, [key]), [command], [])
 
     # -- reading the answers ------------------------------------------------------------------------
     def settle(self, plan: Plan, answers: Answers) -> List[Mark]:

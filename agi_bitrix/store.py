@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from agi_bitrix.ownership import match_owner_quietly
 
@@ -151,6 +151,44 @@ def group_waiting(rows: Any, now: float) -> List[Dict[str, Any]]:
         group["next_try"] = r["next_try"] if group["next_try"] is None else min(group["next_try"], r["next_try"])
         group["oldest"] = min(group["oldest"], r["created_at"])
     return sorted(groups.values(), key=lambda g: -g["count"])
+
+
+Statement = Tuple[str, Tuple[Any, ...]]
+
+
+def settle_statements(marks: List["Mark"], now: float, call: str = "linkedid = ?",
+                      call_args: Callable[[str], Tuple[Any, ...]] = lambda key: (key,)) -> List[Statement]:
+    """What settling these marks writes, as (SQL with ? placeholders, arguments), for both engines
+    (`call`: how a call's row is found)."""
+    out: List[Statement] = []
+    for m in marks:
+        entry = m.entry
+        if m.state == DONE:
+            out.append(("UPDATE outbox SET state = 'done', done_at = ?, sending_at = NULL, last_error = NULL,"
+                        " lease_owner = NULL, lease_until = NULL WHERE id = ?", (now, entry.id)))
+            if entry.kind == "register" and m.call_id:
+                out.append((f"UPDATE calls SET call_id = ? WHERE {call}", (m.call_id, *call_args(entry.linkedid))))
+            if m.crm is not None:
+                out.append((f"UPDATE calls SET crm_type = ?, crm_id = ? WHERE {call}",
+                            (m.crm[0], m.crm[1], *call_args(entry.linkedid))))
+            if entry.kind == "finish":
+                out.append((f"UPDATE calls SET finished_at = ? WHERE {call}", (now, *call_args(entry.linkedid))))
+        elif m.state == DEAD:
+            # sending_at goes back to its value before this attempt: after `outbox retry` a finish an
+            # earlier attempt may have delivered still takes "Call is not found" as finished already.
+            out.append(("UPDATE outbox SET state = 'dead', last_error = ?, sending_at = ?, done_at = ?,"
+                        " lease_owner = NULL, lease_until = NULL WHERE id = ?",
+                        (m.note[:500], entry.sending_at, now, entry.id)))
+        elif m.attempted:
+            # `sent`: the request may have reached the portal; if not, sending_at goes back to its
+            # value before (an earlier attempt may have reached it).
+            out.append(("UPDATE outbox SET next_try = ?, last_error = ?, lease_owner = NULL, lease_until = NULL,"
+                        " sending_at = CASE WHEN ? THEN sending_at ELSE ? END WHERE id = ?",
+                        (m.next_try, m.note[:500], bool(m.sent), entry.sending_at, entry.id)))
+        else:  # not attempted (a recording still being written): no attempt counted
+            out.append(("UPDATE outbox SET next_try = ?, last_error = ?, lease_owner = NULL, lease_until = NULL"
+                        " WHERE id = ?", (m.next_try, m.note[:500], entry.id)))
+    return out
 
 
 class StoreError(Exception):
@@ -622,37 +660,9 @@ class Store:
         """
         if not marks:
             return
-        now = time.time()
         with self._tx(durable=any(m.state != DONE for m in marks)) as db:
-            for m in marks:
-                entry = m.entry
-                if m.state == DONE:
-                    db.execute("UPDATE outbox SET state = 'done', done_at = ?, sending_at = NULL, last_error = NULL,"
-                               " lease_owner = NULL, lease_until = NULL WHERE id = ?", (now, entry.id))
-                    if entry.kind == "register" and m.call_id:
-                        db.execute("UPDATE calls SET call_id = ? WHERE linkedid = ?", (m.call_id, entry.linkedid))
-                    if m.crm is not None:
-                        db.execute("UPDATE calls SET crm_type = ?, crm_id = ? WHERE linkedid = ?",
-                                   (m.crm[0], m.crm[1], entry.linkedid))
-                    if entry.kind == "finish":
-                        db.execute("UPDATE calls SET finished_at = ? WHERE linkedid = ?", (now, entry.linkedid))
-                elif m.state == DEAD:
-                    # sending_at goes back to its value before this attempt: after `outbox retry` a
-                    # finish an earlier attempt may have delivered still takes "Call is not found"
-                    # as finished already.
-                    db.execute("UPDATE outbox SET state = 'dead', last_error = ?, sending_at = ?, done_at = ?,"
-                               " lease_owner = NULL, lease_until = NULL WHERE id = ?",
-                               (m.note[:500], entry.sending_at, now, entry.id))
-                elif m.attempted:
-                    # `sent`: the request may have reached the portal; if not, sending_at goes
-                    # back to its value before (an earlier attempt may have reached it).
-                    db.execute("UPDATE outbox SET next_try = ?, last_error = ?, lease_owner = NULL,"
-                               " lease_until = NULL, sending_at = CASE WHEN ? THEN sending_at ELSE ? END"
-                               " WHERE id = ?", (m.next_try, m.note[:500], 1 if m.sent else 0,
-                                                 entry.sending_at, entry.id))
-                else:  # not attempted (a recording still being written): no attempt counted
-                    db.execute("UPDATE outbox SET next_try = ?, last_error = ?, lease_owner = NULL,"
-                               " lease_until = NULL WHERE id = ?", (m.next_try, m.note[:500], entry.id))
+            for sql, args in settle_statements(marks, time.time()):
+                db.execute(sql, args)
 
     def mark_done(self, entry: Entry, call_id: Optional[str] = None,
                   crm: Optional[Tuple[str, int]] = None) -> None:

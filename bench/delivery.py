@@ -85,7 +85,8 @@ def backlog(calls: int, live_per_minute: float = 0.0, one_per_request: bool = Fa
 
 def main() -> int:
     print("steady traffic, 3 minutes of answered calls with a recording, portal bucket burst 50 / 2 per s:")
-    print("  calls/min  delivery                requests/call  503s  card delay p50/p95   waiting at the end  caught up")
+    print("  calls/min  delivery                requests/call  503s  card delay p50/p95   "
+          "waiting at the end  caught up")
     rows: List[Dict[str, Any]] = []
     for rate in (40, 60, 100, 120, 150, 200, 300):
         for label, kw in (("batches", {}), ("one per request", {"one_per_request": True})):
@@ -93,8 +94,8 @@ def main() -> int:
                 continue  # the baseline cannot keep up beyond 40 a minute: its backlog only grows
             r = steady(rate, **kw)
             rows.append(r)
-            print(f"  {rate:9.0f}  {label:22s}  {r['requests']:13.2f}  {r['503']:4d}  {r['p50']:5.2f} / {r['p95']:5.2f} s"
-                  f"  {r['waiting']:18d}  {r['catch_up']:6.0f} s")
+            print(f"  {rate:9.0f}  {label:22s}  {r['requests']:13.2f}  {r['503']:4d}  {r['p50']:5.2f} / "
+                  f"{r['p95']:5.2f} s  {r['waiting']:18d}  {r['catch_up']:6.0f} s")
     r = steady(100, inline=True)
     print(f"  {100:9.0f}  {'inline recordings':22s}  {r['requests']:13.2f}  {r['503']:4d}  {r['p50']:5.2f} / "
           f"{r['p95']:5.2f} s  {r['waiting']:18d}  {r['catch_up']:6.0f} s")

@@ -144,7 +144,8 @@ def test_one_batch_with_mixed_failures_settles_each_entry_by_its_own_answer(stat
                                                "(User is not found or is not active)"),
                                   "finish": ("dead", f"waits for the dead-lettered register #{nobody['register']}")}
     got = box.states(limited)
-    assert got["register"] == ("done", None) and got["card"][0] == "pending" and "OPERATION_TIME_LIMIT" in got["card"][1]
+    assert got["register"] == ("done", None)
+    assert got["card"][0] == "pending" and "OPERATION_TIME_LIMIT" in got["card"][1]
     # The 429 holds show back for every deliverer of this PBX until the portal frees it.
     assert "telephony.externalcall.show" in box.limiter.blocked_methods()
     got = box.states(unknown)

@@ -174,7 +174,8 @@ def test_flush_delivers_more_than_a_thousand_calls_in_batches(quick_state, emula
     _journal(quick_state, 1001, "1795401000")
     res = quick_state.cli("outbox", "flush")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines()[-1] == "delivered 2002, still waiting 0, dead-lettered 0 (1001 call(s), 41 request(s))"
+    assert res.stdout.splitlines()[-1] == \
+        "delivered 2002, still waiting 0, dead-lettered 0 (1001 call(s), 41 request(s))"
     assert len(emulator.calls) == 1001 and all(c["finished"] for c in emulator.calls.values())
     assert "waiting: 0   delivered: 2002   dead letters: 0" in quick_state.cli("outbox", "status").stdout
 

@@ -18,7 +18,7 @@ import psycopg
 from agi_bitrix.shared import schema
 from agi_bitrix.shared.connect import SharedStoreError, connect, friendly
 from agi_bitrix.store import (DEAD, DONE, PENDING, REPEAT_HARMS, USER_CACHE_SECONDS, Call, Entry, Mark,
-                              group_waiting)
+                              group_waiting, settle_statements)
 
 _CALL_FIELDS = [f for f in Call.__dataclass_fields__]
 ADOPT_LOCK = 7_432_200  # pg_advisory_xact_lock(ADOPT_LOCK, hashtext(CALL_ID)): one PBX adopts a click
@@ -278,13 +278,15 @@ class PgStore:
                 if len(picked) >= limit:
                     break
                 args["limit"] = limit + len(picked)
-                picked += [r["linkedid"] for r in self._q(sql, args) if r["linkedid"] not in picked][:limit - len(picked)]
+                found = [r["linkedid"] for r in self._q(sql, args) if r["linkedid"] not in picked]
+                picked += found[:limit - len(picked)]
             if not picked:
                 return []
             rows = self._q("SELECT * FROM outbox WHERE pbx = %s AND linkedid = ANY(%s) AND state = 'pending'"
                            " ORDER BY id FOR UPDATE", (self.pbx, picked)).fetchall()
             # Under the rows' locks: a call another deliverer leased meanwhile is its.
-            busy = {r["linkedid"] for r in rows if r["lease_owner"] not in (None, owner) and (r["lease_until"] or 0) > now}
+            busy = {r["linkedid"] for r in rows
+                    if r["lease_owner"] not in (None, owner) and (r["lease_until"] or 0) > now}
             kept: List[Dict[str, Any]] = []
             stop: Set[str] = set()
             for r in rows:
@@ -356,42 +358,20 @@ class PgStore:
                 self._q("UPDATE outbox SET sending_at = %s, attempts = attempts + 1 WHERE id = ANY(%s)",
                         (time.time(), [e.id for e in entries]))
             if not_live:
-                self._q("UPDATE calls SET card_live = 0 WHERE pbx = %s AND linkedid = ANY(%s)", (self.pbx, list(not_live)))
+                self._q("UPDATE calls SET card_live = 0 WHERE pbx = %s AND linkedid = ANY(%s)",
+                        (self.pbx, list(not_live)))
                 self.touched.update(not_live)
 
     def settle(self, marks: List[Mark]) -> None:
         """How the attempts at these entries ended, in one transaction (store.Store.settle)."""
         if not marks:
             return
-        now = time.time()
+        statements = settle_statements(marks, time.time(), "pbx = ? AND linkedid = ?", lambda key: (self.pbx, key))
         with self._tx(durable=any(m.state != DONE for m in marks)):
-            for m in marks:
-                entry = m.entry
-                if m.state == DONE:
-                    self._q("UPDATE outbox SET state = 'done', done_at = %s, sending_at = NULL, last_error = NULL,"
-                            " lease_owner = NULL, lease_until = NULL WHERE id = %s", (now, entry.id))
-                    if entry.kind == "register" and m.call_id:
-                        self._q("UPDATE calls SET call_id = %s WHERE pbx = %s AND linkedid = %s",
-                                (m.call_id, self.pbx, entry.linkedid))
-                        self.touched.add(entry.linkedid)
-                    if m.crm is not None:
-                        self._q("UPDATE calls SET crm_type = %s, crm_id = %s WHERE pbx = %s AND linkedid = %s",
-                                (m.crm[0], m.crm[1], self.pbx, entry.linkedid))
-                    if entry.kind == "finish":
-                        self._q("UPDATE calls SET finished_at = %s WHERE pbx = %s AND linkedid = %s",
-                                (now, self.pbx, entry.linkedid))
-                        self.touched.add(entry.linkedid)
-                elif m.state == DEAD:
-                    self._q("UPDATE outbox SET state = 'dead', last_error = %s, sending_at = %s, done_at = %s,"
-                            " lease_owner = NULL, lease_until = NULL WHERE id = %s",
-                            (m.note[:500], entry.sending_at, now, entry.id))
-                elif m.attempted:
-                    self._q("UPDATE outbox SET next_try = %s, last_error = %s, lease_owner = NULL, lease_until = NULL,"
-                            " sending_at = CASE WHEN %s THEN sending_at ELSE %s END WHERE id = %s",
-                            (m.next_try, m.note[:500], m.sent, entry.sending_at, entry.id))
-                else:
-                    self._q("UPDATE outbox SET next_try = %s, last_error = %s, lease_owner = NULL, lease_until = NULL"
-                            " WHERE id = %s", (m.next_try, m.note[:500], entry.id))
+            for sql, args in statements:
+                self._q(sql.replace("?", "%s"), args)
+        self.touched.update(m.entry.linkedid for m in marks
+                            if m.state == DONE and m.entry.kind in ("register", "finish"))
 
     def mark_done(self, entry: Entry, call_id: Optional[str] = None,
                   crm: Optional[Tuple[str, int]] = None) -> None:

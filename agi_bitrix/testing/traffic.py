@@ -184,8 +184,8 @@ def past_calls(path: Path, calls: int, days: float, now: float) -> None:
             entries.append((lid, kind, json.dumps(payload), at, at, at + 61))
     db = sqlite3.connect(str(path))
     with db:
-        db.executemany("INSERT INTO calls (linkedid, direction, phone, line, user_inner, call_id, shown, answered_inner,"
-                       " answered_at, started_at, finish_claimed, finished_at, status_code, duration)"
+        db.executemany("INSERT INTO calls (linkedid, direction, phone, line, user_inner, call_id, shown,"
+                       " answered_inner, answered_at, started_at, finish_claimed, finished_at, status_code, duration)"
                        " VALUES (?, 'incoming', '+79161234567', '74951234567', '101', ?, '[]', '101', ?, ?, ?, ?,"
                        " '200', 42)", rows)
         db.executemany("INSERT INTO outbox (linkedid, kind, payload, state, attempts, next_try, created_at, done_at)"
