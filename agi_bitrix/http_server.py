@@ -178,6 +178,15 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 
     def _refuse(self, request: socket.socket, client_address: Any) -> None:
         """Answer 503 without blocking the accepting thread, then close."""
+        # Counted (and the spell's start logged) before the answer goes out: a client that sees
+        # the 503 and closes its other connections at once must not end the spell before it began.
+        with self._lock:
+            first = self._refused == 0
+            self._refused += 1
+        if first:
+            self.logger.warning("http_busy", reason=f"all {self.limits.max_connections} connections in use: "
+                                "new ones are refused (503) until half are free",
+                                peer=_peer(client_address))
         try:
             request.setblocking(False)
             try:
@@ -188,13 +197,6 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         except OSError:
             pass
         self.shutdown_request(request)
-        with self._lock:
-            first = self._refused == 0
-            self._refused += 1
-        if first:
-            self.logger.warning("http_busy", reason=f"all {self.limits.max_connections} connections in use: "
-                                "new ones are refused (503) until half are free",
-                                peer=_peer(client_address))
 
     # -- the timeout and errors ----------------------------------------------------------------
     def _timeout(self, client_address: Any) -> None:
