@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from agi_bitrix.bitrix import payloads
 from agi_bitrix.bitrix.client import BATCH_MAX
@@ -88,14 +88,10 @@ class Plan:
     lookups: Dict[str, str] = field(default_factory=dict)  # inner number -> command key
     registering: Set[str] = field(default_factory=set)     # calls this request registers
     not_live: List[str] = field(default_factory=list)      # calls registered after they ended: no card
-    keys: List[str] = field(default_factory=list)          # the calls of this round
     size: int = BATCH_MAX                                  # commands it may hold
 
     def room(self) -> int:
         return self.size - len(self.commands)
-
-
-Send = Callable[[Dict[str, Tuple[str, Dict[str, Any]]]], "Answers"]
 
 
 class Answers:
@@ -106,8 +102,8 @@ class Answers:
         self.results = results
         self.errors = errors
         self.failed = failed  # the whole request failed: nothing is known of any command
-        # Commands whose error may have come after the portal did the work (a plain request cut
-        # by a timeout or a 5xx); an error inside a batch answer is the command's own.
+        # Commands whose error may have come after the portal did the work: a plain request cut
+        # by a timeout or a 5xx, a command the portal itself failed inside a batch.
         self.maybe_ran = {key for key, exc in errors.items() if may_have_reached(exc)}
 
     def of(self, key: str) -> Tuple[str, Any]:
@@ -138,7 +134,6 @@ class Planner:
         chains: Dict[str, List[Entry]] = {}
         for entry in entries:
             chains.setdefault(entry.linkedid, []).append(entry)
-        plan.keys = list(chains)
         for key, chain in chains.items():
             call = self.store.call(key)
             state = CallState(call, call.call_id if call else None, card_live=bool(call.card_live) if call else True)
