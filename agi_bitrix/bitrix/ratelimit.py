@@ -120,15 +120,16 @@ class RateLimiter:
             if state is None:
                 return 0.0
             level = self._level(state, self.clock())
-        room = max(1.0, self.burst - reserve)
-        return max(0.0, (level + 1.0 - room) / self.rate)
+            burst, rate = self._limits(state)
+        room = max(1.0, burst - reserve)
+        return max(0.0, (level + 1.0 - room) / rate)
 
     def room(self) -> int:
         """Requests that may go at once now."""
         with self._state() as state:
             if state is None:
                 return self.burst
-            return max(0, int(self.burst - self._level(state, self.clock())))
+            return max(0, int(self._limits(state)[0] - self._level(state, self.clock())))
 
     def blocked_methods(self) -> Dict[str, float]:
         """Methods held back by a 429 now, and until when."""
