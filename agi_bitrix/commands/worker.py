@@ -48,7 +48,7 @@ def one_pass(settings: Any, outbox: Any, logger: Any, poller: Optional[Callable[
         if settings.storage.url:
             from agi_bitrix.shared.deliver import shared_pass
 
-            stats = shared_pass(settings, outbox.client, logger, FLUSH_REQUEST_TIMEOUT * 3, owner=outbox.owner)
+            stats = shared_pass(settings, outbox.client, logger, owner=outbox.owner)
         else:
             stats = outbox.flush(force=False)
         if stats.calls:

@@ -213,7 +213,9 @@ class Service:
         return ctx.settings.bitrix24.timeout
 
     def outbox_owner(self) -> Optional[str]:
-        return self.courier.owner
+        """The steps' entries are the courier's to deliver (its lease), except on the shared store,
+        where each step delivers its own and the pass must not take them meanwhile."""
+        return None if self.settings.storage.url else self.courier.owner
 
     def deliver(self, ctx: Any, keys: List[str]) -> None:
         """Hand the calls to the deliverer thread and wait for its answer within the step's budget,
