@@ -48,6 +48,9 @@ class Courier:
         self.window = window
         self.clock = clock
         self.owner = owner or new_owner()  # the service's steps lease what they journal in its name
+        # The passes lease under a name of their own: what a step journaled is its ticket's to
+        # carry while the step waits (its lease), and a pass's only once the step left it.
+        self.pass_owner = new_owner()
         self._cond = threading.Condition()
         self._tickets: List[Ticket] = []
         self._pass: Optional[FlushStats] = None
@@ -107,12 +110,11 @@ class Courier:
             done = outbox.round(Deadline(max(0.0, budget)), keys=keys, fill=True, max_commands=size)
             # A due call the request had room for but did not carry is another deliverer's now.
             self._answer(tickets, done, outbox, due=now if len(done.keys) < size else None)
-            if self._pass is not None:
-                self._pass.add(done)
-            return 0.0
+            return 0.0  # the steps' log lines tell of this round, the pass's of its own
         wake = min([t.send_by for t in tickets] + [self.next_pass]) - now
+        passing = Outbox(outbox.store, outbox.client, outbox.recording_url, self.pass_owner, outbox.log, outbox.clock)
         if self._pass is None and now >= self.next_pass:
-            outbox.free_stale_leases()
+            passing.free_stale_leases()
             self._pass, self._pass_upto = FlushStats(), outbox.store.last_entry_id()
         if self._pass is None:
             return max(0.0, wake)
@@ -120,7 +122,7 @@ class Courier:
         delay = limiter.delay(LIVE_RESERVE) if limiter is not None else 0.0
         if delay > 0:
             return min(delay, max(0.0, min([t.send_by for t in tickets], default=now + delay) - now))
-        done = outbox.round(Deadline(ROUND_BUDGET), upto_id=self._pass_upto, max_commands=self.batch)
+        done = passing.round(Deadline(ROUND_BUDGET), upto_id=self._pass_upto, max_commands=self.batch)
         self._pass.add(done)
         self._answer(tickets, done, outbox)
         stuck = not (done.requests or done.delivered or done.dead or done.waiting)  # nothing of it can go now

@@ -109,8 +109,10 @@ class PBX:
         register = {"USER_PHONE_INNER": "101", "PHONE_NUMBER": "+7916" + lid[-7:].replace(".", "0"),
                     "TYPE": 2, "CALL_START_DATE": "2026-11-21T10:00:00+03:00", "CRM_CREATE": 0,
                     "EXTERNAL_CALL_ID": lid, "SHOW": 1}
+        # A step that hands its call over holds it meanwhile; one long gone (submit=False: the
+        # backlog of an outage) holds nothing any more.
         self.store.start_call(lid, "incoming", register["PHONE_NUMBER"], "", "101", register,
-                              self.courier.owner, BUDGET + 5)
+                              self.courier.owner, BUDGET + 5 if submit else 0)
         self.arrived[lid] = self.clock()
         if submit:
             self.submit(lid)
@@ -118,7 +120,7 @@ class PBX:
     def hangup(self, lid: str, record: bool = True, submit: bool = True) -> None:
         finish = {"USER_PHONE_INNER": "101", "DURATION": 30 if record else 0, "STATUS_CODE": "200" if record else "304"}
         rec = {"path": str(self.recording), "name": f"{lid}.wav"} if record else None
-        self.store.queue_finish(lid, finish, rec, self.courier.owner, BUDGET + 5)
+        self.store.queue_finish(lid, finish, rec, self.courier.owner, BUDGET + 5 if submit else 0)
         if submit:
             self.submit(lid)
 
