@@ -27,39 +27,51 @@ def assert_each_call_once(emulator, prefix: str, count: int) -> None:
     assert len(good) == count
 
 
-def test_burst_of_40_calls_within_a_budget_that_mirrors_the_portal(pbx, emulator):
-    emulator.set_bucket(10, drain_per_second=5)
-    # The administrator told the PBX its portal's bucket (a bit under it), and gave call steps a
-    # budget long enough to wait their turn: 40 requests at 5/s after a burst of 8 take ~6.5 s.
-    pbx.set("bitrix24", "rate_burst", "8")
-    pbx.set("bitrix24", "rate_per_second", "5")
+def advance_budget(pbx, seconds: float) -> None:
+    """The PBX's clock moves on: every time the shared request budget recorded is `seconds` earlier."""
+    path = next(pbx.state_dir.glob("ratelimit-*.json"))
+    state = json.loads(path.read_text())
+    state["at"] -= seconds
+    for table in ("reset", "blocked"):
+        state[table] = {method: at - seconds for method, at in state.get(table, {}).items()}
+    path.write_text(json.dumps(state))
+
+
+def test_burst_of_calls_within_a_budget_that_mirrors_the_portal(pbx, emulator):
+    emulator.set_bucket(6, drain_per_second=2)
+    # The administrator told the PBX its portal's bucket (a bit under it: two requests, a second of
+    # a process's delay on a loaded machine), and gave call steps a budget long enough to wait
+    # their turn: 12 requests at 2/s after a burst of 4 take ~4 s. Without the shared budget the
+    # dozen requests (3 s of process starts at most) overflow the bucket of 6.
+    pbx.set("bitrix24", "rate_burst", "4")
+    pbx.set("bitrix24", "rate_per_second", "2")
     pbx.set("bitrix24", "timeout", "60")
-    runs = burst_of_incoming(pbx, "1795600000", 40)
-    assert [r.set_variables.get("BITRIX_STATUS") for r in runs] == ["OK"] * 40
-    assert_each_call_once(emulator, "1795600000", 40)
+    runs = burst_of_incoming(pbx, "1795600000", 12)
+    assert [r.set_variables.get("BITRIX_STATUS") for r in runs] == ["OK"] * 12
+    assert_each_call_once(emulator, "1795600000", 12)
     assert emulator.count_503 == 0  # the shared budget queued the burst: the portal never refused
     waited = [e for e in pbx.log() if e["event"] == "incoming"]
-    print(f"\nmirrored budget: 40 calls, {emulator.count_503} answers 503, "
+    print(f"\nmirrored budget: 12 calls, {emulator.count_503} answers 503, "
           f"{len(emulator.requests_for(REGISTER))} register requests, "
           f"slowest step {max(e['ms'] for e in waited)} ms")
 
 
-def test_burst_of_40_calls_against_a_smaller_bucket_backs_off(pbx, emulator):
-    emulator.set_bucket(10, drain_per_second=5)
+def test_burst_of_calls_against_a_smaller_bucket_backs_off(pbx, emulator):
+    emulator.set_bucket(4, drain_per_second=5)
     # The portal's clock moves 0.14 s per request it receives (its bucket drains 0.7 per request),
-    # whatever the speed of this machine: 40 requests overflow a bucket of 10, so 503s are certain,
-    # and every retry drains it again, so all calls get through.
+    # whatever the speed of this machine: the 9th request at the latest overflows a bucket of 4,
+    # so 503s are certain, and every retry drains it again, so all calls get through.
     start = time.time()
     emulator.clock = lambda: start + 0.14 * emulator.request_count
     # The PBX believes in the default burst of 40: the portal's 503s make every process back off
-    # (and mark the shared budget full) until all 40 got through, each exactly once.
+    # (and mark the shared budget full) until all 12 got through, each exactly once.
     pbx.set("bitrix24", "rate_per_second", "5")
     pbx.set("bitrix24", "timeout", "60")
-    runs = burst_of_incoming(pbx, "1795600100", 40)
-    assert [r.set_variables.get("BITRIX_STATUS") for r in runs] == ["OK"] * 40
-    assert_each_call_once(emulator, "1795600100", 40)
+    runs = burst_of_incoming(pbx, "1795600100", 12)
+    assert [r.set_variables.get("BITRIX_STATUS") for r in runs] == ["OK"] * 12
+    assert_each_call_once(emulator, "1795600100", 12)
     assert emulator.count_503 > 0  # the portal really pushed back
-    print(f"\nbudget above the bucket: 40 calls, {emulator.count_503} answers 503 (all retried), "
+    print(f"\nbudget above the bucket: 12 calls, {emulator.count_503} answers 503 (all retried), "
           f"{len(emulator.requests_for(REGISTER))} register requests")
 
 
@@ -76,9 +88,9 @@ def test_beyond_the_budget_the_step_is_queued_not_sent(pbx, emulator):
 
 def test_429_is_respected_until_operating_reset_at(pbx, emulator):
     # The method is close to its execution-time limit: good answers announce when part of it
-    # frees (time.operating_reset_at, 10 s from now here: time for two steps on a loaded machine);
-    # then the portal blocks it until then.
-    reset_at = int(time.time()) + 10
+    # frees (time.operating_reset_at, ten minutes from now: longer than any step takes on a loaded
+    # machine); then the portal blocks it until then.
+    reset_at = int(time.time()) + 600
     emulator.set_operating_reset(REGISTER, reset_at)
     assert pbx.run(["incoming", "89161234567"], linkedid="1795600300.1").set_variables["BITRIX_STATUS"] == "OK"
     emulator.set_operating_limit(REGISTER, reset_at)
@@ -96,7 +108,10 @@ def test_429_is_respected_until_operating_reset_at(pbx, emulator):
     assert "held back until" in json.dumps(pbx.log()[-1])
     assert len(emulator.requests_for(REGISTER)) == 2
 
-    time.sleep(max(0.0, reset_at - time.time()) + 0.2)  # past operating_reset_at: the method is free
+    # Ten minutes pass, on the portal's clock and on the PBX's: past operating_reset_at the method is free.
+    start = time.time()
+    emulator.clock = lambda: time.time() - start + reset_at + 1
+    advance_budget(pbx, reset_at + 1 - start)
     run = pbx.run(["incoming", "89031112255"], linkedid="1795600300.4")
     assert run.set_variables["BITRIX_STATUS"] == "OK"
     assert [r["status"] for r in emulator.requests_for(REGISTER)][-1] == 200
