@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ENTRY, HELD, SHORT_BUDGET, STEP_BUDGET, only_call
+from conftest import ENTRY, HELD, SHORT_BUDGET, STEP_BUDGET, only_call, served
 
 
 def wait_for(done, limit: float = 60.0) -> None:
@@ -108,11 +108,13 @@ def _expire_backoff(pbx):
 
 
 def _queue_many(pbx, emulator, n):
-    emulator.stop()
-    for i in range(n):
-        lid = f"1795400300.{i}"
-        pbx.run(["incoming", f"8916123450{i}"], linkedid=lid)
-        pbx.run(["hangup", "ANSWER", str(10 + i)], linkedid=lid, dead=True)
+    """n answered calls journaled while the portal is down (their steps served in this process)."""
+    with served(pbx) as service:
+        emulator.stop()
+        for i in range(n):
+            lid = f"1795400300.{i}"
+            assert service.run(["incoming", f"8916123450{i}"], linkedid=lid).set_variables["BITRIX_STATUS"] == "QUEUED"
+            service.run(["hangup", "ANSWER", str(10 + i)], linkedid=lid, dead=True)
     emulator.start()
 
 
