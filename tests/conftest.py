@@ -258,17 +258,23 @@ def pbx(tmp_path, emulator) -> PBX:
     return PBX(tmp_path, emulator.webhook_url)
 
 
+@pytest.fixture
+def service_pbx(tmp_path, emulator):
+    """A PBX whose call steps `agi-bitrix service` serves in this process (FastAGI, as the sample
+    dialplan runs them first); its commands still run through the installed entry point."""
+    service = ServicePBX(tmp_path, emulator.webhook_url).start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
 @pytest.fixture(params=["process", "fastagi"])
 def any_pbx(request, tmp_path, emulator):
     """A PBX whose call steps run in process mode, then the same through `agi-bitrix service`."""
     if request.param == "process":
-        yield PBX(tmp_path, emulator.webhook_url)
-        return
-    service_pbx = ServicePBX(tmp_path, emulator.webhook_url).start()
-    try:
-        yield service_pbx
-    finally:
-        service_pbx.stop()
+        return PBX(tmp_path, emulator.webhook_url)
+    return request.getfixturevalue("service_pbx")
 
 
 def webhook_call(emu: Bitrix24Emulator, method: str, params: Any = None, *, form: bool = False):

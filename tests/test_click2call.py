@@ -96,13 +96,18 @@ class Desk:
         raise AssertionError(f"{call_id} was not finished; log: {self.pbx.log()[-3:]}")
 
 
-@pytest.fixture
-def desk(pbx, emulator):
-    """Online events; `serve` not started yet (a test may change its settings first)."""
+def _desk(pbx, emulator):
     with FakeAMI(username="crm", secret="ami-secret-2") as ami:
         made = Desk(pbx, emulator, ami, "online")
         yield made
         made.stop()
+
+
+@pytest.fixture
+def desk(service_pbx, emulator):
+    """Online events; `serve` not started yet (a test may change its settings first). The dialplan's
+    steps are served by the service in this process (the first test runs them as processes too)."""
+    yield from _desk(service_pbx, emulator)
 
 
 @pytest.fixture
@@ -111,7 +116,15 @@ def online(desk):
     return desk
 
 
-def test_click_to_call_answered_finishes_the_same_call_id(online, emulator):
+@pytest.fixture
+def any_online(any_pbx, emulator):
+    for desk in _desk(any_pbx, emulator):
+        desk.serve()
+        yield desk
+
+
+def test_click_to_call_answered_finishes_the_same_call_id(any_online, emulator):
+    online = any_online
     data = emulator.click_to_call(emulator.people["101"], "8 (916) 765-43-21")
     call = online.finished(data["CALL_ID"])
     assert call["status_code"] == "200" and call["duration"] == 2

@@ -84,16 +84,25 @@ class CallCenter:
 
 
 @pytest.fixture
-def center(pbx, emulator):
+def center(service_pbx, emulator):
+    """The dialer runs as a command; the dialplan's steps are served by the service in this process
+    (the first test runs them as processes too)."""
     with FakeAMI(username="crm", secret="ami-secret-1") as ami:
-        yield CallCenter(pbx, emulator, ami)
+        yield CallCenter(service_pbx, emulator, ami)
+
+
+@pytest.fixture
+def any_center(any_pbx, emulator):
+    with FakeAMI(username="crm", secret="ami-secret-1") as ami:
+        yield CallCenter(any_pbx, emulator, ami)
 
 
 def comments(emulator, task_id) -> List[str]:
     return [c["POST_MESSAGE"] for c in emulator.comments.get(task_id, [])]
 
 
-def test_client_answers_and_is_connected_to_the_responsible_operator(center, emulator):
+def test_client_answers_and_is_connected_to_the_responsible_operator(any_center, emulator):
+    center = any_center
     task = center.task("Позвонить: Иван Петров", ["+7 916 111-22-33"], responsible=center.boris)
     res = center.run()
     assert res.returncode == 0, res.stdout + res.stderr
