@@ -203,6 +203,7 @@ class ServicePBX(PBX):
         self.set("service", "fastagi", f"127.0.0.1:{free_port()}")
         self.set("events", "listen", f"127.0.0.1:{free_port()}")
         self.service = Service(str(self.settings_file), env_timeout=self.env_timeout)
+        self.service.poll = 0.02  # a test's service stops at once, not within half a second
         self.service.start()
         return self
 

@@ -36,6 +36,8 @@ class ListenError(Exception):
 
 
 class Service:
+    poll = 0.5  # seconds between the accepting threads' looks at whether the service stops
+
     def __init__(self, settings_path: Optional[str] = None, env_timeout: float = ENV_TIMEOUT) -> None:
         self.settings_path = settings_path
         self.settings = settings_mod.load(settings_path)  # SettingsError: the command says why
@@ -82,8 +84,8 @@ class Service:
 
         for module in list(EVENTS.values()) + ["agi_bitrix.outbox", "agi_bitrix.bitrix.factory"]:
             importlib.import_module(module)
-        self._spawn("fastagi", self.fastagi.serve_forever)
-        self._spawn("http", lambda: self.web.serve_forever(poll_interval=0.5))
+        self._spawn("fastagi", lambda: self.fastagi.serve_forever(self.poll))
+        self._spawn("http", lambda: self.web.serve_forever(poll_interval=self.poll))
         self._spawn("deliverer", self._deliverer)
         if self.settings.service.dialer:
             self._spawn("dialer", self._dialer)
