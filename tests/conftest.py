@@ -25,6 +25,7 @@ WEBHOOK_CODE = "s3cr3t-webhook-code"
 STEP_BUDGET = "30"
 # The budget of tests that show a step let go at its budget while the portal holds the request
 # (emulator.hold): long enough for a loaded machine to start the process and send the request.
+# A step served by the service in the test's process starts no process: `pbx.short_budget`.
 SHORT_BUDGET = "6"
 HELD = 60.0  # a step that waited this long was held by the portal, not let go at its budget
 
@@ -228,6 +229,8 @@ class ServicePBX(PBX):
 
 
 PBX.transport = "process"
+PBX.short_budget = SHORT_BUDGET
+ServicePBX.short_budget = "2"
 
 
 @contextmanager

@@ -150,7 +150,7 @@ def test_blind_transfer_to_an_external_number_goes_out_by_the_trunk(pbx, emulato
 
 def test_no_card_left_up_after_an_outage_whose_register_reached_the_portal(pbx, emulator):
     people = emulator.people
-    pbx.set("bitrix24", "timeout", "5")
+    pbx.set("bitrix24", "timeout", pbx.short_budget)
     gate = emulator.hold("telephony.externalcall.register")  # it reaches the portal, its answer does not
     lid = "1795700800.1"
     run = pbx.run(["incoming"], linkedid=lid, variables={"BITRIX_RING": "PJSIP/101&PJSIP/102"}, **CALLER)

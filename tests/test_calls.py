@@ -6,7 +6,7 @@ import os
 import time
 
 import pytest
-from conftest import HELD, SHORT_BUDGET, only_call
+from conftest import HELD, only_call
 
 
 @pytest.fixture
@@ -160,7 +160,7 @@ def test_caller_hangs_up_during_a_slow_register(pbx, emulator):
 
 
 def test_slow_portal_never_holds_the_caller_beyond_the_budget(pbx, emulator):
-    pbx.set("bitrix24", "timeout", SHORT_BUDGET)
+    pbx.set("bitrix24", "timeout", pbx.short_budget)
     emulator.hold("telephony.externalcall.register")  # the portal is stuck until the test ends
     run = pbx.run(["incoming", "89161234567"], linkedid="1795247140.1")
     assert run.returncode == 0 and run.duration < HELD

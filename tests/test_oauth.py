@@ -8,7 +8,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import List
 
-from conftest import HELD, SHORT_BUDGET, STEP_BUDGET, only_call
+from conftest import HELD, STEP_BUDGET, only_call
 
 INBOUND = dict(channel="PJSIP/provider-00000001", context="bitrix-inbound", extension="74951234567",
                dnid="74951234567")
@@ -263,7 +263,7 @@ def test_slow_oauth_server_never_holds_the_caller(any_pbx, emulator):
     import time
 
     pbx = any_pbx
-    authorized(pbx, emulator, timeout=SHORT_BUDGET)
+    authorized(pbx, emulator, timeout=pbx.short_budget)
     emulator.expire_access_tokens()
     stuck = emulator.hold("oauth.token", count=1)   # the OAuth server holds the refresh
     run = pbx.run(["incoming", "89161234567"], linkedid="1795500900.1")
