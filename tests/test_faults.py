@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import STEP_BUDGET, only_call
+from conftest import STEP_BUDGET, only_call, served
 
 
 def _old_recording(folder, name="call.wav"):
@@ -272,13 +272,14 @@ def _by_external_id(emulator):
 
 def test_calls_whose_hangup_never_ran_are_closed_after_max_call_length(pbx, emulator):
     pbx.set("calls", "max_call_length", "3600")
-    pbx.run(["incoming", "89161234561"], linkedid="1795500600.1")
-    pbx.run(["answer"], linkedid="1795500600.1", channel="PJSIP/102-00000002")  # talked, then killed
-    pbx.run(["incoming", "89161234562"], linkedid="1795500600.2")               # rang, PBX restarted
-    pbx.run(["outgoing", "103", "89161234563"], linkedid="1795500600.3")         # dialed out, killed
-    pbx.run(["incoming", "89161234564"], linkedid="1795500600.4")
-    pbx.run(["hangup", "NOANSWER", ""], linkedid="1795500600.4", dead=True)      # a normal call
-    pbx.run(["incoming", "89161234565"], linkedid="1795500600.5")                # still going on
+    with served(pbx) as steps:  # the calls' steps need no process of their own here
+        steps.run(["incoming", "89161234561"], linkedid="1795500600.1")
+        steps.run(["answer"], linkedid="1795500600.1", channel="PJSIP/102-00000002")  # talked, then killed
+        steps.run(["incoming", "89161234562"], linkedid="1795500600.2")               # rang, PBX restarted
+        steps.run(["outgoing", "103", "89161234563"], linkedid="1795500600.3")         # dialed out, killed
+        steps.run(["incoming", "89161234564"], linkedid="1795500600.4")
+        steps.run(["hangup", "NOANSWER", ""], linkedid="1795500600.4", dead=True)      # a normal call
+        steps.run(["incoming", "89161234565"], linkedid="1795500600.5")                # still going on
     _backdate(pbx, 3700, "1795500600.1", "1795500600.2", "1795500600.3", "1795500600.4")
     res = pbx.cli("outbox", "flush")
     assert "closed 3 call(s) whose hangup never ran" in res.stdout, res.stdout + res.stderr
