@@ -322,11 +322,12 @@ def test_recording_url_template(pbx, emulator, tmp_path):
 
 
 def test_poison_event_is_dead_lettered_while_the_calls_behind_it_go_through(pbx, emulator):
-    emulator.stop()
-    pbx.run(["outgoing", "555", "89161234567"], linkedid="1795400700.1")  # 555: nobody's inner number
-    pbx.run(["hangup", "ANSWER", "4"], linkedid="1795400700.1", dead=True)
-    pbx.run(["outgoing", "101", "89161234568"], linkedid="1795400700.2")
-    pbx.run(["hangup", "ANSWER", "6"], linkedid="1795400700.2", dead=True)
+    with served(pbx) as steps:  # the calls' steps need no process of their own here
+        emulator.stop()
+        steps.run(["outgoing", "555", "89161234567"], linkedid="1795400700.1")  # 555: nobody's inner number
+        steps.run(["hangup", "ANSWER", "4"], linkedid="1795400700.1", dead=True)
+        steps.run(["outgoing", "101", "89161234568"], linkedid="1795400700.2")
+        steps.run(["hangup", "ANSWER", "6"], linkedid="1795400700.2", dead=True)
     emulator.start()
     res = pbx.cli("outbox", "flush")
     assert "delivered 2" in res.stdout and "dead-lettered 2" in res.stdout, res.stdout  # the register and its finish
@@ -343,8 +344,9 @@ def test_poison_event_is_dead_lettered_while_the_calls_behind_it_go_through(pbx,
 
 
 def test_worker_delivers_continuously_and_stops_on_sigterm(pbx, emulator):
-    emulator.stop()
-    queue_call(pbx, "1795400800.1")
+    with served(pbx) as steps:  # the call's steps need no process of their own here
+        emulator.stop()
+        queue_call(steps, "1795400800.1")
     emulator.start()
     _expire_backoff(pbx)  # the worker respects the retry backoff; pretend it has passed
     env = dict(os.environ, AGI_BITRIX_SETTINGS=str(pbx.settings_file))
