@@ -1,7 +1,8 @@
 """The call-card widgets in a real browser: headless Chromium (the system's, driven by Playwright)
-opens the pages `agi-bitrix serve` gives Bitrix24, inside a stand-in portal page that plays the call
-card (agi_bitrix/testing/call_card.py). The dialer call comes from the real dialer (`dialer run`,
-the fake AMI, the dialplan's AGI steps), the portal is the Bitrix24 emulator (OAuth application)."""
+opens the pages `agi-bitrix service` gives Bitrix24 (serve's handler on its HTTP port), inside a
+stand-in portal page that plays the call card (agi_bitrix/testing/call_card.py). The dialer call
+comes from the real dialer (`dialer run`, the fake AMI, the dialplan's AGI steps), the portal is
+the Bitrix24 emulator (OAuth application)."""
 from __future__ import annotations
 
 import os
@@ -37,15 +38,18 @@ def browser(tmp_path_factory):
 
 
 class Center(CallCenter):
-    """The call center with serve running, the app installed, and calls kept up while a card is open."""
+    """The call center with its pages served by the service (serve's handler, on the service's HTTP
+    port), the app installed, and calls kept up while a card is open."""
 
     def __init__(self, pbx, emulator, ami, placements_timeout: str) -> None:
         super().__init__(pbx, emulator, ami)
         dialer = dict(pbx.values["dialer"])
-        self.desk = ClickDesk(pbx, emulator, ami, "online")  # OAuth settings, serve's port, events
+        self.desk = ClickDesk(pbx, emulator, ami, "online")  # OAuth settings, events
         pbx.values["dialer"] = dialer
         ami.on_originate(self._decide)
-        self.url = f"http://127.0.0.1:{self.desk.port}/"
+        listen = "127.0.0.1:%d" % pbx.service.web.server_address[1]
+        self.url = f"http://{listen}/"
+        pbx.values["events"].update(listen=listen, handler_url=self.url)
         pbx.values["placements"] = {"public_url": self.url, "timeout": placements_timeout}
         pbx.write()
         self.hangup = threading.Event()
@@ -93,14 +97,14 @@ def placements_timeout() -> str:
 
 @pytest.fixture
 def center(service_pbx, emulator, placements_timeout):
-    """serve runs as a command; the dialer call's steps are served by the service in this process."""
+    """The service in this process serves the pages and the dialer call's steps; the dialer and the
+    other commands run as processes (`serve` itself as a process: test_serve_security, test_click2call)."""
     with FakeAMI(username="crm", secret="ami-secret-3") as ami:
         c = Center(service_pbx, emulator, ami, placements_timeout)
-        c.desk.serve()
+        assert emulator.install_app(c.url) == 200
         yield c
         c.hangup.set()
         c.wait_calls(5)
-        c.desk.stop()
 
 
 def open_worker(browser, center, user, card_data, **changes):
