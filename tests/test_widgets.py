@@ -25,8 +25,9 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 SHOT = os.environ.get("AGI_BITRIX_SCREENSHOT")  # where to save the tab's picture (README)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser(tmp_path_factory):
+    """One Chromium for the worker's whole run: xdist may hand it these tests in more than one batch."""
     try:
         chromium = Browser(tmp_path_factory.mktemp("chromium-profile"))
     except ImportError as exc:
