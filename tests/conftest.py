@@ -30,6 +30,17 @@ SHORT_BUDGET = "6"
 HELD = 60.0  # a step that waited this long was held by the portal, not let go at its budget
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject.toml) starts two workers a core: many tests spend their time waiting
+    (a step's budget, a request the portal holds, the browser), and a waiting worker leaves its core
+    to the other one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return 2 * cores
+
+
 @pytest.fixture
 def keep_install_record():
     """`install --settings` records its path in this virtualenv, one file for every xdist worker:
