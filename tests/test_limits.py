@@ -57,21 +57,21 @@ def test_burst_of_calls_within_a_budget_that_mirrors_the_portal(pbx, emulator):
 
 
 def test_burst_of_calls_against_a_smaller_bucket_backs_off(pbx, emulator):
-    emulator.set_bucket(4, drain_per_second=5)
+    emulator.set_bucket(2, drain_per_second=5)
     # The portal's clock moves 0.14 s per request it receives (its bucket drains 0.7 per request),
-    # whatever the speed of this machine: the 9th request at the latest overflows a bucket of 4,
-    # so 503s are certain, and every retry drains it again, so all calls get through.
+    # whatever the speed of this machine: the 5th request overflows a bucket of 2, so 503s are
+    # certain, and every retry drains it again, so all calls get through.
     start = time.time()
     emulator.clock = lambda: start + 0.14 * emulator.request_count
     # The PBX believes in the default burst of 40: the portal's 503s make every process back off
-    # (and mark the shared budget full) until all 12 got through, each exactly once.
+    # (and mark the shared budget full) until all 8 got through, each exactly once.
     pbx.set("bitrix24", "rate_per_second", "5")
     pbx.set("bitrix24", "timeout", "60")
-    runs = burst_of_incoming(pbx, "1795600100", 12)
-    assert [r.set_variables.get("BITRIX_STATUS") for r in runs] == ["OK"] * 12
-    assert_each_call_once(emulator, "1795600100", 12)
+    runs = burst_of_incoming(pbx, "1795600100", 8)
+    assert [r.set_variables.get("BITRIX_STATUS") for r in runs] == ["OK"] * 8
+    assert_each_call_once(emulator, "1795600100", 8)
     assert emulator.count_503 > 0  # the portal really pushed back
-    print(f"\nbudget above the bucket: 12 calls, {emulator.count_503} answers 503 (all retried), "
+    print(f"\nbudget above the bucket: 8 calls, {emulator.count_503} answers 503 (all retried), "
           f"{len(emulator.requests_for(REGISTER))} register requests")
 
 
