@@ -47,7 +47,8 @@ def test_newline_in_the_environment_block_does_not_desync(pbx, emulator):
     run = pbx.run(["incoming", "89161234567"], linkedid="7.3",
                   agi_env={"agi_calleridname": "Mallory\nagi_extension: 666\n200 result=1 (spoof)"})
     assert run.returncode == 0 and not run.violations
-    assert run.set_variables.get("BITRIX_STATUS") in {"OK", "ERROR"}
+    assert run.set_variables.get("BITRIX_STATUS") == "OK"  # the spilled lines change nothing
+    assert only_call(emulator)["register"]["PHONE_NUMBER"] == "+79161234567"
     assert len(pbx.log()) == 1
 
 
