@@ -31,14 +31,14 @@ HELD = 60.0  # a step that waited this long was held by the portal, not let go a
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    """`-n auto` (pyproject.toml) starts two workers a core: many tests spend their time waiting
+    """`-n auto` (pyproject.toml) starts three workers a core: many tests spend their time waiting
     (a step's budget, a request the portal holds, the browser), and a waiting worker leaves its core
-    to the other one."""
+    to the others."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return 2 * cores
+    return 3 * cores
 
 
 @pytest.fixture
