@@ -235,6 +235,7 @@ class ServicePBX(PBX):
 
     def step(self, args: List[str], **kw: Any) -> AGIRun:
         assert not kw.pop("env", None), "a FastAGI step has no process environment"
+        kw.setdefault("timeout", 120)  # the fake's own guard, as for a process: far beyond any budget
         host, port = self.address
         return FakeFastAGI(host, port, args[0] if args else "", args[1:], **kw).run()
 

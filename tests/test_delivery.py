@@ -243,6 +243,23 @@ def test_the_service_sends_the_registers_of_calls_arriving_together_in_one_reque
         pbx.stop()
 
 
+def test_a_call_handed_over_as_the_courier_goes_to_sleep_waits_its_window_not_the_next_pass():
+    from agi_bitrix.service.courier import Courier
+
+    clock = Clock(1000.0)
+    courier = Courier(window=lambda: 0.3, clock=clock)
+    # step() found nothing to send and worked out its pause: an hour to the next pass. A step hands
+    # its register over before the pause begins (its wake-up call comes too early to be heard).
+    courier.submit(["1796600100.1"], urgent=True, budget=30.0)
+    pause = threading.Thread(target=courier.sleep, args=(3600.0,), daemon=True)
+    pause.start()
+    pause.join(60)
+    try:
+        assert not pause.is_alive(), "the courier slept past the register's window"
+    finally:
+        courier.wake()
+
+
 def wait(condition: Any, what: str, limit: float = 60.0) -> None:
     end = time.monotonic() + limit
     while not condition():

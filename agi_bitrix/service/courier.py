@@ -75,10 +75,16 @@ class Courier:
         return ticket
 
     def sleep(self, seconds: float) -> None:
-        """The thread's pause, cut short by a new ticket (or wake())."""
+        """The thread's pause, cut short by a new ticket (or wake()).
+
+        A ticket handed over after step() worked out `seconds` (its notify came before this wait)
+        is waited for too: the pause ends by its send_by, not at the next pass.
+        """
         with self._cond:
-            if not any(t.send_by <= self.clock() for t in self._tickets):
-                self._cond.wait(max(0.0, seconds))
+            now = self.clock()
+            due = min((t.send_by for t in self._tickets), default=now + seconds)
+            if due > now:
+                self._cond.wait(max(0.0, min(seconds, due - now)))
 
     def wake(self) -> None:
         with self._cond:
