@@ -113,9 +113,9 @@ def test_attended_transfer_to_a_colleague_gives_each_part_its_own_time(pbx, emul
     people = emulator.people
     lid = "1795700600.1"
     pbx.run(["incoming"], linkedid=lid, **CALLER)
+    began = time.monotonic()  # the answer's time is taken inside its step: count from before it
     pbx.run(["answer"], linkedid=lid, channel="PJSIP/102-00000002")
     pbx.advance(5.5)
-    began = time.monotonic()
     # 102 dials 103 (atxfer): a Local channel of the same call runs [bitrix-transfer]; no Dial ended on it.
     run = pbx.run(["transfer", "103"], linkedid=lid, channel="Local/103@bitrix-transfer-00000001;2",
                   context="bitrix-transfer")
