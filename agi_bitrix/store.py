@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from agi_bitrix.ownership import match_owner_quietly
 
@@ -687,6 +687,18 @@ class Store:
         marks = ",".join("?" * len(ids))
         rows = self.db.execute(f"SELECT * FROM outbox WHERE id IN ({marks})", ids).fetchall()
         return {r["id"]: Entry.from_row(r) for r in rows}
+
+    def pending_kinds(self, linkedids: List[str]) -> Dict[str, Set[str]]:
+        """The kinds of entry still waiting, by call, for these calls (those with none left out).
+        One query and no payload decoded: the service asks it for every step it hands over."""
+        if not linkedids:
+            return {}
+        marks = ",".join("?" * len(linkedids))
+        found: Dict[str, Set[str]] = {}
+        for linkedid, kind in self.db.execute(f"SELECT DISTINCT linkedid, kind FROM outbox WHERE state = 'pending'"
+                                               f" AND linkedid IN ({marks})", list(linkedids)):
+            found.setdefault(linkedid, set()).add(kind)
+        return found
 
     def entries(self, linkedid: Optional[str] = None, state: Optional[str] = None) -> List[Entry]:
         sql, args = "SELECT * FROM outbox WHERE 1", []

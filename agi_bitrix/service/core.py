@@ -228,11 +228,14 @@ class Service:
             # delivers its own calls, in one request per round.
             ctx.outbox.deliver_keys(keys, ctx.deadline, lease=ctx.lease)
             return
-        if not any(ctx.store.entries(key, "pending") for key in keys):
+        waiting = ctx.store.pending_kinds(keys)
+        if not waiting:
             return
+        urgent = is_urgent(ctx.store, keys, waiting)
+        # Only a ticket without urgency asks the shared bucket (a file under flock) for its room.
         limiter = ctx.outbox.client.limiter
-        roomy = limiter is None or limiter.room() > limiter.burst // 2
-        ticket = self.courier.submit(keys, is_urgent(ctx.store, keys), ctx.deadline.remaining(), roomy)
+        roomy = not urgent and (limiter is None or limiter.room() > limiter.burst // 2)
+        ticket = self.courier.submit(keys, urgent, ctx.deadline.remaining(), roomy)
         # A request cut at the budget is settled a moment later (as in process mode, where the
         # step itself writes it down before it ends).
         ticket.done.wait(ctx.deadline.remaining() + SETTLE_GRACE)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from agi_bitrix.bitrix.client import BATCH_MAX
 from agi_bitrix.deadline import Deadline
@@ -144,19 +144,23 @@ class Courier:
         """Tickets whose calls this round carried, or that have nothing left to send (or, `due`:
         that were due by then), are answered."""
         carried = set(done.keys)
+        # What still waits of the calls the round did not carry, in one query for all tickets.
+        waiting = outbox.store.pending_kinds(list({k for t in tickets for k in t.keys if k not in carried}))
         for ticket in tickets:
             if carried & set(ticket.keys):
                 ticket.requests += done.requests
                 ticket.portal += done.portal
             if (due is not None and ticket.send_by <= due) or \
-                    all(k in carried or not outbox.store.entries(k, "pending") for k in ticket.keys):
+                    all(k in carried or k not in waiting for k in ticket.keys):
                 ticket.done.set()
 
 
-def is_urgent(store: Any, keys: List[str]) -> bool:
-    """A register, or a card move of a call still going on, waits: a card is to pop up or move."""
+def is_urgent(store: Any, keys: List[str], waiting: Optional[Dict[str, Set[str]]] = None) -> bool:
+    """A register, or a card move of a call still going on, waits: a card is to pop up or move.
+    `waiting`: the calls' pending kinds, when the caller has read them already."""
+    waiting = store.pending_kinds(keys) if waiting is None else waiting
     for key in keys:
-        kinds = {e.kind for e in store.entries(key, "pending")}
+        kinds = waiting.get(key, set())
         if "register" in kinds:
             return True
         if "card" in kinds:
