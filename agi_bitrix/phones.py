@@ -32,16 +32,17 @@ def _parse(raw: str, region: str) -> Optional[phonenumbers.PhoneNumber]:
     """Best reading of a number: as dialed in `region`, then as international without '+'."""
     import phonenumbers
 
-    digits = _digits(raw)
-    candidates = [raw]
-    if not raw.startswith("+"):
-        candidates.append("+" + digits)
-    parsed = []
-    for text in candidates:
+    def read(text: str) -> Optional[phonenumbers.PhoneNumber]:
         try:
-            parsed.append(phonenumbers.parse(text, region))
+            return phonenumbers.parse(text, region)
         except phonenumbers.NumberParseException:
-            continue
+            return None
+
+    first = read(raw)
+    if first is not None and phonenumbers.is_valid_number(first):
+        return first  # nothing the second reading could change: it is only tried after this one
+    second = None if raw.startswith("+") else read("+" + _digits(raw))
+    parsed = [n for n in (first, second) if n is not None]
     for check in (phonenumbers.is_valid_number, phonenumbers.is_possible_number):
         for number in parsed:
             if check(number):
