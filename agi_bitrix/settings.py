@@ -7,6 +7,7 @@ the validated settings kept for the call steps: settings_file.py.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Literal, Optional
 from urllib.parse import urlsplit
@@ -386,9 +387,14 @@ class ServiceSettings(_Section):
         return _yes_no(value)
 
     def allowed(self) -> list:
-        import ipaddress
+        return list(_networks(self.allow))  # asked at every FastAGI connection
 
-        return [ipaddress.ip_network(p.strip(), strict=False) for p in self.allow.split(",") if p.strip()]
+
+@lru_cache(maxsize=16)
+def _networks(allow: str) -> tuple:
+    import ipaddress
+
+    return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in allow.split(",") if p.strip())
 
 
 class PlacementsSettings(_Section):
