@@ -60,9 +60,22 @@ def test_registers_wait_at_most_the_window_and_calls_arriving_together_share_a_r
     requests = pbx.http_requests()
     assert [method for method, _, _ in requests] == ["batch", REGISTER]
     assert list(requests[0][2]) == ["r1", "r2", "r3"]
-    assert requests[0][1] == pytest.approx(START + 0.3)  # the first one's window, no longer
-    assert requests[1][1] == pytest.approx(START + 5.3)  # alone: it waited its window for nobody
+    assert requests[0][1] - START == pytest.approx(0.3)  # the first one's window, no longer
+    assert requests[1][1] - START == pytest.approx(5.3)  # alone: it waited its window for nobody
     assert len(emulator.calls) == 4
+
+
+def test_as_many_registers_as_a_request_carries_go_at_once_without_waiting_out_the_window(state_dir, emulator):
+    pbx = PBX(state_dir, emulator, window=0.3)
+    assert pbx.courier.live_batch == 10
+    events = [(n / 100, "incoming", f"1796100100.{n}") for n in range(11)]  # one every 10 ms
+    pbx.run(events, until_idle=False, limit=10)
+    requests = pbx.http_requests()
+    assert [method for method, _, _ in requests] == ["batch", REGISTER]
+    assert len(requests[0][2]) == 10
+    assert requests[0][1] - START == pytest.approx(0.09)  # the tenth filled it: nobody waited longer
+    assert requests[1][1] - START == pytest.approx(0.4)  # the eleventh: its own window
+    assert len(emulator.calls) == 11
 
 
 # ----------------------------------------------------------------------------------- after an outage

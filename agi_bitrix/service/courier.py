@@ -2,8 +2,9 @@
 
 - A call step hands its calls over (a ticket) and waits for the answer within its budget. A
   register or card move of a live call waits at most `[service] batch_window` to share one
-  request with the calls arriving at the same time; everything waiting for them rides along (a
-  few commands, so the step's answer stays quick).
+  request with the calls arriving at the same time, and not at all once as many wait as such a
+  request carries; everything waiting for them rides along (a few commands, so the step's answer
+  stays quick).
 - Anything else (a finish, a recording, task writes) goes at once while the portal's budget is
   far from used up; when it is not, it rides along with the next request that goes out, or goes
   when its step's budget is about to end.
@@ -26,7 +27,6 @@ from agi_bitrix.deadline import Deadline
 from agi_bitrix.outbox import LIVE_RESERVE, ROUND_BUDGET, FlushStats, Outbox, Round, new_owner
 
 LIVE_COMMANDS = 10        # commands in a request that carries a live call's register or card move
-FULL_TICKETS = BATCH_MAX // 2  # this many live calls waiting: no use waiting for more
 LAZY_MARGIN = 1.0         # a ticket without urgency goes this long before its step's budget ends
 SETTLE_GRACE = 0.5        # a step waits this long past its budget for the answer to be written down
 
@@ -107,7 +107,8 @@ class Courier:
             self._tickets = [t for t in self._tickets if not t.done.is_set() and t.until > now]
             tickets = list(self._tickets)
         urgent = [t for t in tickets if t.urgent]
-        if any(t.send_by <= now for t in tickets) or len(urgent) >= FULL_TICKETS:
+        # As many live calls waiting as a request carries fill it: no use waiting for more.
+        if any(t.send_by <= now for t in tickets) or len(urgent) >= self.live_batch:
             keys = list(dict.fromkeys(k for t in sorted(tickets, key=lambda t: not t.urgent) for k in t.keys))
             # The request ends with the budget of the first step to give up, as its own would: a
             # stuck portal leaves the entries QUEUED with the reason, not the steps without one.
