@@ -17,6 +17,7 @@ import os
 import re
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -34,10 +35,16 @@ def _slug(portal: str) -> str:
     return re.sub(r"[^a-z0-9.-]", "_", portal.lower())[:100] or "portal"
 
 
+@lru_cache(maxsize=64)
+def _bucket_file(state_dir: str, portal: str) -> Path:
+    """The bucket's file (`agi-bitrix service` makes a limiter for every call step)."""
+    return Path(state_dir) / f"ratelimit-{_slug(portal)}.json"
+
+
 class RateLimiter:
     def __init__(self, state_dir: str, portal: str, burst: int = 40, per_second: float = 2.0,
                  clock: Any = time.time, sleep: Any = time.sleep) -> None:
-        self.path = Path(state_dir) / f"ratelimit-{_slug(portal)}.json"
+        self.path = _bucket_file(str(state_dir), portal)
         self.burst = max(1, int(burst))
         self.rate = float(per_second)
         self.clock = clock
