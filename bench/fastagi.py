@@ -11,6 +11,9 @@ pick-up and the bridge. Run: make bench (or .venv/bin/python bench/fastagi.py).
 The portal's round trip as the steps met it is measured in the same run: each step's log line
 says how long it waited for the portal's answers (`portal_ms`; one request per `incoming`), and
 the table shows its p95 beside the steps' p95 and the difference: what the step itself added.
+The FastAGI rows are measured twice: with the default `[service] batch_window` (a register waits
+up to 0.3 s to share a request with other calls) and, after a reload, with `batch_window = 0`
+(`window 0`: it goes with the courier's next request).
 """
 from __future__ import annotations
 
@@ -138,11 +141,11 @@ def main() -> int:
         emu.add_user("Boris", "Bench", inner="102")
         port = free_port()
         settings = Path(tmp) / "settings.ini"
-        settings.write_text(
-            f"[bitrix24]\nwebhook_url = {emu.webhook_url}\nrate_burst = 5000\nrate_per_second = 1000\n"
-            f"[calls]\ndefault_user = 101\n[storage]\nstate_dir = {tmp}/state\n[logging]\nfile = {tmp}/log\n"
-            f"[service]\nfastagi = 127.0.0.1:{port}\nflush_interval = 3600\n"
-            f"[events]\nlisten = 127.0.0.1:{free_port()}\n")
+        text = (f"[bitrix24]\nwebhook_url = {emu.webhook_url}\nrate_burst = 5000\nrate_per_second = 1000\n"
+                f"[calls]\ndefault_user = 101\n[storage]\nstate_dir = {tmp}/state\n[logging]\nfile = {tmp}/log\n"
+                f"[service]\nfastagi = 127.0.0.1:{port}\nflush_interval = 3600\n"
+                f"[events]\nlisten = 127.0.0.1:{free_port()}\n")
+        settings.write_text(text)
         env = {"AGI_BITRIX_SETTINGS": str(settings)}
 
         def process_step(event: str, args: List[str], linkedid: str) -> object:
@@ -174,6 +177,20 @@ def main() -> int:
                                                      children_cpu) for _ in range(rounds)])
                 rows[("fastagi", n)] = joined([fastagi_burst(peers, port, [f"1795700000.{next(lid)}" for _ in range(n)],
                                                              service.pid) for _ in range(rounds)])
+            # The same service with `[service] batch_window = 0` (reload): a register goes with the
+            # next request instead of waiting up to 0.3 s to share one.
+            def reload(content: str, times: int) -> None:
+                settings.write_text(content)
+                service.send_signal(signal.SIGHUP)
+                while (Path(tmp) / "log").read_text(encoding="utf-8").count('"service_reloaded"') < times:
+                    time.sleep(0.05)
+
+            reload(text.replace("flush_interval = 3600\n", "flush_interval = 3600\nbatch_window = 0\n"), 1)
+            for n in sizes:
+                rounds = SINGLE if n == 1 else 1
+                rows[("window 0", n)] = joined([fastagi_burst(peers, port, [f"1795700000.{next(lid)}" for _ in range(n)],
+                                                              service.pid) for _ in range(rounds)])
+            reload(text, 2)  # the `answer` step below with the defaults again
             import requests
 
             trips = []
