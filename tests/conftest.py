@@ -176,6 +176,31 @@ class PBX:
         return subprocess.run([*self.prefix, str(ENTRY), *args], capture_output=True, text=True, env=env,
                               input=stdin, timeout=timeout)
 
+    def admin(self, *args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+        """An admin command run in this process, as `cli` runs it through the entry point (the same
+        arguments, settings, stdout, stderr and exit code) without the process start: for the many
+        tests of what a command says; `cli` stays for what only a process shows (users, signals)."""
+        import io
+        from contextlib import redirect_stderr, redirect_stdout
+
+        from agi_bitrix.commands import admin
+
+        assert not self.prefix, "a command as another user needs its own process: use cli"
+        saved = dict(os.environ)
+        os.environ.update(AGI_BITRIX_SETTINGS=str(self.settings_file), **(env or {}))
+        os.environ.pop("AST_AGI_DIR", None)
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with redirect_stdout(out), redirect_stderr(err):
+                try:
+                    code = admin.main(list(args))
+                except SystemExit as exc:  # argparse's usage errors
+                    code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        return subprocess.CompletedProcess([str(ENTRY), *args], code, out.getvalue(), err.getvalue())
+
     def background(self, *args: str) -> subprocess.Popen:
         """A long-running admin command (the worker, serve) through the installed entry point."""
         env = dict(os.environ, AGI_BITRIX_SETTINGS=str(self.settings_file))

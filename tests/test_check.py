@@ -16,7 +16,7 @@ from conftest import ENTRY, WEBHOOK_CODE, installs
 
 
 def check(pbx, *extra):
-    res = pbx.cli("check", *extra)
+    res = pbx.admin("check", *extra) if not pbx.prefix else pbx.cli("check", *extra)
     return res, _problems(res.stdout)
 
 
