@@ -64,39 +64,39 @@ def test_every_admin_text_has_a_russian_translation(module):
 
 
 def test_check_in_russian_by_the_locale_or_the_setting(pbx):
-    res = pbx.cli("check", env={"LANG": "ru_RU.UTF-8"})
+    res = pbx.admin("check", env={"LANG": "ru_RU.UTF-8"})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "всё в порядке" in res.stdout and "ОК       bitrix24" in res.stdout
     assert "default_user 101 — это Anna Test" in res.stdout
 
-    assert "all good" in pbx.cli("check", "--lang", "en", env={"LANG": "ru_RU.UTF-8"}).stdout
+    assert "all good" in pbx.admin("check", "--lang", "en", env={"LANG": "ru_RU.UTF-8"}).stdout
 
     pbx.set("logging", "language", "ru")
-    res = pbx.cli("check", env={"LANG": "C.UTF-8"})
+    res = pbx.admin("check", env={"LANG": "C.UTF-8"})
     assert "всё в порядке" in res.stdout
 
 
 def test_check_problem_and_command_error_in_russian(pbx, tmp_path):
     pbx.set("calls", "default_user", "555")
-    res = pbx.cli("check", env={"LC_ALL": "ru_RU.UTF-8"})
+    res = pbx.admin("check", env={"LC_ALL": "ru_RU.UTF-8"})
     assert res.returncode == 1
     assert "ПРОБЛЕМА calls      [calls] default_user 555 не внутренний номер ни одного активного сотрудника" \
         in res.stdout
     assert res.stderr.startswith("agi-bitrix check: проблем: 1; первая: calls: [calls] default_user 555")
 
     missing = tmp_path / "nowhere.ini"
-    res = pbx.cli("outbox", "status", "--settings", str(missing), env={"LC_ALL": "ru_RU.UTF-8"})
+    res = pbx.admin("outbox", "status", "--settings", str(missing), env={"LC_ALL": "ru_RU.UTF-8"})
     assert res.returncode == 1
     assert res.stderr.strip() == (f"agi-bitrix outbox: файл настроек {missing} не найден "
                                   "(выполните agi-bitrix install или задайте AGI_BITRIX_SETTINGS)")
-    res = pbx.cli("outbox", "status", "--settings", str(missing), env={"LC_ALL": "C"})
+    res = pbx.admin("outbox", "status", "--settings", str(missing), env={"LC_ALL": "C"})
     assert res.stderr.startswith(f"agi-bitrix outbox: settings file {missing} not found")
 
 
 def test_outbox_and_dialer_status_in_russian(pbx):
-    res = pbx.cli("outbox", "status", env={"LANG": "ru_RU.UTF-8"})
+    res = pbx.admin("outbox", "status", env={"LANG": "ru_RU.UTF-8"})
     assert res.returncode == 0 and "ждут отправки: 0   доставлено: 0   неисправимых: 0" in res.stdout
-    res = pbx.cli("dialer", "status", env={"LANG": "ru_RU.UTF-8"})
+    res = pbx.admin("dialer", "status", env={"LANG": "ru_RU.UTF-8"})
     assert res.returncode == 0 and "автообзвон ещё не работал ни с одной задачей" in res.stdout
     res = pbx.cli("dialer", "run", "--once", env={"LANG": "ru_RU.UTF-8"})
     assert res.returncode == 1

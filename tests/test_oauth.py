@@ -216,7 +216,7 @@ def test_revoked_application_ends_in_a_clear_error_without_secrets(pbx, emulator
 
     text = pbx.log_text() + run.stderr
     assert not any(secret in text for secret in secrets)
-    res = pbx.cli("check")
+    res = pbx.admin("check")
     assert res.returncode == 1 and "auth --code" in res.stdout
     assert not any(secret in res.stdout + res.stderr for secret in secrets)
 
@@ -234,27 +234,27 @@ def test_app_removed_while_its_token_is_live(pbx, emulator):
 
 def test_check_in_oauth_mode(pbx, emulator):
     use_oauth(pbx, emulator)
-    res = pbx.cli("check")
+    res = pbx.admin("check")
     assert res.returncode == 1 and "no OAuth tokens yet" in res.stdout
 
     authorized(pbx, emulator)
-    res = pbx.cli("check")
+    res = pbx.admin("check")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "(oauth mode)" in res.stdout and "the access token works" in res.stdout
     assert "scopes present: telephony, crm, user" in res.stdout and "WARNING  bitrix24" not in res.stdout
 
     emulator.expire_access_tokens()
-    res = pbx.cli("check")
+    res = pbx.admin("check")
     assert res.returncode == 0 and "the access token works (renewed just now)" in res.stdout
     assert emulator.refresh_count == 1
 
     emulator.scopes = ["telephony", "crm", "user_basic", "basic"]
-    res = pbx.cli("check")
+    res = pbx.admin("check")
     assert res.returncode == 0
     assert "lacks the scope(s) task, im, sonet_group the auto-dialer needs" in res.stdout
 
     emulator.scopes = ["crm", "user", "task", "im", "sonet_group"]
-    res = pbx.cli("check")
+    res = pbx.admin("check")
     assert res.returncode == 1 and "the application lacks the scope(s) telephony" in res.stdout
     assert "agi-bitrix auth --code" in res.stdout
     assert not any(secret in res.stdout + res.stderr for secret in secrets_of(pbx, emulator))

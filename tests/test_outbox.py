@@ -35,7 +35,7 @@ def test_portal_down_during_the_whole_call_then_flush(pbx, emulator):
     runs = queue_call(pbx, "1795400000.1", talk=2)
     assert [r.set_variables["BITRIX_STATUS"] for r in runs] == ["QUEUED"] * 3
     assert all(r.returncode == 0 for r in runs)
-    status = pbx.cli("outbox", "status")
+    status = pbx.admin("outbox", "status")
     assert status.returncode == 0 and "waiting: 3" in status.stdout
 
     emulator.start()
@@ -57,7 +57,7 @@ def test_portal_down_during_the_whole_call_then_flush(pbx, emulator):
     before = len(emulator.requests)
     res = pbx.cli("outbox", "flush")
     assert "delivered 0" in res.stdout and len(emulator.requests) == before
-    assert "waiting: 0" in pbx.cli("outbox", "status").stdout
+    assert "waiting: 0" in pbx.admin("outbox", "status").stdout
 
 
 def test_slow_portal_releases_the_caller_and_replay_makes_exactly_one_call(pbx, emulator):
@@ -131,7 +131,7 @@ def _assert_each_call_once(pbx, emulator, n):
     assert all(c["finished"] and c["register_count"] == 1 for c in calls)
     assert sorted(c["duration"] for c in calls) == [10 + i for i in range(n)]
     assert len(emulator.requests_for("telephony.externalcall.finish")) == n
-    assert "waiting: 0" in pbx.cli("outbox", "status").stdout and "dead letters: 0" in pbx.cli("outbox", "status").stdout
+    assert "waiting: 0" in pbx.admin("outbox", "status").stdout and "dead letters: 0" in pbx.admin("outbox", "status").stdout
 
 
 def test_two_flushers_at_once(pbx, emulator):
@@ -179,7 +179,7 @@ def test_flush_delivers_more_than_a_thousand_calls_in_batches(quick_state, emula
     assert res.stdout.splitlines()[-1] == \
         "delivered 2002, still waiting 0, dead-lettered 0 (1001 call(s), 41 request(s))"
     assert len(emulator.calls) == 1001 and all(c["finished"] for c in emulator.calls.values())
-    assert "waiting: 0   delivered: 2002   dead letters: 0" in quick_state.cli("outbox", "status").stdout
+    assert "waiting: 0   delivered: 2002   dead letters: 0" in quick_state.admin("outbox", "status").stdout
 
 
 def test_flush_says_what_still_waits_and_why(quick_state, emulator, tmp_path):
@@ -229,7 +229,7 @@ def test_status_gives_the_backlog_its_age_and_how_long_it_takes_to_deliver(quick
     rec.write_bytes(b"RIFF" + bytes(100))
     _journal(quick_state, 2500, "1795401300")
     _journal(quick_state, 10, "1795401301", record=rec)
-    res = quick_state.cli("outbox", "status")
+    res = quick_state.admin("outbox", "status")
     lines = res.stdout.splitlines()
     assert lines[0] == "waiting: 5030   delivered: 0   dead letters: 0"
     assert re.fullmatch(r"oldest waiting: \d+ s old", lines[1])
@@ -238,7 +238,7 @@ def test_status_gives_the_backlog_its_age_and_how_long_it_takes_to_deliver(quick
     # requests, 40 at once, the other 71 at 2 per second.
     assert lines[3] == ("delivering them takes about 35 s once the portal answers (111 request(s) at 2 per "
                         "second after a burst of 40)")
-    res = quick_state.cli("outbox", "status", env={"LANG": "ru_RU.UTF-8"})
+    res = quick_state.admin("outbox", "status", env={"LANG": "ru_RU.UTF-8"})
     assert "их отправка займёт около 35 с, когда портал отвечает (111 запрос(ов), 2 в секунду после первых 40)" \
         in res.stdout
 
@@ -267,7 +267,7 @@ def test_kill_9_of_a_deliverer_mid_batch_then_another_carries_on(quick_state, em
     assert all(c["finished"] and c["record"] is not None and c["register_count"] == 2 for c in calls)
     finishes = emulator.requests_for("telephony.externalcall.finish")
     assert [r["error"] for r in finishes].count(None) == 12  # finished once each; repeats answered "not found"
-    assert "waiting: 0   delivered: 36   dead letters: 0" in quick_state.cli("outbox", "status").stdout
+    assert "waiting: 0   delivered: 36   dead letters: 0" in quick_state.admin("outbox", "status").stdout
 
 
 def test_recording_attached_after_finish_and_upload_retried(pbx, emulator, tmp_path):
@@ -283,7 +283,7 @@ def test_recording_attached_after_finish_and_upload_retried(pbx, emulator, tmp_p
     _expire_backoff(pbx)
     emulator.fail_next(500, "INTERNAL_SERVER_ERROR", "disk hiccup", method="telephony.externalcall.attachrecord")
     assert "still waiting 1" in pbx.cli("outbox", "flush").stdout
-    assert "disk hiccup" in pbx.cli("outbox", "status").stdout
+    assert "disk hiccup" in pbx.admin("outbox", "status").stdout
     _expire_backoff(pbx)
     assert "delivered 1" in pbx.cli("outbox", "flush").stdout
     assert only_call(emulator)["record"]["content"] == rec.read_bytes()
@@ -332,7 +332,7 @@ def test_poison_event_is_dead_lettered_while_the_calls_behind_it_go_through(pbx,
     res = pbx.cli("outbox", "flush")
     assert "delivered 2" in res.stdout and "dead-lettered 2" in res.stdout, res.stdout  # the register and its finish
     assert [c["register"]["USER_PHONE_INNER"] for c in emulator.calls.values()] == ["101"]
-    status = pbx.cli("outbox", "status").stdout
+    status = pbx.admin("outbox", "status").stdout
     assert "dead letters: 2" in status and "User is not found" in status
     # The administrator fixes the cause and puts the dead letters back in line.
     emulator.add_user("Gleb", "Test", inner="555")
@@ -366,16 +366,16 @@ def test_unwritable_state_is_reported_by_check(pbx, emulator, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     pbx.set("storage", "state_dir", str(blocker / "state"))
-    res = pbx.cli("check")
+    res = pbx.admin("check")
     assert res.returncode == 1 and "state" in res.stdout and "not writable" in res.stdout
 
 
 def test_check_reports_what_waits_and_the_dead_letters(pbx, emulator):
     emulator.stop()
     pbx.run(["outgoing", "555", "89161234567"], linkedid="1795400900.1")
-    res = pbx.cli("check")
+    res = pbx.admin("check")
     assert "outbox" in res.stdout and "1 waiting for delivery" in res.stdout
     emulator.start()
     pbx.cli("outbox", "flush")
-    res = pbx.cli("check")
+    res = pbx.admin("check")
     assert res.returncode == 1 and "1 dead letter(s)" in res.stdout

@@ -458,16 +458,16 @@ def test_the_dialer_loop_runs_inside_the_service(tmp_path, emulator):
 
 
 def test_check_says_whether_the_service_is_up_and_ready(service, emulator, tmp_path):
-    res = service.cli("check")
+    res = service.admin("check")
     assert "OK       service    agi-bitrix service is ready: FastAGI on 127.0.0.1:" in res.stdout, res.stdout
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     service.service.settings = service.service.settings.model_copy(
         update={"storage": service.service.settings.storage.model_copy(update={"state_dir": str(blocker)})})
-    res = service.cli("check")
+    res = service.admin("check")
     assert "PROBLEM  service    agi-bitrix service is not ready: store: " in res.stdout and res.returncode == 1
     service.stop()
-    res = service.cli("check")
+    res = service.admin("check")
     assert "WARNING  service    agi-bitrix service is not running" in res.stdout
 
 

@@ -198,7 +198,7 @@ def test_postgresql_stopped_in_the_middle_of_calls_nothing_lost(two_pbxs, emulat
     assert [(r["linkedid"], r["answered_inner"]) for r in rows] == [
         (before[0], "102"), (before[1], "102"), (during, None), (across, "103")]
     assert all(r["finished_at"] for r in rows)  # the shared store learned what happened meanwhile
-    assert "waiting: 0" in a.cli("outbox", "status").stdout
+    assert "waiting: 0" in a.admin("outbox", "status").stdout
 
 
 def one_line(res) -> str:
@@ -246,7 +246,7 @@ def test_bad_shared_store_settings_get_one_line_with_the_fix(two_pbxs, emulator,
     assert "uses pbx_id office-a" in one_line(b.cli("outbox", "flush"))  # its deliverer will not run either
     b.set("storage", "pbx_id", "office-b")
     assert b.cli("migrate").returncode == 0
-    report = a.cli("check").stdout
+    report = a.admin("check").stdout
     assert "shared store PostgreSQL at 127.0.0.1" in report and "schema version 1, this PBX is office-a" in report
     assert "other PBXs in it: office-b (" in report
 

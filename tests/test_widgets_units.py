@@ -106,10 +106,10 @@ def test_made_up_tokens_cannot_spend_the_request_budget(oauth, emulator):
 
 
 def test_check_says_widgets_need_the_local_application(pbx, emulator):
-    res = pbx.cli("check")
+    res = pbx.admin("check")
     assert re.search(r"OK +widgets +off \(\[placements\] public_url is empty\)", res.stdout)
     pbx.set("placements", "public_url", "https://pbx.example.com/agi-bitrix/")
-    res = pbx.cli("check")
+    res = pbx.admin("check")
     assert res.returncode == 1 and "[placements] needs the local application (OAuth mode)" in res.stdout
 
 
