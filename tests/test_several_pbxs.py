@@ -84,12 +84,12 @@ def test_the_calls_a_gone_pbx_left_open_are_closed_by_another_once(two_pbxs, emu
     b.set("calls", "max_call_length", "3600")  # A keeps the default, 4 hours
     lid = "1795610000.1"
     assert a.run(CALL, linkedid=lid).set_variables["BITRIX_STATUS"] == "OK"  # its hangup never runs
-    assert a.cli("outbox", "flush").returncode == 0  # A's deliverer: A is alive
+    assert a.admin("outbox", "flush").returncode == 0  # A's deliverer: A is alive
     a.advance(5 * 3600)  # the call began 5 hours ago
-    assert b.cli("outbox", "flush").returncode == 0
+    assert b.admin("outbox", "flush").returncode == 0
     assert not emulator.requests_for("telephony.externalcall.finish")  # a live PBX closes its own calls
     pg_rows(a.url, "UPDATE agi_bitrix.pbxs SET seen_at = seen_at - 301 WHERE pbx = 'office-a' RETURNING pbx")
-    res = b.cli("outbox", "flush")  # A has been silent 5 minutes: it is gone
+    res = b.admin("outbox", "flush")  # A has been silent 5 minutes: it is gone
     assert res.returncode == 0 and "delivered 1, still waiting 0" in res.stdout, res.stdout + res.stderr
     closed = [line for line in b.log() if line["event"] == "call_closed_unfinished"]
     assert [(c["pbx"], c["linkedid"], c["status_code"]) for c in closed] == [("office-a", lid, "304")]
@@ -97,9 +97,9 @@ def test_the_calls_a_gone_pbx_left_open_are_closed_by_another_once(two_pbxs, emu
     assert call["register"]["EXTERNAL_CALL_ID"] == f"office-a:{lid}" and call["finished"]
     assert call["status_code"] == "304"
     # Neither B again, nor A coming back (past its own max_call_length now), closes it twice.
-    assert b.cli("outbox", "flush").returncode == 0
+    assert b.admin("outbox", "flush").returncode == 0
     a.advance(3600)
-    assert a.cli("outbox", "flush").returncode == 0
+    assert a.admin("outbox", "flush").returncode == 0
     assert len(emulator.requests_for("telephony.externalcall.finish")) == 1
     assert not [line for line in a.log() if line["event"] == "call_closed_unfinished"]
 
@@ -263,7 +263,7 @@ def test_while_postgresql_is_away_the_pbxs_together_stay_inside_the_portals_budg
     for pbx in pbxs:
         pbx.set("bitrix24", "rate_burst", "20")  # the portal's budget: on the shared store, for all PBXs
         pbx.set("bitrix24", "rate_per_second", "20")
-    assert pbxs[1].cli("outbox", "flush").returncode == 0  # B is alive before A's deliverer looks
+    assert pbxs[1].admin("outbox", "flush").returncode == 0  # B is alive before A's deliverer looks
     files = [RateLimiter(str(pbx.state_dir), urlsplit(emulator.webhook_url).netloc).path for pbx in pbxs]
     try:
         for pbx, file in zip(pbxs, files):

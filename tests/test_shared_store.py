@@ -140,7 +140,7 @@ def test_pbx_a_killed_with_a_backlog_b_carries_it_once(two_pbxs, emulator):
     b.run(["answer"], linkedid=lids[0], channel="PJSIP/103-00000002")
     assert b.run(["hangup", "ANSWER", "3"], linkedid=lids[0], dead=True).set_variables["BITRIX_STATUS"] == "OK"
 
-    res = b.cli("outbox", "flush")
+    res = b.admin("outbox", "flush")
     assert res.returncode == 0 and "still waiting 0" in res.stdout, res.stdout + res.stderr
     calls = {c["register"]["EXTERNAL_CALL_ID"]: c for c in emulator.calls.values()}
     assert sorted(calls) == sorted([f"office-a:{lid}" for lid in lids] + [f"office-b:{lids[0]}"])
@@ -176,7 +176,7 @@ def test_postgresql_stopped_in_the_middle_of_calls_nothing_lost(two_pbxs, emulat
         # The steps answer Asterisk on the local journal: delivered, or kept for later.
         assert statuses(runs) == ["OK", "OK", "OK", "QUEUED"]
         assert all("shared_store_problem" in line for line in a.log()[-4:])
-        res = a.cli("outbox", "flush")  # the journal cannot be moved yet: it stays, and says so
+        res = a.admin("outbox", "flush")  # the journal cannot be moved yet: it stays, and says so
         assert res.returncode == 0
     finally:
         pg_cluster.start()
@@ -185,7 +185,7 @@ def test_postgresql_stopped_in_the_middle_of_calls_nothing_lost(two_pbxs, emulat
     # answer it recorded meanwhile along, so the call ends answered, by the one who answered.
     run = a.run(["hangup", "ANSWER", "5"], linkedid=across, dead=True)
     assert run.set_variables["BITRIX_STATUS"] == "OK" and a.log()[-1]["journal_moved"] == 1
-    res = a.cli("outbox", "flush")
+    res = a.admin("outbox", "flush")
     assert res.returncode == 0 and "still waiting 0" in res.stdout, res.stdout + res.stderr
     calls = {c["register"]["EXTERNAL_CALL_ID"]: c for c in emulator.calls.values()}
     assert sorted(calls) == [f"office-a:{lid}" for lid in before + [during, across]]
@@ -212,7 +212,7 @@ def test_bad_shared_store_settings_get_one_line_with_the_fix(two_pbxs, emulator,
     a, b = two_pbxs
     good = a.url
     a.set("storage", "url", good.replace("pg-test-secret", "wrong"))
-    line = one_line(a.cli("migrate"))
+    line = one_line(a.cli("migrate"))  # through the entry point; the rest in this process
     assert "refused the password of role postgres: correct the password in [storage] url" in line
     assert "wrong" not in line
     # The call path keeps working on the local journal, and its log line says why.
@@ -220,32 +220,32 @@ def test_bad_shared_store_settings_get_one_line_with_the_fix(two_pbxs, emulator,
     assert "refused the password" in a.log()[-1]["shared_store_problem"]
 
     a.set("storage", "url", good.rsplit("/", 1)[0] + "/nosuchdb")
-    assert "has no database nosuchdb: create it (createdb -O postgres nosuchdb)" in one_line(a.cli("migrate"))
+    assert "has no database nosuchdb: create it (createdb -O postgres nosuchdb)" in one_line(a.admin("migrate"))
 
     empty = pg_cluster.database()
     if not pg_cluster.sql("SELECT 1 FROM pg_roles WHERE rolname = 'pbx_user'"):  # one cluster, many tests
         pg_cluster.sql("CREATE ROLE pbx_user LOGIN PASSWORD 'pbx-secret'")
     pg_cluster.sql(f"REVOKE CREATE ON DATABASE {empty} FROM PUBLIC")
     a.set("storage", "url", pg_cluster.url(empty, "pbx_user", "pbx-secret"))
-    assert "role pbx_user lacks rights" in (line := one_line(a.cli("migrate"))) and \
+    assert "role pbx_user lacks rights" in (line := one_line(a.admin("migrate"))) and \
         f"GRANT CREATE ON DATABASE {empty} TO pbx_user" in line
 
     a.set("storage", "url", good)
-    assert a.cli("migrate").returncode == 0
+    assert a.admin("migrate").returncode == 0
     pg_rows(good, "INSERT INTO agi_bitrix.schema_version VALUES (99, 0, '9.9') RETURNING version")
-    assert "schema is version 99, newer than this agi-bitrix" in one_line(a.cli("migrate"))
+    assert "schema is version 99, newer than this agi-bitrix" in one_line(a.admin("migrate"))
     run = a.run(["incoming", "89161234567"], linkedid="1795550000.2")  # the step does not write into it
     assert run.set_variables["BITRIX_STATUS"] == "OK"
     assert "upgrade agi-bitrix on this PBX" in a.log()[-1]["shared_store_problem"]
     pg_rows(good, "DELETE FROM agi_bitrix.schema_version WHERE version = 99 RETURNING version")
 
     b.set("storage", "pbx_id", "office-a")  # a second PBX under A's name
-    line = one_line(b.cli("migrate"))
+    line = one_line(b.admin("migrate"))
     assert f"another PBX ({os.uname().nodename}:{a.state_dir}) uses pbx_id office-a" in line
     assert "give each PBX its own [storage] pbx_id" in line
-    assert "uses pbx_id office-a" in one_line(b.cli("outbox", "flush"))  # its deliverer will not run either
+    assert "uses pbx_id office-a" in one_line(b.admin("outbox", "flush"))  # its deliverer will not run either
     b.set("storage", "pbx_id", "office-b")
-    assert b.cli("migrate").returncode == 0
+    assert b.admin("migrate").returncode == 0
     report = a.admin("check").stdout
     assert "shared store PostgreSQL at 127.0.0.1" in report and "schema version 1, this PBX is office-a" in report
     assert "other PBXs in it: office-b (" in report
@@ -275,7 +275,7 @@ def test_sqlite_schema_is_versioned(pbx):
                      " attempts INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL, created_at REAL NOT NULL,"
                      " done_at REAL, last_error TEXT);")
     db.close()
-    res = pbx.cli("migrate")
+    res = pbx.cli("migrate")  # through the entry point, as an administrator runs it
     assert res.returncode == 0 and "schema version 1" in res.stdout, res.stderr
     assert pbx.run(["incoming", "89161234567"], linkedid="1795560100.1").set_variables["BITRIX_STATUS"] == "OK"
     assert pbx.run(["hangup", "NOANSWER", ""], linkedid="1795560100.1", dead=True).set_variables[
@@ -283,7 +283,7 @@ def test_sqlite_schema_is_versioned(pbx):
     db = sqlite3.connect(str(pbx.state_dir / "agi-bitrix.sqlite3"))
     db.execute("PRAGMA user_version = 7")
     db.close()
-    line = one_line(pbx.cli("migrate"))
+    line = one_line(pbx.admin("migrate"))
     assert "has schema version 7, newer than this agi-bitrix (1): upgrade agi-bitrix" in line
 
 
@@ -315,7 +315,7 @@ def test_a_stuck_database_sends_the_step_to_its_journal(two_pbxs, emulator):
         other.rollback()
     assert run.set_variables["BITRIX_STATUS"] == "OK"  # delivered from the journal meanwhile
     assert "a query outlived [storage] db_timeout" in a.log()[-1]["shared_store_problem"]
-    res = a.cli("outbox", "flush")
+    res = a.admin("outbox", "flush")
     assert res.returncode == 0 and "still waiting 0" in res.stdout
     assert only_finished_once(emulator, f"office-a:{lid}")
     rows = pg_rows(a.url, "SELECT finish_claimed, finished_at, status_code FROM agi_bitrix.calls")
