@@ -205,19 +205,19 @@ class PBX:
         from agi_bitrix.commands import admin
 
         assert not self.prefix, "a command as another user needs its own process: use cli"
-        saved = dict(os.environ)
-        os.environ.update(AGI_BITRIX_SETTINGS=str(self.settings_file), **(env or {}))
-        os.environ.pop("AST_AGI_DIR", None)
+        changes: Dict[str, Optional[str]] = {"AGI_BITRIX_SETTINGS": str(self.settings_file), "AST_AGI_DIR": None,
+                                             **(env or {})}
+        saved = {name: os.environ.get(name) for name in changes}
+        put_env(changes)
         out, err = io.StringIO(), io.StringIO()
         try:
             with redirect_stdout(out), redirect_stderr(err):
                 try:
                     code = admin.main(list(args))
-                except SystemExit as exc:  # argparse's usage errors
-                    code = exc.code if isinstance(exc.code, int) else 1
+                except SystemExit as exc:  # argparse: --help, usage errors
+                    code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
         finally:
-            os.environ.clear()
-            os.environ.update(saved)
+            put_env(saved)  # only what it changed: the service's threads may be reading the rest
         return subprocess.CompletedProcess([str(ENTRY), *args], code, out.getvalue(), err.getvalue())
 
     def background(self, *args: str) -> subprocess.Popen:
@@ -302,6 +302,15 @@ def served(pbx: PBX) -> Iterator[ServicePBX]:
     finally:
         service.stop()
         pbx.write()
+
+
+def put_env(values: Dict[str, Optional[str]]) -> None:
+    """Set these variables of this process's environment; None removes one."""
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def free_port() -> int:
