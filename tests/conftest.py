@@ -45,8 +45,20 @@ def pytest_configure(config) -> None:
 
     import agi_bitrix
 
-    if not hasattr(config, "workerinput"):
-        compileall.compile_dir(str(Path(agi_bitrix.__file__).parent), quiet=1)
+    if hasattr(config, "workerinput"):
+        return
+    compileall.compile_dir(str(Path(agi_bitrix.__file__).parent), quiet=1)
+    if config.getoption("numprocesses", None):
+        # The test modules imported once here, so pytest's assert rewriting is cached before the
+        # workers start (each would rewrite them all again: a second and a half of CPU each). A
+        # module that fails to import is left to the workers, which report it as a test does.
+        import importlib
+
+        for module in sorted(Path(__file__).parent.glob("test_*.py")):
+            try:
+                importlib.import_module(module.stem)
+            except Exception:
+                pass
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
