@@ -458,6 +458,8 @@ def test_the_dialer_loop_runs_inside_the_service(tmp_path, emulator):
 
 
 def test_check_says_whether_the_service_is_up_and_ready(service, emulator, tmp_path):
+    # Ready once the deliverer's first probe reached the portal (before it: "portal: no request yet").
+    until(lambda: service.service.portal["ok"], "the first contact with the portal")
     res = service.admin("check")
     assert "OK       service    agi-bitrix service is ready: FastAGI on 127.0.0.1:" in res.stdout, res.stdout
     blocker = tmp_path / "not-a-folder"
