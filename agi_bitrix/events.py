@@ -76,14 +76,16 @@ class EventProcessor:
         # answer Bitrix24 fast); tests may run it inline.
         self.spawn = spawn or (lambda fn: threading.Thread(target=fn, daemon=True).start())
 
-    def handle(self, event: str, data: Any) -> str:
+    def handle(self, event: str, data: Any, event_id: str = "") -> str:
+        """`event_id`: what names this very event (its POST's `ts`, an offline event's ID); the same
+        event delivered again (to several PBXs' handlers, or twice) is then rung once."""
         if not isinstance(data, dict):
             raise EventRefused("event without data")
         name = event.upper()
         if name == CLICK:
             return self.click(data)
         if name == CALLBACK:
-            return self.callback(data)
+            return self.callback(data, event_id)
         raise EventRefused(f"unexpected event {event[:40]!r}")
 
     # -- click-to-call -------------------------------------------------------------------------
@@ -127,7 +129,12 @@ class EventProcessor:
         return phones.inner_number(str(rows[0].get("UF_PHONE_INNER") or "")) if rows else None
 
     # -- website callback form ---------------------------------------------------------------------
-    def callback(self, data: Dict[str, Any]) -> str:
+    def callback(self, data: Dict[str, Any], event_id: str = "") -> str:
+        """The form's event has no CALL_ID (Bitrix24 REST docs: OnExternalCallBackStart): the call is
+        keyed by the number and the event's own identity, and claimed in the store at once with a
+        window of `[events] click_dedup` seconds per number, across every PBX on a shared store: the
+        same event again (another PBX's handler, a second delivery) or a second submission of the
+        form moments later rings nobody."""
         raw = str(data.get("PHONE_NUMBER") or "")
         try:
             number = phones.dialable(raw, self.settings.calls.region, "e164")
@@ -136,21 +143,21 @@ class EventProcessor:
         inner = self.settings.events.callback_user or self.settings.calls.default_user
         if not inner:
             raise EventRefused("set [events] callback_user or [calls] default_user for the callback form")
-        bucket = int(time.time() // max(1.0, self.settings.events.click_dedup))
-        key = _key("callback", number, str(bucket))
+        now = time.time()
+        key = _key("callback", number, event_id or f"{now:.6f}")
         self.log.update(key=key, number=number, user=inner)
-        if self.store.call(key) is not None:
-            return "repeat of a callback request"
         crm_type = str(data.get("CRM_ENTITY_TYPE") or "").upper()
         crm_id = str(data.get("CRM_ENTITY_ID") or "")
         line = str(data.get("LINE_NUMBER") or "")
         register = payloads.register(
             USER_PHONE_INNER=inner, PHONE_NUMBER=number, TYPE=payloads.CallType.CALLBACK,
-            CALL_START_DATE=payloads.iso(time.time()), CRM_CREATE=int(self.settings.calls.crm_create),
+            CALL_START_DATE=payloads.iso(now), CRM_CREATE=int(self.settings.calls.crm_create),
             CRM_ENTITY_TYPE=crm_type if crm_type in ("CONTACT", "COMPANY", "LEAD") and crm_id.isdigit() else None,
             CRM_ENTITY_ID=int(crm_id) if crm_type in ("CONTACT", "COMPANY", "LEAD") and crm_id.isdigit() else None,
             LINE_NUMBER=line or None, EXTERNAL_CALL_ID=key, SHOW=1)
-        self.store.start_call(key, "outgoing", number, line, inner, register, self.outbox.owner, LEASE)
+        if self.store.start_callback(key, number, line, inner, register, self.outbox.owner, LEASE,
+                                     self.settings.events.click_dedup) is None:
+            return "repeat of a callback request"  # here, or by another PBX on the shared store
         self.outbox.deliver_call(key, Deadline(10.0))
         return self._ring_employee(key, inner, number, crm_type)
 
@@ -246,7 +253,8 @@ def poll_offline(client: Any, processor: EventProcessor, limit: int = 50) -> Tup
     outcomes = []
     for item in events:
         try:
-            outcomes.append(processor.handle(str(item.get("EVENT_NAME") or ""), item.get("EVENT_DATA")))
+            outcomes.append(processor.handle(str(item.get("EVENT_NAME") or ""), item.get("EVENT_DATA"),
+                                             f"offline-{item.get('ID')}" if item.get("ID") else ""))
         except EventRefused as exc:
             outcomes.append(f"refused: {exc}")
     client.call("event.offline.clear", {"process_id": answer.get("process_id"),

@@ -438,6 +438,19 @@ class Store:
         with self._tx() as db:
             return self._insert_call(db, key, direction, phone, line, user_inner, call_id)
 
+    def start_callback(self, key: str, phone: str, line: str, user_inner: str, register: Dict[str, Any],
+                       owner: str, lease: float, window: float) -> Optional[int]:
+        """Claim a callback-form request and queue its register, in one write transaction (its lock
+        makes the check and the claim one step for every process of this PBX). None when this event
+        (`key`) was taken, or another callback to `phone` started within `window` seconds."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM calls WHERE linkedid = ? OR (linkedid LIKE 'callback-%' AND phone = ?"
+                          " AND started_at > ?) LIMIT 1", (key, phone, time.time() - window)).fetchone():
+                return None
+            if not self._insert_call(db, key, "outgoing", phone, line, user_inner):
+                return None
+            return self._enqueue(db, key, "register", register, owner, lease)
+
     def recent_click(self, key: str, user_inner: str, phone: str, seconds: float) -> bool:
         """Another click by the same employee on the same number moments ago (a double click)."""
         row = self.db.execute(

@@ -242,3 +242,87 @@ def test_click_left_half_set_up_is_finished_by_the_worker(online, emulator):
     online.start("worker", "--interval", "0.2")
     call = online.finished(data["CALL_ID"])
     assert call["status_code"] == "480" and "stopped while setting it up" in call["finish"]["FAILED_REASON"]
+
+
+class Clock:
+    """This process's time.time(), which the handler and the store read, moved by the test."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.real, self.offset = time.time, 0.0
+        monkeypatch.setattr(time, "time", lambda: self.real() + self.offset)
+
+    def set(self, at: float) -> None:
+        self.offset = at - self.real()
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+def callback_handler(pbx, ami):
+    """PBX `pbx`'s handler of the callback form's event (in this process), ringing through `ami`:
+    handle(data, event_id) -> its outcome. Each call opens its own store, as each event does."""
+    from agi_bitrix import settings as settings_mod
+    from agi_bitrix.bitrix.factory import make_client
+    from agi_bitrix.events import CALLBACK, EventProcessor
+    from agi_bitrix.pbx.ami import AMIClient
+    from agi_bitrix.stores import open_store
+
+    pbx.values["asterisk"].update(ami_port=str(ami.port), ami_user=ami.username, ami_secret=ami.secret)
+    pbx.values.setdefault("events", {})["click_dedup"] = "60"
+    pbx.write()
+    settings = settings_mod.load(str(pbx.settings_file))
+
+    def handle(data, event_id: str) -> str:
+        store = open_store(settings)
+        client = AMIClient("127.0.0.1", ami.port, ami.username, ami.secret)
+        try:
+            return EventProcessor(settings, store, make_client(settings), lambda: client, {},
+                                  spawn=lambda fn: fn()).handle(CALLBACK, data, event_id)
+        finally:
+            client.close()
+            store.close()
+
+    return handle
+
+
+def next_boundary(seconds: float) -> float:
+    """Where a fixed time bucket of `seconds` would end: a repeat on either side of it is one request."""
+    return (int(time.time() // seconds) + 1) * seconds
+
+
+def test_the_same_callback_event_twice_rings_the_visitor_once(pbx, emulator, monkeypatch):
+    """Delivered again (a second delivery, or the worker and the handler both took it): moments
+    later across a fixed bucket's boundary, and long after the window, it is the same request."""
+    clock = Clock(monkeypatch)
+    data = {"PHONE_NUMBER": "+7 903 555-12-12", "TEXT": "", "VOICE": "", "CRM_ENTITY_TYPE": "",
+            "CRM_ENTITY_ID": "", "LINE_NUMBER": ""}
+    with FakeAMI(username="crm", secret="ami-secret-4") as ami:
+        handle = callback_handler(pbx, ami)
+        clock.set(next_boundary(60) - 5)
+        assert handle(data, "ts-1795630000") == "ringing PJSIP/101"
+        clock.advance(10)
+        assert handle(data, "ts-1795630000") == "repeat of a callback request"
+        clock.advance(600)  # far past [events] click_dedup: still this event
+        assert handle(data, "ts-1795630000") == "repeat of a callback request"
+    assert len(ami.originates) == 1
+    registers = emulator.requests_for("telephony.externalcall.register")
+    assert [r["params"]["PHONE_NUMBER"] for r in registers] == ["+79035551212"]
+
+
+def test_the_form_sent_twice_within_the_window_rings_once(pbx, emulator, monkeypatch):
+    """Two submissions (two events) for one number: within [events] click_dedup one call, even
+    across a fixed bucket's boundary; after it, a new call."""
+    clock = Clock(monkeypatch)
+    data = {"PHONE_NUMBER": "8 903 555-12-13", "TEXT": "", "VOICE": "", "CRM_ENTITY_TYPE": "",
+            "CRM_ENTITY_ID": "", "LINE_NUMBER": ""}
+    with FakeAMI(username="crm", secret="ami-secret-5") as ami:
+        handle = callback_handler(pbx, ami)
+        clock.set(next_boundary(60) - 5)
+        assert handle(data, "ts-1795640000") == "ringing PJSIP/101"
+        clock.advance(10)
+        assert handle(data, "ts-1795640010") == "repeat of a callback request"
+        assert len(ami.originates) == 1
+        clock.advance(61)
+        assert handle(data, "ts-1795640071") == "ringing PJSIP/101"
+    assert len(ami.originates) == 2 and len({o.get("ChannelId") for o in ami.originates}) == 2
+    assert len(emulator.requests_for("telephony.externalcall.register")) == 2

@@ -38,7 +38,14 @@ class SharedAMI:
             return self.client
 
 
-def process_event(settings: Any, ami: Any, logger: Any, event: str, data: Any) -> None:
+def _event_id(form: Dict[str, Any]) -> str:
+    """The event's own identity: its `ts`, when Bitrix24 raised it, the same in the POST to every
+    bound handler (Bitrix24 REST docs: event handlers); what keys a callback-form request."""
+    ts = str(form.get("ts") or "")
+    return f"ts-{ts}" if ts.isdigit() and len(ts) <= 12 else ""
+
+
+def process_event(settings: Any, ami: Any, logger: Any, event: str, data: Any, event_id: str = "") -> None:
     """Handle one verified event with this thread's own store and client."""
     from agi_bitrix.bitrix.factory import make_client
     from agi_bitrix.events import EventProcessor, EventRefused
@@ -53,7 +60,7 @@ def process_event(settings: Any, ami: Any, logger: Any, event: str, data: Any) -
         logger.error(event.lower(), reason=str(exc))
         return
     try:
-        outcome = EventProcessor(settings, store, make_client(settings), ami, fields).handle(event, data)
+        outcome = EventProcessor(settings, store, make_client(settings), ami, fields).handle(event, data, event_id)
         logger.info(event.lower(), outcome=outcome, ms=int((time.monotonic() - started) * 1000), **fields)
     except EventRefused as exc:
         logger.error(event.lower(), reason=str(exc), **fields)
@@ -154,7 +161,7 @@ def make_handler(settings: Any, logger: Any, ami: Any) -> type:
                 self._answer(500, "failed\n")
                 return
             self._answer(200, "ok\n")  # Bitrix24 gets its answer now; the call is set up after
-            threading.Thread(target=process_event, args=(settings, ami, logger, event, form.get("data")),
+            threading.Thread(target=process_event, args=(settings, ami, logger, event, form.get("data"), _event_id(form)),
                              daemon=True).start()
 
     return Handler

@@ -21,7 +21,7 @@ from agi_bitrix.store import (DEAD, DONE, PENDING, REPEAT_HARMS, USER_CACHE_SECO
                               group_waiting, settle_statements)
 
 _CALL_FIELDS = [f for f in Call.__dataclass_fields__]
-ADOPT_LOCK = 7_432_200  # pg_advisory_xact_lock(ADOPT_LOCK, hashtext(CALL_ID)): one PBX adopts a click
+ADOPT_LOCK = 7_432_200  # pg_advisory_xact_lock(ADOPT_LOCK, hashtext(CALL_ID or number)): one PBX claims an event
 
 
 def _call(row: Dict[str, Any]) -> Call:
@@ -146,14 +146,32 @@ class PgStore:
                 return None
             return self._enqueue(linkedid, "register", register, owner, lease)
 
+    def _taken(self, lock: str, where: str, args: Any) -> bool:
+        """Inside a transaction: whether any PBX's calls row matches `where`, under the portal-wide
+        lock on `lock` held to the commit, so of several PBXs checking at once one claims it."""
+        self._q("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ADOPT_LOCK, lock))
+        return self._one(f"SELECT 1 AS x FROM calls WHERE {where} LIMIT 1", args) is not None
+
     def adopt_call(self, key: str, call_id: str, direction: str, phone: str, line: str, user_inner: str) -> bool:
         """A call Bitrix24 registered itself (click-to-call); False when any PBX has its CALL_ID:
         the portal posts an event to every handler bound to it, and one PBX rings."""
         with self._tx():
-            self._q("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ADOPT_LOCK, call_id))
-            if self._one("SELECT 1 AS x FROM calls WHERE call_id = %s AND pbx != %s", (call_id, self.pbx)):
+            if self._taken(call_id, "call_id = %s AND pbx != %s", (call_id, self.pbx)):
                 return False
             return self._insert_call(key, direction, phone, line, user_inner, call_id)
+
+    def start_callback(self, key: str, phone: str, line: str, user_inner: str, register: Dict[str, Any],
+                       owner: str, lease: float, window: float) -> Optional[int]:
+        """A callback-form request, claimed for the portal: None when any PBX has this event (`key`)
+        or started another callback to `phone` within `window` seconds (every bound handler gets
+        the event; the visitor is called once)."""
+        with self._tx():
+            if self._taken(phone, "linkedid = %s OR (linkedid LIKE 'callback-%%' AND phone = %s AND started_at > %s)",
+                           (key, phone, time.time() - window)):
+                return None
+            if not self._insert_call(key, "outgoing", phone, line, user_inner):
+                return None
+            return self._enqueue(key, "register", register, owner, lease)
 
     def recent_click(self, key: str, user_inner: str, phone: str, seconds: float) -> bool:
         """A double click by the employee, whichever PBX took the first one."""

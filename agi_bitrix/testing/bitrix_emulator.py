@@ -2239,12 +2239,14 @@ class Bitrix24Emulator(PlacementsMixin):
         auth["application_token"] = self.application_token
         return auth
 
-    def _event_pairs(self, event: str, handler_id: int | None, data: Any, auth: dict) -> list[tuple[str, str]]:
+    def _event_pairs(self, event: str, handler_id: int | None, data: Any, auth: dict,
+                     ts: float | None = None) -> list[tuple[str, str]]:
+        """`ts`: when the event was raised, the same in the POST to every handler bound to it."""
         pairs = [("event", event)]
         if handler_id is not None:
             pairs.append(("event_handler_id", str(handler_id)))
         pairs += _form_pairs("data", data)
-        pairs.append(("ts", str(int(self.clock()))))
+        pairs.append(("ts", str(int(self.clock() if ts is None else ts))))
         pairs += _form_pairs("auth", auth)
         return pairs
 
@@ -2259,6 +2261,7 @@ class Bitrix24Emulator(PlacementsMixin):
         """Under the lock: queue offline copies and build online deliveries (sent by the caller after
         releasing the lock, since a handler may call straight back into this portal)."""
         jobs: list[tuple[str, str, list]] = []
+        raised = self.clock()
         for b in self._bindings:
             if b["event"] != event:
                 continue
@@ -2268,7 +2271,7 @@ class Bitrix24Emulator(PlacementsMixin):
             # auth_type names whose tokens the handler gets; 0 = the user who triggered the event.
             uid = b["auth_type"] or user_id
             auth = self._event_auth(self._issue_access(uid) if uid else None)
-            jobs.append((b["handler"], event, self._event_pairs(event, b["id"], data, auth)))
+            jobs.append((b["handler"], event, self._event_pairs(event, b["id"], data, auth, raised)))
         return jobs
 
     def _queue_offline(self, event: str, data: dict) -> None:
