@@ -258,9 +258,10 @@ class Clock:
         self.offset += seconds
 
 
-def callback_handler(pbx, ami):
-    """PBX `pbx`'s handler of the callback form's event (in this process), ringing through `ami`:
-    handle(data, event_id) -> its outcome. Each call opens its own store, as each event does."""
+def callback_handler(pbx, ami, window: str = "60"):
+    """PBX `pbx`'s handler of the callback form's event (in this process), ringing through `ami`,
+    with [events] click_dedup = `window`: handle(data, event_id) -> its outcome. Each call opens
+    its own store, as each event does."""
     from agi_bitrix import settings as settings_mod
     from agi_bitrix.bitrix.factory import make_client
     from agi_bitrix.events import CALLBACK, EventProcessor
@@ -268,7 +269,7 @@ def callback_handler(pbx, ami):
     from agi_bitrix.stores import open_store
 
     pbx.values["asterisk"].update(ami_port=str(ami.port), ami_user=ami.username, ami_secret=ami.secret)
-    pbx.values.setdefault("events", {})["click_dedup"] = "60"
+    pbx.values.setdefault("events", {})["click_dedup"] = window
     pbx.write()
     settings = settings_mod.load(str(pbx.settings_file))
 

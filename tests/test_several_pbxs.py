@@ -163,6 +163,41 @@ def handled_by(pbx, data) -> str:
         store.close()
 
 
+@pytest.mark.parametrize("window", ["60", "0"])
+def test_a_callback_form_event_both_pbxs_take_at_once_rings_the_visitor_once(window, two_pbxs, emulator):
+    """Both PBXs' handlers are bound: the portal posts each the same event (one `ts`), and both
+    handle it at the same moment. One registers and rings; the other answers "repeat". With no
+    repeat window ([events] click_dedup = 0) the event's own identity still holds."""
+    import threading
+
+    from test_click2call import callback_handler
+
+    data = {"PHONE_NUMBER": "+7 903 555-12-14", "TEXT": "", "VOICE": "", "CRM_ENTITY_TYPE": "",
+            "CRM_ENTITY_ID": "", "LINE_NUMBER": ""}
+    with FakeAMI(username="crm", secret="ami-a") as ami_a, FakeAMI(username="crm", secret="ami-b") as ami_b:
+        handlers = [callback_handler(pbx, ami, window) for pbx, ami in zip(two_pbxs, (ami_a, ami_b))]
+        together = threading.Barrier(2)
+        outcomes = []
+
+        def take(handle) -> None:
+            together.wait()
+            outcomes.append(handle(data, "ts-1795650000"))
+
+        threads = [threading.Thread(target=take, args=(h,)) for h in handlers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        # The same event again, later, to either PBX: still the one request.
+        assert [h(data, "ts-1795650000") for h in handlers] == ["repeat of a callback request"] * 2
+    assert sorted(outcomes) == ["repeat of a callback request", "ringing PJSIP/101"]
+    assert len(ami_a.originates) + len(ami_b.originates) == 1
+    registers = emulator.requests_for("telephony.externalcall.register")
+    assert [r["params"]["PHONE_NUMBER"] for r in registers] == ["+79035551214"]
+    rows = pg_rows(two_pbxs[0].url, "SELECT pbx FROM agi_bitrix.calls")
+    assert len(rows) == 1
+
+
 def test_a_route_one_pbx_looked_up_serves_the_other(two_pbxs, emulator):
     a, b = two_pbxs
     for pbx in two_pbxs:
