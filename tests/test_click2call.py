@@ -201,6 +201,27 @@ def test_callback_form_rings_an_employee_then_the_visitor(online, emulator):
     assert call["finished"] and call["status_code"] == "200" and call["user_id"] == emulator.people["101"]
 
 
+def test_the_callback_event_delivered_again_to_serve_is_one_request(desk, emulator):
+    """The same event (its `ts`) posted twice to `agi-bitrix serve`: one call, with no repeat window
+    at all; another event for the number is a new call."""
+    desk.pbx.set("events", "click_dedup", "0")
+    desk.serve()
+    url = f"http://127.0.0.1:{desk.port}/"
+    data = {"PHONE_NUMBER": "+7 903 555-12-15", "TEXT": "", "VOICE": "", "CRM_ENTITY_TYPE": "",
+            "CRM_ENTITY_ID": "", "LINE_NUMBER": ""}
+
+    def outcomes():
+        return [line.get("outcome") for line in desk.pbx.log() if line["event"] == "onexternalcallbackstart"]
+
+    for n, ts in enumerate((1795660000, 1795660000, 1795660001), 1):
+        assert emulator.post_event(url, "ONEXTERNALCALLBACKSTART", data, ts=ts) == 200
+        desk.until(lambda: len(outcomes()) == n, f"the handler to take event {n}")
+    assert outcomes() == ["ringing PJSIP/101", "repeat of a callback request", "ringing PJSIP/101"]
+    registers = emulator.requests_for("telephony.externalcall.register")
+    assert [r["params"]["PHONE_NUMBER"] for r in registers] == ["+79035551215"] * 2
+    assert len(desk.ami.originates) == 2
+
+
 def test_offline_events_through_the_worker(pbx, emulator):
     with FakeAMI(username="crm", secret="ami-secret-3") as ami:
         desk = Desk(pbx, emulator, ami, "offline")

@@ -2205,10 +2205,11 @@ class Bitrix24Emulator(PlacementsMixin):
         return status or 0
 
     def post_event(self, url: str, event: str, data: dict, *, application_token: str | None = None,
-                   member_id: str | None = None, auth_extra: dict | None = None) -> int:
+                   member_id: str | None = None, auth_extra: dict | None = None, ts: float | None = None) -> int:
         """POST an event in the portal's format, as given (forged tokens included: refusing them is the
         receiver's job). auth carries no OAuth tokens unless ``auth_extra`` adds them; a None value in
-        ``auth_extra`` drops that key. Returns the HTTP status (0 when nothing answered)."""
+        ``auth_extra`` drops that key; ``ts``: when the event was raised (one event delivered again
+        keeps its ts). Returns the HTTP status (0 when nothing answered)."""
         _require_loopback(url)
         with self._lock:
             auth = self._event_auth(None)
@@ -2221,7 +2222,7 @@ class Bitrix24Emulator(PlacementsMixin):
                     auth[key] = value
             name = str(event).upper()
             bound = [b for b in self._bindings if b["event"] == name and b["handler"] == url]
-            pairs = self._event_pairs(name, bound[0]["id"] if bound else None, data, auth)
+            pairs = self._event_pairs(name, bound[0]["id"] if bound else None, data, auth, ts)
         status, _ = _post_form(url, pairs, self.delivery_timeout)
         return status or 0
 
