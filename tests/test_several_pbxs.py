@@ -170,10 +170,9 @@ def test_a_callback_form_event_both_pbxs_take_at_once_rings_the_visitor_once(win
     repeat window ([events] click_dedup = 0) the event's own identity still holds."""
     import threading
 
-    from test_click2call import callback_handler
+    from test_click2call import callback_form, callback_handler
 
-    data = {"PHONE_NUMBER": "+7 903 555-12-14", "TEXT": "", "VOICE": "", "CRM_ENTITY_TYPE": "",
-            "CRM_ENTITY_ID": "", "LINE_NUMBER": ""}
+    data = callback_form("+7 903 555-12-14")
     with FakeAMI(username="crm", secret="ami-a") as ami_a, FakeAMI(username="crm", secret="ami-b") as ami_b:
         handlers = [callback_handler(pbx, ami, window) for pbx, ami in zip(two_pbxs, (ami_a, ami_b))]
         together = threading.Barrier(2)
