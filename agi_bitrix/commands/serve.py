@@ -39,8 +39,8 @@ class SharedAMI:
 
 
 def _event_id(form: Dict[str, Any]) -> str:
-    """The event's own identity: its `ts`, when Bitrix24 raised it, the same in the POST to every
-    bound handler (Bitrix24 REST docs: event handlers); what keys a callback-form request."""
+    """The event's own identity: the second Bitrix24 stamped on it, `ts` (Bitrix24 REST docs: events),
+    which a delivery of the same event again carries too; with the number it keys a callback request."""
     ts = str(form.get("ts") or "")
     return f"ts-{ts}" if ts.isdigit() and len(ts) <= 12 else ""
 
@@ -161,8 +161,8 @@ def make_handler(settings: Any, logger: Any, ami: Any) -> type:
                 self._answer(500, "failed\n")
                 return
             self._answer(200, "ok\n")  # Bitrix24 gets its answer now; the call is set up after
-            threading.Thread(target=process_event, args=(settings, ami, logger, event, form.get("data"), _event_id(form)),
-                             daemon=True).start()
+            threading.Thread(target=process_event, daemon=True,
+                             args=(settings, ami, logger, event, form.get("data"), _event_id(form))).start()
 
     return Handler
 
