@@ -23,7 +23,7 @@ from agi_bitrix.bitrix.errors import BitrixError
 from agi_bitrix.deadline import Deadline
 from agi_bitrix.outbox import Outbox
 from agi_bitrix.settings import Settings
-from agi_bitrix.store import Store
+from agi_bitrix.store import DOUBLE_CLICK, TAKEN, Store
 from agi_bitrix.stores import open_store
 
 CLICK = "ONEXTERNALCALLSTART"
@@ -107,14 +107,16 @@ class EventProcessor:
         else:
             bad = ""
         inner = phones.inner_number(str(data.get("EXTENSION") or "")) or self._inner_of(user_id)
-        if not self.store.adopt_call(key, call_id, "outgoing", number or raw[:30], str(data.get("LINE_NUMBER") or ""),
-                                     inner or ""):
+        # A double click is judged in the claim itself: two clicks handled at once see each other.
+        claim = self.store.adopt_call(key, call_id, "outgoing", number or raw[:30], str(data.get("LINE_NUMBER") or ""),
+                                      inner or "", self.settings.events.click_dedup if number and inner else 0.0)
+        if claim == TAKEN:
             return "repeat of an event already handled"  # here, or by another PBX on the shared store
         if bad:
             return self._fail(key, inner, "484", f"the number cannot be dialed: {bad}")
         if not inner:
             return self._fail(key, inner, "480", "the employee has no inner number in Bitrix24")
-        if self.store.recent_click(key, inner, number, self.settings.events.click_dedup):
+        if claim == DOUBLE_CLICK:
             return self._fail(key, inner, "603-S", "a repeated click on the same number")
         return self._ring_employee(key, inner, number, str(data.get("CRM_ENTITY_TYPE") or ""))
 

@@ -27,6 +27,9 @@ WAL_KEEP = 4 << 20              # bytes of write-ahead log kept on disk once it 
 CONVERT_MAX_BYTES = 8 << 20     # an old database is switched to incremental vacuum only up to this size
 
 PENDING, DONE, DEAD = "pending", "done", "dead"
+# What adopt_call made of a click-to-call: the employee's call to ring, another PBX's (or an event
+# already handled), or a double click on the same number moments after his previous one.
+CLAIMED, TAKEN, DOUBLE_CLICK = "claimed", "taken", "double click"
 REPEAT_HARMS = ("finish", "rest")  # entry kinds whose second delivery is not the same as one
 # Entry kinds (outbox_batch.py has a _plan_<kind> for each): register, card, finish, record, and
 # `rest`, any other method call that belongs to the call (the dialer's task comments, deadlines,
@@ -433,10 +436,19 @@ class Store:
                 return None
             return self._enqueue(db, linkedid, "register", register, owner, lease)
 
-    def adopt_call(self, key: str, call_id: str, direction: str, phone: str, line: str, user_inner: str) -> bool:
-        """A call Bitrix24 registered itself (click-to-call): known CALL_ID, no register to send."""
+    def adopt_call(self, key: str, call_id: str, direction: str, phone: str, line: str, user_inner: str,
+                   double_click: float = 0.0) -> str:
+        """A call Bitrix24 registered itself (click-to-call): known CALL_ID, no register to send.
+        TAKEN when the key exists; DOUBLE_CLICK when the same employee's click on the same number
+        was claimed within `double_click` seconds before, judged in the same write transaction: of
+        two clicks handled at once, the second is the double click, never both."""
         with self._tx() as db:
-            return self._insert_call(db, key, direction, phone, line, user_inner, call_id)
+            double = double_click > 0 and db.execute(
+                "SELECT 1 FROM calls WHERE linkedid LIKE 'click-%' AND linkedid != ? AND user_inner = ? AND phone = ?"
+                " AND started_at > ? LIMIT 1", (key, user_inner, phone, time.time() - double_click)).fetchone()
+            if not self._insert_call(db, key, direction, phone, line, user_inner, call_id):
+                return TAKEN
+            return DOUBLE_CLICK if double else CLAIMED
 
     def start_callback(self, key: str, phone: str, line: str, user_inner: str, register: Dict[str, Any],
                        owner: str, lease: float, window: float) -> Optional[int]:
@@ -450,13 +462,6 @@ class Store:
             if not self._insert_call(db, key, "outgoing", phone, line, user_inner):
                 return None
             return self._enqueue(db, key, "register", register, owner, lease)
-
-    def recent_click(self, key: str, user_inner: str, phone: str, seconds: float) -> bool:
-        """Another click by the same employee on the same number moments ago (a double click)."""
-        row = self.db.execute(
-            "SELECT 1 FROM calls WHERE linkedid LIKE 'click-%' AND linkedid != ? AND user_inner = ? AND phone = ?"
-            " AND started_at > ?", (key, user_inner, phone, time.time() - seconds)).fetchone()
-        return row is not None
 
     def stale_clicks(self, before: float) -> List[Any]:
         """Click-to-call and callback calls never answered nor finished, started before `before`."""

@@ -278,13 +278,13 @@ class Clock:
         self.offset += seconds
 
 
-def callback_handler(pbx, ami, window: str = "60"):
-    """PBX `pbx`'s handler of the callback form's event (in this process), ringing through `ami`,
-    with [events] click_dedup = `window`: handle(data, event_id) -> its outcome. Each call opens
-    its own store, as each event does."""
+def callback_handler(pbx, ami, window: str = "60", event: str = "ONEXTERNALCALLBACKSTART"):
+    """PBX `pbx`'s handler of the callback form's event (or `event`) in this process, ringing through
+    `ami`, with [events] click_dedup = `window`: handle(data, event_id) -> its outcome. Each call
+    opens its own store, as each event does."""
     from agi_bitrix import settings as settings_mod
     from agi_bitrix.bitrix.factory import make_client
-    from agi_bitrix.events import CALLBACK, EventProcessor
+    from agi_bitrix.events import EventProcessor
     from agi_bitrix.pbx.ami import AMIClient
     from agi_bitrix.stores import open_store
 
@@ -298,7 +298,7 @@ def callback_handler(pbx, ami, window: str = "60"):
         client = AMIClient("127.0.0.1", ami.port, ami.username, ami.secret)
         try:
             return EventProcessor(settings, store, make_client(settings), lambda: client, {},
-                                  spawn=lambda fn: fn()).handle(CALLBACK, data, event_id)
+                                  spawn=lambda fn: fn()).handle(event, data, event_id)
         finally:
             client.close()
             store.close()
@@ -341,3 +341,37 @@ def test_a_callback_request_repeated_rings_the_visitor_once(events, after_window
     assert len({o.get("ChannelId") for o in ami.originates}) == len(ami.originates) == rung
     registers = emulator.requests_for("telephony.externalcall.register")
     assert [r["params"]["PHONE_NUMBER"] for r in registers] == ["+79035551212"] * rung
+
+
+def test_a_double_click_whose_two_events_are_handled_at_once_rings_the_employee_once(pbx, emulator, monkeypatch):
+    """Two clicks on the same number moments apart, their events handled at the same moment by two
+    threads, each past its claim before the other looks: one rings, the other is the repeated click
+    (not both refused, as when each looked for the other after both had claimed)."""
+    import threading
+
+    from agi_bitrix.store import Store
+
+    claimed = threading.Barrier(2)
+    adopt = Store.adopt_call
+
+    def adopt_then_meet(self, *args, **kw):
+        result = adopt(self, *args, **kw)
+        claimed.wait(60)
+        return result
+
+    monkeypatch.setattr(Store, "adopt_call", adopt_then_meet)
+    clicks = [emulator.click_to_call(emulator.people["101"], "+79167654340") for _ in range(2)]
+    outcomes = ["", ""]
+    with FakeAMI(username="crm", secret="ami-secret-5") as ami:
+        handle = callback_handler(pbx, ami, event="ONEXTERNALCALLSTART")
+
+        def take(i: int) -> None:
+            outcomes[i] = handle(clicks[i], "")
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    assert sorted(outcomes) == ["not dialed: a repeated click on the same number", "ringing PJSIP/101"]
+    assert len(ami.originates) == 1

@@ -17,8 +17,8 @@ import psycopg
 
 from agi_bitrix.shared import schema
 from agi_bitrix.shared.connect import SharedStoreError, connect, friendly
-from agi_bitrix.store import (DEAD, DONE, PENDING, REPEAT_HARMS, USER_CACHE_SECONDS, Call, Entry, Mark,
-                              group_waiting, settle_statements)
+from agi_bitrix.store import (CLAIMED, DEAD, DONE, DOUBLE_CLICK, PENDING, REPEAT_HARMS, TAKEN, USER_CACHE_SECONDS,
+                              Call, Entry, Mark, group_waiting, settle_statements)
 
 _CALL_FIELDS = [f for f in Call.__dataclass_fields__]
 ADOPT_LOCK = 7_432_200  # pg_advisory_xact_lock(ADOPT_LOCK, hashtext(CALL_ID or number)): one PBX claims an event
@@ -152,13 +152,22 @@ class PgStore:
         self._q("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ADOPT_LOCK, lock))
         return self._one(f"SELECT 1 AS x FROM calls WHERE {where} LIMIT 1", args) is not None
 
-    def adopt_call(self, key: str, call_id: str, direction: str, phone: str, line: str, user_inner: str) -> bool:
-        """A call Bitrix24 registered itself (click-to-call); False when any PBX has its CALL_ID:
-        the portal posts an event to every handler bound to it, and one PBX rings."""
+    def adopt_call(self, key: str, call_id: str, direction: str, phone: str, line: str, user_inner: str,
+                   double_click: float = 0.0) -> str:
+        """A call Bitrix24 registered itself (click-to-call); TAKEN when any PBX has its CALL_ID (the
+        portal posts an event to every handler bound to it, and one PBX rings); DOUBLE_CLICK when
+        any PBX claimed the same employee's click on the same number within `double_click` seconds
+        before, under a lock on the two, so of two clicks handled at once one is the double click."""
         with self._tx():
             if self._taken(call_id, "call_id = %s AND pbx != %s", (call_id, self.pbx)):
-                return False
-            return self._insert_call(key, direction, phone, line, user_inner, call_id)
+                return TAKEN
+            double = double_click > 0 and self._taken(
+                f"click:{user_inner}:{phone}",
+                "linkedid LIKE 'click-%%' AND linkedid != %s AND user_inner = %s AND phone = %s AND started_at > %s",
+                (key, user_inner, phone, time.time() - double_click))
+            if not self._insert_call(key, direction, phone, line, user_inner, call_id):
+                return TAKEN
+            return DOUBLE_CLICK if double else CLAIMED
 
     def start_callback(self, key: str, phone: str, line: str, user_inner: str, register: Dict[str, Any],
                        owner: str, lease: float, window: float) -> Optional[int]:
@@ -172,12 +181,6 @@ class PgStore:
             if not self._insert_call(key, "outgoing", phone, line, user_inner):
                 return None
             return self._enqueue(key, "register", register, owner, lease)
-
-    def recent_click(self, key: str, user_inner: str, phone: str, seconds: float) -> bool:
-        """A double click by the employee, whichever PBX took the first one."""
-        return self._one("SELECT 1 AS x FROM calls WHERE linkedid LIKE 'click-%%' AND linkedid != %s"
-                         " AND user_inner = %s AND phone = %s AND started_at > %s",
-                         (key, user_inner, phone, time.time() - seconds)) is not None
 
     def stale_clicks(self, before: float) -> List[Any]:
         return self._q("SELECT linkedid, user_inner FROM calls WHERE pbx = %s AND (linkedid LIKE 'click-%%'"
