@@ -347,31 +347,38 @@ def test_a_double_click_whose_two_events_are_handled_at_once_rings_the_employee_
     """Two clicks on the same number moments apart, their events handled at the same moment by two
     threads, each past its claim before the other looks: one rings, the other is the repeated click
     (not both refused, as when each looked for the other after both had claimed)."""
-    import threading
-
     from agi_bitrix.store import Store
 
-    claimed = threading.Barrier(2)
-    adopt = Store.adopt_call
+    clicks = [emulator.click_to_call(emulator.people["101"], "+79167654340") for _ in range(2)]
+    with FakeAMI(username="crm", secret="ami-secret-5") as ami:
+        handle = callback_handler(pbx, ami, event="ONEXTERNALCALLSTART")
+        outcomes = clicks_taken_at_once(monkeypatch, Store, [handle, handle], clicks)
+    assert sorted(outcomes) == ["not dialed: a repeated click on the same number", "ringing PJSIP/101"]
+    assert len(ami.originates) == 1
+
+
+def clicks_taken_at_once(monkeypatch, store_class, handlers, clicks) -> list:
+    """Each click's event taken by its handler in a thread of its own, both threads past claiming
+    their CALL_ID (`store_class.adopt_call`) before either goes on: their outcomes."""
+    import threading
+
+    claimed = threading.Barrier(len(clicks))
+    adopt = store_class.adopt_call
 
     def adopt_then_meet(self, *args, **kw):
         result = adopt(self, *args, **kw)
         claimed.wait(60)
         return result
 
-    monkeypatch.setattr(Store, "adopt_call", adopt_then_meet)
-    clicks = [emulator.click_to_call(emulator.people["101"], "+79167654340") for _ in range(2)]
-    outcomes = ["", ""]
-    with FakeAMI(username="crm", secret="ami-secret-5") as ami:
-        handle = callback_handler(pbx, ami, event="ONEXTERNALCALLSTART")
+    monkeypatch.setattr(store_class, "adopt_call", adopt_then_meet)
+    outcomes = [""] * len(clicks)
 
-        def take(i: int) -> None:
-            outcomes[i] = handle(clicks[i], "")
+    def take(i: int) -> None:
+        outcomes[i] = handlers[i](clicks[i], "")
 
-        threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-    assert sorted(outcomes) == ["not dialed: a repeated click on the same number", "ringing PJSIP/101"]
-    assert len(ami.originates) == 1
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(clicks))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return outcomes

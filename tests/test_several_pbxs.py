@@ -200,34 +200,14 @@ def test_a_callback_form_event_both_pbxs_take_at_once_rings_the_visitor_once(win
 def test_a_double_click_taken_by_both_pbxs_at_once_rings_the_employee_once(two_pbxs, emulator, monkeypatch):
     """The employee's two clicks on one number, one event taken by each PBX at the same moment, each
     past its claim before the other looks: one PBX rings, the other's is the repeated click."""
-    import threading
-
     from agi_bitrix.shared.store import PgStore
-    from test_click2call import callback_handler
+    from test_click2call import callback_handler, clicks_taken_at_once
 
-    claimed = threading.Barrier(2)
-    adopt = PgStore.adopt_call
-
-    def adopt_then_meet(self, *args, **kw):
-        result = adopt(self, *args, **kw)
-        claimed.wait(60)
-        return result
-
-    monkeypatch.setattr(PgStore, "adopt_call", adopt_then_meet)
     clicks = [emulator.click_to_call(emulator.people["101"], "8 (916) 765-43-40") for _ in range(2)]
-    outcomes = ["", ""]
     with FakeAMI(username="crm", secret="ami-a") as ami_a, FakeAMI(username="crm", secret="ami-b") as ami_b:
         handlers = [callback_handler(pbx, ami, "60", "ONEXTERNALCALLSTART")
                     for pbx, ami in zip(two_pbxs, (ami_a, ami_b))]
-
-        def take(i: int) -> None:
-            outcomes[i] = handlers[i](clicks[i], "")
-
-        threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        outcomes = clicks_taken_at_once(monkeypatch, PgStore, handlers, clicks)
     assert sorted(outcomes) == ["not dialed: a repeated click on the same number", "ringing PJSIP/101"]
     assert len(ami_a.originates) + len(ami_b.originates) == 1
 
