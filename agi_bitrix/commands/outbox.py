@@ -56,6 +56,20 @@ def close_abandoned(settings: Any, outbox: Any, logger: Any) -> int:
     return len(closed)
 
 
+class Every:
+    """A long-running deliverer's pace for a chore: due() is true at most once per `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.last = seconds, float("-inf")
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
+
+
 def prune_history(settings: Any, store: Any, logger: Any) -> None:
     """Delete the history older than [storage] retention_days (never a call that may still be
     going on: at least [calls] max_call_length plus an hour), off the call path; one log line
@@ -193,7 +207,7 @@ def run(args: Any) -> int:
             from agi_bitrix.store import StoreError
 
             try:
-                stats = shared_pass(settings, outbox.client, logger, FLUSH_REQUEST_TIMEOUT * 3, force=True)
+                stats = shared_pass(settings, outbox.client, logger, force=True)
             except StoreError as exc:  # e.g. another live PBX has this pbx_id
                 raise CommandFailed(str(exc)) from None
             for note in stats.errors:

@@ -5,7 +5,7 @@ import signal
 import time
 from typing import Any, Callable, List, Optional
 
-from agi_bitrix.commands.outbox import PRUNE_EVERY, close_abandoned, open_outbox, prune_history
+from agi_bitrix.commands.outbox import PRUNE_EVERY, Every, close_abandoned, open_outbox, prune_history
 
 
 def run(args: Any) -> int:
@@ -15,11 +15,11 @@ def run(args: Any) -> int:
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
     logger.info("worker_started", interval=args.interval)
     poller = event_poller(settings, outbox, logger)
-    pruned = float("-inf")
+    pruning = Every(PRUNE_EVERY)
     while not stopping:
-        one_pass(settings, outbox, logger, poller)
-        if time.monotonic() - pruned >= PRUNE_EVERY:
-            pruned = time.monotonic()
+        prune = pruning.due()
+        one_pass(settings, outbox, logger, poller, prune)
+        if prune:
             prune_history(settings, outbox.store, logger)
         deadline = time.monotonic() + args.interval
         while not stopping and time.monotonic() < deadline:
@@ -40,15 +40,17 @@ def one_chores(settings: Any, outbox: Any, logger: Any, poller: Optional[Callabl
         logger.error("worker_pass_failed", reason=f"{type(exc).__name__}: {exc}")
 
 
-def one_pass(settings: Any, outbox: Any, logger: Any, poller: Optional[Callable[[], None]]) -> None:
-    """One pass of the worker: its chores, then what is due, in full batches."""
+def one_pass(settings: Any, outbox: Any, logger: Any, poller: Optional[Callable[[], None]],
+             prune: bool = False) -> None:
+    """One pass of the worker: its chores, then what is due, in full batches. `prune`: on the
+    shared store the pass prunes every PBX's history too (the caller prunes its own store)."""
     started = time.monotonic()
     one_chores(settings, outbox, logger, poller)
     try:
         if settings.storage.url:
             from agi_bitrix.shared.deliver import shared_pass
 
-            stats = shared_pass(settings, outbox.client, logger, owner=outbox.owner)
+            stats = shared_pass(settings, outbox.client, logger, owner=outbox.owner, prune=prune)
         else:
             stats = outbox.flush(force=False)
         if stats.calls:

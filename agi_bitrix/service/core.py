@@ -277,13 +277,13 @@ class Service:
         """The courier's thread: the steps' tickets at once, and every flush_interval a pass over
         what waits (with the worker's chores: calls never hung up, offline events, pruning)."""
         from agi_bitrix.bitrix.factory import NotConfigured, make_client
-        from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT, PRUNE_EVERY, prune_history
+        from agi_bitrix.commands.outbox import FLUSH_REQUEST_TIMEOUT, PRUNE_EVERY, Every, prune_history
         from agi_bitrix.commands.worker import event_poller, one_chores, one_pass
         from agi_bitrix.outbox import Outbox
         from agi_bitrix.store import Store, StoreError
 
         store, outbox, made_for = None, None, None
-        pruned = float("-inf")
+        pruning = Every(PRUNE_EVERY)
         try:
             while not self._stop.is_set():
                 self.deliverer_beat = time.monotonic()
@@ -304,15 +304,14 @@ class Service:
                     if settings.storage.url:  # several PBXs: the shared store's pass (shared/deliver.py)
                         if time.monotonic() - self.portal["at"] > PORTAL_PROBE_AFTER:
                             self._probe_portal(outbox.client)
-                        one_pass(settings, outbox, self.log, poller)
+                        one_pass(settings, outbox, self.log, poller, pruning.due())
                         self._stop.wait(settings.service.flush_interval)
                         continue
                     if self.courier.pass_due():
                         if time.monotonic() - self.portal["at"] > PORTAL_PROBE_AFTER:
                             self._probe_portal(outbox.client)
                         one_chores(settings, outbox, self.log, poller)
-                        if time.monotonic() - pruned >= PRUNE_EVERY:
-                            pruned = time.monotonic()
+                        if pruning.due():
                             prune_history(settings, store, self.log)
                     wait = self.courier.step(outbox, settings.service.flush_interval)
                     finished = self.courier.finished

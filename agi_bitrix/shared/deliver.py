@@ -87,11 +87,11 @@ def close_for_the_gone(store: Any, settings: Any, owner: str, logger: Any, now: 
     return closed
 
 
-def shared_pass(settings: Any, client: Any, logger: Any, per_call: float = 0.0, force: bool = False,
-                owner: str = "") -> FlushStats:
+def shared_pass(settings: Any, client: Any, logger: Any, force: bool = False, owner: str = "",
+                prune: bool = True) -> FlushStats:
     """One pass: this PBX's calls in batches, then those of any other PBX nobody holds (a standby
-    carries the backlog of a PBX that died). `per_call` is kept for the callers' sake: each round
-    has its own budget now (outbox.py)."""
+    carries the backlog of a PBX that died); then, when `prune`, every PBX's history past its
+    retention (a long-running deliverer asks for that once per PRUNE_EVERY, as on SQLite)."""
     from agi_bitrix.commands.outbox import close_abandoned, prune_history
     from agi_bitrix.stores import open_store
 
@@ -125,7 +125,8 @@ def shared_pass(settings: Any, client: Any, logger: Any, per_call: float = 0.0, 
             total.groups += carried.groups
             if carried.delivered:
                 logger.info("carried", pbx=pbx, calls=carried.calls, delivered=carried.delivered)
-        prune_history(settings, store, logger)  # every PBX's history, off the call path
+        if prune:
+            prune_history(settings, store, logger)  # every PBX's history, off the call path
     finally:
         store.close()
     return total
