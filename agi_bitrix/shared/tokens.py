@@ -59,15 +59,16 @@ class SharedTokenStore(TokenStore):
             self.failed_at = time.monotonic()  # a call step then runs on its journal without asking again
             return super().load()  # this PBX's copy; it is never refreshed while the store is away
         self.problem = ""
-        local = _quiet(super().load)
         if row is None:
+            local = _quiet(super().load)
             if local is not None:  # the first PBX on the shared store brings its pair along
                 self._share(local)
             return local
-        if local is not None and self.unshared.exists():
+        if self.unshared.exists() and (local := _quiet(super().load)) is not None:
             # Renewed here when the shared store could not take it (it failed right after the
             # OAuth server answered): the shared store learns that pair now. Only then: the
-            # PBXs' clocks cannot say which of two pairs is newer.
+            # PBXs' clocks cannot say which of two pairs is newer. (This PBX's copy is read only
+            # in these two cases: a call step's load is one query otherwise.)
             if self._share(local):
                 self.unshared.unlink(missing_ok=True)
             return local
