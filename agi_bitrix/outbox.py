@@ -74,14 +74,13 @@ class FlushStats:
     dead: int = 0
     calls: int = 0
     requests: int = 0
-    rounds: int = 0
     stopped: str = ""     # why a flush stopped early: the portal failed the whole request
     groups: List[Dict[str, Any]] = field(default_factory=list)  # what still waits, by reason
     errors: List[str] = field(default_factory=list)
     keys: List[str] = field(default_factory=list)   # the calls it leased
 
     def add(self, other: "FlushStats") -> None:
-        for name in ("delivered", "waiting", "dead", "calls", "requests", "rounds"):
+        for name in ("delivered", "waiting", "dead", "calls", "requests"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.stopped = other.stopped or self.stopped
 
@@ -91,6 +90,10 @@ class Round(FlushStats):
     progress: bool = False                          # something was delivered
     failed: Optional[BitrixError] = None            # the whole request failed
     portal: float = 0.0                             # seconds spent waiting for the portal's answers
+
+    def spent(self) -> bool:
+        """Nothing was left to carry, or nothing of what is left can go now."""
+        return not self.keys or not (self.requests or self.delivered or self.dead or self.waiting)
 
 
 class Outbox:
@@ -137,14 +140,14 @@ class Outbox:
             total.add(done)
             touched.update(done.keys)
             total.calls = len(touched)  # a call whose entries took two rounds is one call
-            total.keys = sorted(touched)
             if progress is not None and done.requests:
                 progress(total)
             if done.failed is not None and not done.progress:
                 total.stopped = done.failed.summary()
                 break
-            if not done.keys or not (done.requests or done.delivered or done.dead or done.waiting):
-                break  # nothing left, or nothing of what is left can go now
+            if done.spent():
+                break
+        total.keys = sorted(touched)
         total.groups = self.store.waiting(upto)
         total.waiting = sum(g["count"] for g in total.groups)
         return total
@@ -162,7 +165,7 @@ class Outbox:
         `keys`: these calls (backoff ignored); with `fill`, calls that are due fill the request up
         to `max_commands`. Without `keys`: the calls that are due, live ones first.
         """
-        stats = Round(rounds=1)
+        stats = Round()
         waited = self.client.portal_seconds
         if lease is None:
             lease = min(deadline.remaining(), ROUND_BUDGET) + LEASE_MARGIN

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from agi_bitrix.bitrix import payloads
 from agi_bitrix.bitrix.client import BATCH_MAX
+from agi_bitrix.bitrix.ratelimit import hms
 from agi_bitrix.bitrix.errors import (AuthError, BitrixError, LimitError, NetworkError, NotFoundError,
                                       ScopeError)
 from agi_bitrix.store import DEAD, DONE, PENDING, Call, Entry, Mark, Store
@@ -162,7 +163,7 @@ class Planner:
             blocked = self.blocked.get(method.lower(), 0.0)
             if blocked > self.now:
                 plan.settled.append(Mark(planned.entry, PENDING, f"{method}: held back until "
-                                         f"{_hms(blocked)} (the portal's execution-time limit for it)",
+                                         f"{hms(blocked)} (the portal's execution-time limit for it)",
                                          next_try=blocked, attempted=False))
                 return "wait"
         new_lookups = [inner for inner in lookups if inner not in plan.lookups]
@@ -336,7 +337,7 @@ class Planner:
                                   next_try=self.now + backoff(entry.attempts + 1)))
                 continue
             mark = self._read(item, answers)
-            if mark.state != DONE and entry.linkedid in broken and mark.state == DEAD:
+            if entry.linkedid in broken and mark.state == DEAD:
                 # An earlier entry of the call failed in this request: this failure may be its
                 # consequence (attachRecord before the finish went through), not its own.
                 mark = Mark(entry, PENDING, mark.note, next_try=self.now + backoff(entry.attempts + 1))
@@ -405,7 +406,3 @@ class Planner:
                     if later.kind in ("card", "finish", "record") and later.id > mark.entry.id:
                         out.append(Mark(later, DEAD, reason))
         return out
-
-
-def _hms(ts: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(ts))

@@ -42,11 +42,11 @@ def _parse(raw: str, region: str) -> Optional[phonenumbers.PhoneNumber]:
     if first is not None and phonenumbers.is_valid_number(first):
         return first  # nothing the second reading could change: it is only tried after this one
     second = None if raw.startswith("+") else read("+" + _digits(raw))
-    parsed = [n for n in (first, second) if n is not None]
-    for check in (phonenumbers.is_valid_number, phonenumbers.is_possible_number):
-        for number in parsed:
-            if check(number):
-                return number
+    if second is not None and phonenumbers.is_valid_number(second):
+        return second
+    for number in (first, second):
+        if number is not None and phonenumbers.is_possible_number(number):
+            return number
     return None
 
 

@@ -79,14 +79,11 @@ class Bitrix24:
             if resp.status in (301, 302, 307, 308) and resp.headers.get("Location"):
                 resp = _bounded(deadline, lambda: self.http.request("POST", resp.headers["Location"], timeout,
                                                                     body=body, headers=headers))
-        except Failure as exc:
+        except (Failure, DeadlineExceeded) as exc:
             self._observed(method, 0)
-            if exc.timed_out:
-                raise NetworkError("TIMEOUT", f"no answer within {timeout:.1f} s", None, method, cause="timeout")
-            cause, text = connection_failure(exc.error, url)
-            raise NetworkError("UNREACHABLE", text, None, method, cause=cause)
-        except DeadlineExceeded:
-            self._observed(method, 0)
+            if isinstance(exc, Failure) and not exc.timed_out:
+                cause, text = connection_failure(exc.error, url)
+                raise NetworkError("UNREACHABLE", text, None, method, cause=cause)
             raise NetworkError("TIMEOUT", f"no answer within {timeout:.1f} s", None, method, cause="timeout")
         finally:
             self.portal_seconds += time.monotonic() - sent

@@ -104,7 +104,7 @@ class RateLimiter:
             now = self.clock()
             until = float((state.get("blocked") or {}).get(method) or 0.0)
             if until > now:
-                raise LimitError("OPERATION_TIME_LIMIT", "held back until " + _hms(until) +
+                raise LimitError("OPERATION_TIME_LIMIT", "held back until " + hms(until) +
                                  " (the portal's execution-time limit for this method)", 429, method,
                                  reset_at=until)
             level = self._level(state, now)
@@ -152,8 +152,11 @@ class RateLimiter:
         with self._state() as state:
             if state is None:
                 return
-            now = self.clock()
-            state["level"], state["at"] = max(self._level(state, now), float(self._limits(state)[0])), now
+            self._fill(state, self.clock())
+
+    def _fill(self, state: Dict[str, Any], now: float) -> None:
+        """The bucket full to its burst from `now` on (it never empties by this)."""
+        state["level"], state["at"] = max(self._level(state, now), float(self._limits(state)[0])), now
 
     def observe(self, method: str, timing: Any) -> None:
         """Remember the `operating_reset_at` of a good answer: the time a 429 for it would end."""
@@ -188,5 +191,6 @@ def _forget(table: Dict[str, Any], now: float) -> None:
         del table[key]
 
 
-def _hms(ts: float) -> str:
+def hms(ts: float) -> str:
+    """A moment as the PBX's local clock time, for an administrator's message."""
     return time.strftime("%H:%M:%S", time.localtime(ts))

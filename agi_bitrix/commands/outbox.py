@@ -154,10 +154,11 @@ def status(outbox: Any, settings: Any, t: Texts) -> int:
 def _why(group: Dict[str, Any], stopped: str, t: Texts) -> str:
     """Why a group of entries still waits, in one phrase."""
     if group["why"] == "lease":
+        from agi_bitrix.bitrix.ratelimit import hms
         from agi_bitrix.outbox import describe_owner
 
         return t("being delivered by another deliverer ({owner}) until {time}", owner=describe_owner(group["text"]),
-                 time=time.strftime("%H:%M:%S", time.localtime(group["until"])))
+                 time=hms(group["until"]))
     if group["why"] == "error":
         return t.translate(group["text"])
     if group["why"] == "behind":

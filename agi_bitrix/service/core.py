@@ -21,7 +21,7 @@ from agi_bitrix import log as log_mod
 from agi_bitrix import settings as settings_mod
 from agi_bitrix.agi.session import AGISession
 from agi_bitrix.controllers import EVENTS, Refused
-from agi_bitrix.service.courier import SETTLE_GRACE, Courier, is_urgent
+from agi_bitrix.service.courier import SETTLE_GRACE, Courier, is_urgent, roomy
 from agi_bitrix.service.fastagi import ENV_TIMEOUT, FastAGIServer
 from agi_bitrix.service.metrics import Metrics
 
@@ -232,10 +232,7 @@ class Service:
         if not waiting:
             return
         urgent = is_urgent(ctx.store, keys, waiting)
-        # Only a ticket without urgency asks the shared bucket (a file under flock) for its room.
-        limiter = ctx.outbox.client.limiter
-        roomy = not urgent and (limiter is None or limiter.room() > limiter.burst // 2)
-        ticket = self.courier.submit(keys, urgent, ctx.deadline.remaining(), roomy)
+        ticket = self.courier.submit(keys, urgent, ctx.deadline.remaining(), roomy(ctx.outbox.client.limiter, urgent))
         # A request cut at the budget is settled a moment later (as in process mode, where the
         # step itself writes it down before it ends).
         ticket.done.wait(ctx.deadline.remaining() + SETTLE_GRACE)

@@ -132,8 +132,7 @@ class Courier:
         done = passing.round(Deadline(ROUND_BUDGET), upto_id=self._pass_upto, max_commands=self.batch)
         self._pass.add(done)
         self._answer(tickets, done, outbox)
-        stuck = not (done.requests or done.delivered or done.dead or done.waiting)  # nothing of it can go now
-        if not done.keys or stuck or (done.failed is not None and not done.progress):
+        if done.spent() or (done.failed is not None and not done.progress):
             if done.failed is not None:
                 self._pass.stopped = done.failed.summary()
             self.finished, self._pass = self._pass, None
@@ -154,6 +153,12 @@ class Courier:
             if (due is not None and ticket.send_by <= due) or \
                     all(k in carried or k not in waiting for k in ticket.keys):
                 ticket.done.set()
+
+
+def roomy(limiter: Any, urgent: bool) -> bool:
+    """Whether a ticket without urgency may go at once: the portal's budget is far from used up.
+    Only such a ticket asks the shared bucket (a file under flock) for its room."""
+    return not urgent and (limiter is None or limiter.room() > limiter.burst // 2)
 
 
 def is_urgent(store: Any, keys: List[str], waiting: Optional[Dict[str, Set[str]]] = None) -> bool:

@@ -98,7 +98,7 @@ class SharedRateLimiter(RateLimiter):
         now = self.clock()
         burst, rate = self._limits(state)
         if now - float(state.get(AWAY) or 0.0) > burst / rate:
-            state["level"], state["at"] = max(self._level(state, now), float(burst)), now
+            self._fill(state, now)
         state[AWAY] = now
 
     def note_pbxs(self, count: int) -> None:

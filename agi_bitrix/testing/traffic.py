@@ -21,15 +21,15 @@ from typing import Any, Dict, List, Tuple
 
 from agi_bitrix.bitrix.auth import WebhookAuth
 from agi_bitrix.bitrix.client import Bitrix24
+from agi_bitrix.bitrix.payloads import REGISTER
 from agi_bitrix.bitrix.ratelimit import RateLimiter
 from agi_bitrix.outbox import Outbox
-from agi_bitrix.service.courier import Courier, is_urgent
+from agi_bitrix.service.courier import Courier, is_urgent, roomy
 from agi_bitrix.store import PENDING, Store
 from agi_bitrix.testing.bitrix_emulator import Bitrix24Emulator
 
 START = 1_800_000_000.0
 BUDGET = 2.0  # [bitrix24] timeout: what a step waits for its delivery
-REGISTER = "telephony.externalcall.register"
 
 Event = Tuple[float, str, str]  # (seconds after START, "incoming" | "hangup", linkedid)
 DAY = 86400.0
@@ -102,8 +102,8 @@ class PBX:
 
     # -- the call steps, as the controllers journal them ---------------------------------------------
     def submit(self, lid: str) -> None:
-        roomy = self.limiter.room() > self.limiter.burst // 2
-        self.courier.submit([lid], is_urgent(self.store, [lid]), BUDGET, roomy)
+        urgent = is_urgent(self.store, [lid])
+        self.courier.submit([lid], urgent, BUDGET, roomy(self.limiter, urgent))
 
     def incoming(self, lid: str, submit: bool = True) -> None:
         register = {"USER_PHONE_INNER": "101", "PHONE_NUMBER": "+7916" + lid[-7:].replace(".", "0"),
