@@ -132,6 +132,21 @@ def migrate_sqlite(db: sqlite3.Connection, path: Path) -> int:
     return found
 
 
+def prune_in_chunks(steps: Dict[str, Tuple[str, float]], chunk: int,
+                    delete: Callable[[str, Tuple[float, int]], int]) -> Dict[str, int]:
+    """Run each step's DELETE (its cutoff and `chunk` as arguments) until it takes less than a
+    chunk; `delete` runs one in a short transaction of its own and says how many rows went."""
+    counts = {}
+    for name, (sql, before) in steps.items():
+        counts[name] = 0
+        while True:
+            gone = delete(sql, (before, chunk))
+            counts[name] += gone
+            if gone < chunk:
+                break
+    return counts
+
+
 def group_waiting(rows: Any, now: float) -> List[Dict[str, Any]]:
     """Waiting entries (kind, last_error, lease_owner, lease_until, next_try, created_at, first)
     grouped by why they wait, largest groups first (both engines)."""
@@ -787,15 +802,12 @@ class Store:
             "replayed": ("DELETE FROM replayed WHERE uid IN (SELECT uid FROM replayed WHERE at < ? LIMIT ?)",
                          cutoff),
         }
-        counts = {}
-        for name, (sql, before) in steps.items():
-            counts[name] = 0
-            while True:
-                with self._tx(durable=False) as db:
-                    gone = db.execute(sql, (before, chunk)).rowcount
-                counts[name] += gone
-                if gone < chunk:
-                    break
+
+        def delete(sql: str, args: Tuple[float, int]) -> int:
+            with self._tx(durable=False) as db:
+                return db.execute(sql, args).rowcount
+
+        counts = prune_in_chunks(steps, chunk, delete)
         counts["freed_kib"] = self._give_back_pages()
         return counts
 

@@ -18,7 +18,7 @@ import psycopg
 from agi_bitrix.shared import schema
 from agi_bitrix.shared.connect import SharedStoreError, connect, friendly
 from agi_bitrix.store import (CLAIMED, DEAD, DONE, DOUBLE_CLICK, PENDING, REPEAT_HARMS, TAKEN, USER_CACHE_SECONDS,
-                              Call, Entry, Mark, group_waiting, settle_statements)
+                              Call, Entry, Mark, group_waiting, prune_in_chunks, settle_statements)
 
 _CALL_FIELDS = [f for f in Call.__dataclass_fields__]
 ADOPT_LOCK = 7_432_200  # pg_advisory_xact_lock(ADOPT_LOCK, hashtext(CALL_ID or number)): one PBX claims an event
@@ -419,15 +419,12 @@ class PgStore:
             "replayed": ("DELETE FROM replayed WHERE uid IN (SELECT uid FROM replayed WHERE at < %s LIMIT %s)",
                          now - keep),
         }
-        counts = {}
-        for name, (sql, before) in steps.items():
-            counts[name] = 0
-            while True:
-                with self._tx(durable=False):
-                    gone = self._q(sql, (before, chunk)).rowcount
-                counts[name] += gone
-                if gone < chunk:
-                    break
+
+        def delete(sql: str, args: Tuple[float, int]) -> int:
+            with self._tx(durable=False):
+                return self._q(sql, args).rowcount
+
+        counts = prune_in_chunks(steps, chunk, delete)
         counts["entries"] += counts.pop("dead")
         counts["freed_kib"] = 0
         return counts
