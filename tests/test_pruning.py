@@ -139,3 +139,40 @@ def test_a_small_database_made_before_pages_were_given_back_is_switched_over_at_
     assert store.db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # from now on: incremental
     assert os.path.getsize(path) < before * 0.5
     store.close()
+
+
+def test_the_worker_on_the_shared_store_prunes_every_pbxs_history_once_per_prune_every(two_pbxs, emulator,
+                                                                                       monkeypatch):
+    """The shared store's history is every PBX's, and some of its deletes scan whole tables: a
+    worker prunes it at its first pass and then once per PRUNE_EVERY (300 s), not at every pass."""
+    import signal
+
+    from agi_bitrix.commands import worker
+    from agi_bitrix.shared.store import PgStore
+
+    a, _ = two_pbxs
+    prunes, passes = [], []
+    prune = PgStore.prune
+
+    def counted(self, *args, **kw):
+        prunes.append(self.pbx)
+        return prune(self, *args, **kw)
+
+    one_pass = worker.one_pass
+
+    def then_stop_after_three(*args, **kw):
+        one_pass(*args, **kw)
+        passes.append(1)
+        if len(passes) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the worker's own handler: it stops after this pass
+
+    monkeypatch.setattr(PgStore, "prune", counted)
+    monkeypatch.setattr(worker, "one_pass", then_stop_after_three)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        res = a.admin("worker", "--interval", "0")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert res.returncode == 0, res.stderr
+    assert len(passes) == 3 and prunes == ["office-a"]
